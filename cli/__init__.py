@@ -1,0 +1,1 @@
+"""The `shapeflow` command (installed as the `shapeflow_cli` package): parsing and printing only."""

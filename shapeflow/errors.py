@@ -1,0 +1,9 @@
+"""Exceptions raised on bad input. Each message is one line naming the file or argument."""
+
+
+class ShapeflowError(ValueError):
+    """Bad input or an impossible request; the message says which file or argument and why."""
+
+
+class InverseError(RuntimeError):
+    """A deformation could not be inverted to the requested tolerance."""

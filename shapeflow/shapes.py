@@ -1,0 +1,120 @@
+"""Plain data containers: `PointCloud` (N, d), `Mesh` (vertices (N, 3), faces (F, 3)), `Landmarks` (K, d).
+
+Each holds torch tensors, checks its input once at construction and names the problem
+(and the file it came from, when known) in a one-line `ShapeflowError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ShapeflowError
+
+__all__ = ["PointCloud", "Mesh", "Landmarks", "Shape", "as_points"]
+
+
+def _where(source: str | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def check_points(points: Any, name: str, source: str | None = None, min_points: int = 2,
+                 dims: tuple[int, ...] = (2, 3)) -> torch.Tensor:
+    """Return `points` as a floating (N, d) tensor, or raise a one-line `ShapeflowError`."""
+    if isinstance(points, np.ndarray):
+        points = torch.from_numpy(np.ascontiguousarray(points))
+    if not isinstance(points, torch.Tensor):
+        try:
+            points = torch.as_tensor(np.asarray(points, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise ShapeflowError(f"{_where(source)}{name} is not an array of numbers ({exc})") from None
+    if points.ndim != 2:
+        raise ShapeflowError(f"{_where(source)}{name} must be an (N, d) array, got shape {tuple(points.shape)}")
+    if points.shape[0] == 0:
+        raise ShapeflowError(f"{_where(source)}{name} is empty (0 points)")
+    if points.shape[1] not in dims:
+        raise ShapeflowError(
+            f"{_where(source)}{name} has {points.shape[1]} coordinates per point; expected {' or '.join(map(str, dims))}")
+    if points.shape[0] < min_points:
+        raise ShapeflowError(f"{_where(source)}{name} has {points.shape[0]} point(s); at least {min_points} are needed")
+    if not points.is_floating_point():
+        points = points.to(torch.get_default_dtype())
+    if not torch.isfinite(points).all():
+        bad = int((~torch.isfinite(points)).any(dim=1).sum())
+        raise ShapeflowError(f"{_where(source)}{name} has {bad} point(s) with NaN or infinite coordinates")
+    return points
+
+
+@dataclass
+class PointCloud:
+    """A set of points. `points: (N, d)` with d = 2 or 3."""
+
+    points: torch.Tensor
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.points = check_points(self.points, "points", self.source)
+
+    @property
+    def dim(self) -> int:
+        return int(self.points.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    def with_points(self, points: torch.Tensor):
+        """The same shape (faces, source) with new `points: (N, d)`."""
+        return replace(self, points=points)
+
+    def to(self, device=None, dtype=None):
+        return self.with_points(self.points.to(device=device, dtype=dtype))
+
+
+@dataclass
+class Landmarks(PointCloud):
+    """Labelled points in correspondence across shapes. `points: (K, d)`."""
+
+    def __post_init__(self) -> None:
+        self.points = check_points(self.points, "landmarks", self.source, min_points=1)
+
+
+@dataclass
+class Mesh(PointCloud):
+    """A triangle surface. `points` are the vertices `(N, 3)`, `faces: (F, 3)` integer indices."""
+
+    faces: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+
+    def __post_init__(self) -> None:
+        self.points = check_points(self.points, "vertices", self.source, min_points=3, dims=(3,))
+        faces = torch.as_tensor(np.asarray(self.faces)) if not isinstance(self.faces, torch.Tensor) else self.faces
+        if faces.ndim != 2 or faces.shape[1] != 3:
+            raise ShapeflowError(f"{_where(self.source)}faces must be an (F, 3) array of triangles, got shape {tuple(faces.shape)}")
+        if faces.numel() and (faces.is_floating_point() or faces.dtype == torch.bool):
+            raise ShapeflowError(f"{_where(self.source)}faces must hold integer vertex indices")
+        faces = faces.long()
+        if faces.numel() and (faces.min() < 0 or faces.max() >= self.points.shape[0]):
+            raise ShapeflowError(
+                f"{_where(self.source)}faces index vertex {int(faces.max())} but the mesh has only "
+                f"{self.points.shape[0]} vertices" if faces.max() >= self.points.shape[0]
+                else f"{_where(self.source)}faces hold a negative vertex index")
+        self.faces = faces
+
+    @property
+    def vertices(self) -> torch.Tensor:
+        """Alias of `points`: (N, 3)."""
+        return self.points
+
+    def to(self, device=None, dtype=None):
+        return replace(self, points=self.points.to(device=device, dtype=dtype), faces=self.faces.to(device=device))
+
+
+Shape = PointCloud  # every shape kind is a PointCloud with extras
+
+
+def as_points(obj: Any, name: str) -> torch.Tensor:
+    """The (N, d) coordinates of a shape, a tensor or an array, validated."""
+    if isinstance(obj, PointCloud):
+        return obj.points
+    return check_points(obj, name)

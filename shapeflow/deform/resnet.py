@@ -1,0 +1,134 @@
+"""ResNet-LDDMM: a residual network read as a forward-Euler flow (Amor, Arguillère, Shao 2021).
+
+Block l moves every point by `dt * v_l(x)` with `v_l(x) = W3 act(W2 act(W1 x + b1) + b2)` and
+`dt = 1 / L`, so L blocks integrate the flow equation `dx/dt = v(t, x)` from t = 0 to 1. The
+kinetic energy of the discrete flow is `dt * sum_l mean_i |v_l(x_l,i)|^2` (the average over the
+points keeps its weight independent of their number). With ReLU the map is bi-Lipschitz; the
+smooth activations give a diffeomorphism.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InverseError, ShapeflowError
+from .base import Deformation, _as_tensor, register_deformation
+
+__all__ = ["ResNetFlow", "ACTIVATIONS"]
+
+ACTIVATIONS = {"relu": nn.functional.relu, "tanh": torch.tanh, "softplus": nn.functional.softplus,
+               "silu": nn.functional.silu}
+
+
+@register_deformation
+class ResNetFlow(Deformation):
+    """A time-dependent flow of `blocks` forward-Euler steps, each a 2-hidden-layer MLP of `width`.
+
+    Parameters: `W1: (L, m, d)`, `b1: (L, m)`, `W2: (L, m, m)`, `b2: (L, m)`, `W3: (L, d, m)`.
+    `W3` starts at zero, so a new flow is the identity.
+    """
+
+    def __init__(self, dim: int = 3, blocks: int = 10, width: int = 64, activation: str = "relu",
+                 frequency: float = 1.0, seed: int | None = None):
+        super().__init__()
+        if dim not in (2, 3):
+            raise ShapeflowError(f"ResNetFlow: dim must be 2 or 3, got {dim}")
+        if blocks < 1 or width < 1:
+            raise ShapeflowError(f"ResNetFlow: blocks and width must be positive, got {blocks} and {width}")
+        if activation not in ACTIVATIONS:
+            raise ShapeflowError(f"ResNetFlow: unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        self.dim, self.blocks, self.width, self.activation = dim, blocks, width, activation
+        self.frequency = float(frequency)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        # W1 sets the spatial frequency of the hidden units over a unit-sized shape.
+        self.W1 = nn.Parameter(frequency * torch.randn(blocks, width, dim, generator=gen))
+        self.b1 = nn.Parameter(frequency * torch.randn(blocks, width, generator=gen) * 0.5)
+        self.W2 = nn.Parameter(torch.randn(blocks, width, width, generator=gen) / math.sqrt(width))
+        self.b2 = nn.Parameter(torch.zeros(blocks, width))
+        self.W3 = nn.Parameter(torch.zeros(blocks, dim, width))
+        # points the kinetic energy is measured on when energy() gets none (set by register)
+        self.register_buffer("reference_points", torch.zeros(0, dim))
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "blocks": self.blocks, "width": self.width,
+                "activation": self.activation, "frequency": self.frequency}
+
+    @property
+    def dt(self) -> float:
+        return 1.0 / self.blocks
+
+    def velocity(self, block: int, points: torch.Tensor) -> torch.Tensor:
+        """The velocity of block `block` at `points: (N, d)` -> `(N, d)`."""
+        act = ACTIVATIONS[self.activation]
+        h = act(points @ self.W1[block].T + self.b1[block])            # (N, m)
+        h = act(h @ self.W2[block].T + self.b2[block])                  # (N, m)
+        return h @ self.W3[block].T                                     # (N, d)
+
+    def states(self, points: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Positions `x_0..x_L` and velocities `v_0..v_{L-1}`, each `(N, d)`."""
+        xs, vs = [points], []
+        for block in range(self.blocks):
+            vs.append(self.velocity(block, xs[-1]))
+            xs.append(xs[-1] + self.dt * vs[-1])
+        return xs, vs
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.states(points)[0][-1]
+
+    def forward_with_energy(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`phi(points)` and the kinetic energy along the way, in one pass."""
+        xs, vs = self.states(points)
+        return xs[-1], self._kinetic(vs)
+
+    def _kinetic(self, velocities: list[torch.Tensor]) -> torch.Tensor:
+        return self.dt * sum(v.pow(2).sum(dim=1).mean() for v in velocities)
+
+    def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
+        """Kinetic energy `dt * sum_l mean_i |v_l(x_l,i)|^2` of the flow of `points: (N, d)`.
+
+        Without `points`, the points the flow was fitted on (`reference_points`) are used.
+        """
+        if points is None:
+            if self.reference_points.numel() == 0:
+                raise ShapeflowError("ResNetFlow.energy(): no points given and no reference points stored")
+            points = self.reference_points
+        return self._kinetic(self.states(_as_tensor(points, self))[1])
+
+    def trajectory(self, points: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Positions at t = k / steps, `(steps + 1, N, d)`; exact for the Euler scheme, which is
+        piecewise linear in time. `steps` defaults to the number of blocks."""
+        steps = self.blocks if steps is None else steps
+        xs = torch.stack(self.states(_as_tensor(points, self))[0])      # (L+1, N, d)
+        frames = []
+        for t in torch.linspace(0, 1, steps + 1).tolist():
+            s = t * self.blocks
+            block = min(int(math.floor(s)), self.blocks - 1)
+            frac = s - block
+            frames.append(xs[block] + frac * (xs[block + 1] - xs[block]))
+        return torch.stack(frames)
+
+    def inverse(self, points: torch.Tensor, tol: float = 1e-6, max_iter: int = 200) -> torch.Tensor:
+        """Undo the blocks in reverse order, each by the fixed-point iteration
+        `x <- y - dt * v_l(x)`. Raises `InverseError` if a block does not converge to `tol`
+        (relative to the points' extent), which happens when `dt * Lip(v_l) >= 1`."""
+        y = _as_tensor(points, self)
+        extent = float((y.max(0).values - y.min(0).values).max().clamp_min(1e-12).detach())
+        with torch.no_grad():
+            for block in reversed(range(self.blocks)):
+                x = y.clone()
+                for _ in range(max_iter):
+                    x_new = y - self.dt * self.velocity(block, x)
+                    done = (x_new - x).abs().max() <= tol * extent
+                    x = x_new
+                    if done:
+                        break
+                residual = float((x + self.dt * self.velocity(block, x) - y).abs().max())
+                if not math.isfinite(residual) or residual > 10 * tol * extent:
+                    raise InverseError(f"ResNetFlow.inverse(): block {block} did not converge "
+                                       f"(residual {residual:.2e} after {max_iter} iterations); "
+                                       "the block is not contractive, so its inverse is not reliable")
+                y = x
+        return y

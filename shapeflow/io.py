@@ -1,0 +1,178 @@
+"""Reading and writing shapes. One reader and one writer per file extension.
+
+`read(path)` gives a `Mesh` when the file has triangles, a `PointCloud` otherwise (or
+`Landmarks` with `kind="landmarks"`). `write(shape, path)` writes atomically (a temporary file
+renamed into place) and refuses to overwrite the file the shape was read from.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import ShapeflowError
+from .shapes import Landmarks, Mesh, PointCloud
+
+__all__ = ["read", "write", "READERS", "WRITERS", "suffix_of"]
+
+_TRIMESH = (".ply", ".obj", ".stl", ".off")
+_VTK = (".vtk", ".vtp")
+_TABLE = (".xyz", ".txt", ".csv")
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """The lower-case extension of `path`."""
+    return Path(path).suffix.lower()
+
+
+# --- readers: path -> (points (N, d) array, faces (F, 3) array or None) -------------------------
+def _read_trimesh(path: Path):
+    import trimesh
+
+    # process=False keeps the vertex order of the file; STL stores triangle soup, so merge it.
+    loaded = trimesh.load(str(path), process=suffix_of(path) == ".stl", force=None)
+    if isinstance(loaded, trimesh.Scene):
+        geometries = list(loaded.geometry.values())
+        if not geometries:
+            return np.zeros((0, 3)), None
+        loaded = trimesh.util.concatenate(geometries) if len(geometries) > 1 else geometries[0]
+    faces = getattr(loaded, "faces", None)
+    faces = None if faces is None or len(faces) == 0 else np.asarray(faces)
+    return np.asarray(loaded.vertices, dtype=np.float64), faces
+
+
+def _read_vtk(path: Path):
+    import pyvista as pv
+
+    data = pv.read(str(path))
+    if not isinstance(data, pv.PolyData):
+        data = data.extract_surface()
+    if data.faces.size > 0:
+        tri = data.triangulate()
+        return np.asarray(tri.points, dtype=np.float64), tri.faces.reshape(-1, 4)[:, 1:]
+    return np.asarray(data.points, dtype=np.float64), None
+
+
+def _read_table(path: Path):
+    delimiter = "," if suffix_of(path) == ".csv" else None
+    try:
+        return np.loadtxt(path, delimiter=delimiter, ndmin=2), None
+    except ValueError:  # a header line
+        return np.loadtxt(path, delimiter=delimiter, ndmin=2, skiprows=1), None
+
+
+def _read_npy(path: Path):
+    return np.load(path, allow_pickle=False), None
+
+
+READERS: dict[str, Callable] = {**{s: _read_trimesh for s in _TRIMESH}, **{s: _read_vtk for s in _VTK},
+                                **{s: _read_table for s in _TABLE}, ".npy": _read_npy}
+
+
+def read(path: str | os.PathLike, kind: str | None = None) -> PointCloud:
+    """Read a shape file. `kind` is None (mesh if the file has faces), "points", "mesh" or
+    "landmarks". Supported: .ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy."""
+    path = Path(path)
+    suffix = suffix_of(path)
+    if suffix not in READERS:
+        raise ShapeflowError(f"{path}: unknown extension {suffix!r}; supported: {' '.join(sorted(READERS))}")
+    if kind not in (None, "points", "mesh", "landmarks"):
+        raise ShapeflowError(f"read(): kind must be None, 'points', 'mesh' or 'landmarks', got {kind!r}")
+    if not path.is_file():
+        raise ShapeflowError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ShapeflowError(f"{path}: the file is empty")
+    try:
+        points, faces = READERS[suffix](path)
+    except ShapeflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShapeflowError(f"{path}: unreadable {suffix} file ({first[:120]})") from None
+    points = np.asarray(points)
+    if points.ndim != 2:
+        raise ShapeflowError(f"{path}: expected a table of points (N rows, 2 or 3 columns), got shape {points.shape}")
+    tensor = torch.as_tensor(np.array(points, dtype=np.float32)) if points.dtype.kind in "fiu" else points
+    name = str(path)
+    if kind == "landmarks":
+        return Landmarks(tensor, source=name)
+    if kind == "mesh" and faces is None:
+        raise ShapeflowError(f"{path}: has no faces, so it is not a mesh")
+    if faces is not None and kind != "points":
+        return Mesh(tensor, faces=torch.as_tensor(np.array(faces, dtype=np.int64)), source=name)
+    return PointCloud(tensor, source=name)
+
+
+# --- writers: (points array, faces array or None, path) -> None ------------------------------
+def _write_trimesh(points: np.ndarray, faces, path: Path) -> None:
+    import trimesh
+
+    if points.shape[1] != 3:
+        raise ShapeflowError(f"{path}: {suffix_of(path)} files hold 3D points; write 2D points as .csv, .txt, .xyz or .npy")
+    if faces is None:
+        if suffix_of(path) != ".ply":
+            raise ShapeflowError(f"{path}: a point cloud without faces can be written as .ply, .vtk, .vtp, "
+                                 ".csv, .txt, .xyz or .npy, not {suffix_of(path)}")
+        trimesh.PointCloud(points).export(str(path), file_type="ply")
+    else:
+        trimesh.Trimesh(points, faces, process=False).export(str(path), file_type=suffix_of(path)[1:])
+
+
+def _write_vtk(points: np.ndarray, faces, path: Path) -> None:
+    import pyvista as pv
+
+    if points.shape[1] == 2:
+        points = np.c_[points, np.zeros(len(points))]
+    if faces is None:
+        poly = pv.PolyData(points)
+    else:
+        poly = pv.PolyData(points, np.c_[np.full(len(faces), 3), faces].ravel())
+    poly.save(str(path))
+
+
+def _write_table(points: np.ndarray, faces, path: Path) -> None:
+    np.savetxt(path, points, delimiter="," if suffix_of(path) == ".csv" else " ", fmt="%.9g")
+
+
+def _write_npy(points: np.ndarray, faces, path: Path) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, points)
+
+
+WRITERS: dict[str, Callable] = {**{s: _write_trimesh for s in _TRIMESH}, **{s: _write_vtk for s in _VTK},
+                                **{s: _write_table for s in _TABLE}, ".npy": _write_npy}
+
+
+def write(shape: PointCloud, path: str | os.PathLike) -> Path:
+    """Write `shape` to `path`, format from the extension, atomically. Meshes keep their faces
+    where the format holds them; tables and .npy hold the points only."""
+    path = Path(path)
+    suffix = suffix_of(path)
+    if suffix not in WRITERS:
+        raise ShapeflowError(f"{path}: unknown extension {suffix!r}; supported: {' '.join(sorted(WRITERS))}")
+    if not isinstance(shape, PointCloud):
+        raise ShapeflowError(f"write(): expected a PointCloud, Mesh or Landmarks, got {type(shape).__name__}")
+    if shape.source and path.exists() and os.path.samefile(path, shape.source):
+        raise ShapeflowError(f"{path}: refusing to overwrite the file this shape was read from")
+    if not path.parent.is_dir():
+        raise ShapeflowError(f"{path}: the folder {path.parent} does not exist")
+    points = shape.points.detach().cpu().double().numpy()
+    faces = shape.faces.cpu().numpy() if isinstance(shape, Mesh) else None
+    atomic_write(path, lambda tmp: WRITERS[suffix](points, faces, tmp))
+    return path
+
+
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp)` on a temporary file beside `path`, then rename it onto `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

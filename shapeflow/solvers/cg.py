@@ -1,0 +1,306 @@
+"""Batched, preconditioned conjugate gradient on torch tensors, with CuPy and pyamg backends.
+
+`conjugate_gradient(A, b)` solves `A x = b` for a symmetric positive-definite `A` given as a
+torch sparse matrix (COO or CSR), a dense matrix, or a callable `v -> A v`. Every column of a
+block right-hand side `b: (n, k)` runs its own CG (its own step sizes); a column that reached the
+tolerance is frozen while the others go on. The backend ("torch", "cupy", "amg") is chosen in one
+place, `resolve_backend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from shapeflow.errors import ShapeflowError
+from shapeflow.solvers._operators import (
+    Matvec,
+    Operator,
+    block_matvec,
+    check_operator,
+    diagonal,
+    is_sparse,
+)
+from shapeflow.solvers._optional import is_available
+
+Preconditioner = Union[None, str, Tensor, Callable[[Tensor], Tensor]]
+
+
+@dataclass
+class CGInfo:
+    """Convergence report of a linear solve.
+
+    iterations: (k,) int64 iterations per column (shape `()` for a vector right-hand side).
+    residual: (k,) final relative residual `|b - A x| / |b|` per column (true residual).
+    converged: True when every column reached the tolerance.
+    backend: the backend that ran ("torch", "cupy", "amg", "direct").
+    """
+
+    iterations: Tensor
+    residual: Tensor
+    converged: bool
+    backend: str
+
+
+# ----------------------------------------------------------------------------- preconditioners
+
+
+def _jacobi(A: Operator, M: Optional[Tensor] = None) -> Matvec:
+    """Jacobi preconditioner `r -> r / diag(A)` on (n, k) blocks; diag from A or the given tensor."""
+    if M is None:
+        if not isinstance(A, Tensor):
+            raise ShapeflowError(
+                "conjugate_gradient(): M='jacobi' needs A as a tensor; for a callable A pass the "
+                "diagonal of A as M (a tensor of shape (n,))"
+            )
+        M = diagonal(A)
+    inv = (1.0 / M).reshape(-1, 1)
+    return lambda R: R * inv
+
+
+def _amg(A: Operator, M: Optional[Tensor] = None) -> Matvec:
+    """One smoothed-aggregation AMG V-cycle (pyamg, CPU) as an SPD preconditioner on (n, k) blocks."""
+    from shapeflow.solvers._amg import amg_preconditioner
+
+    if not isinstance(A, Tensor):
+        raise ShapeflowError("conjugate_gradient(): M='amg' needs A as a sparse or dense CPU tensor")
+    return amg_preconditioner(A)
+
+
+PRECONDITIONERS: dict[str, Callable[..., Matvec]] = {"jacobi": _jacobi, "amg": _amg}
+
+
+def make_preconditioner(A: Operator, M: Preconditioner, n: int, vector_rhs: bool) -> Optional[Matvec]:
+    """Turn the user's `M` into `R -> M^{-1} R` on (n, k) blocks (None for no preconditioning).
+
+    M: None, a name in PRECONDITIONERS, a tensor (n,) holding diag(A), or a callable `r -> M^{-1} r`
+    (applied to the same shape as b).
+    """
+    if M is None:
+        return None
+    if isinstance(M, str):
+        if M not in PRECONDITIONERS:
+            raise ShapeflowError(
+                f"conjugate_gradient(): unknown preconditioner M={M!r}; "
+                f"valid names: {sorted(PRECONDITIONERS)}"
+            )
+        return PRECONDITIONERS[M](A)
+    if isinstance(M, Tensor):
+        if M.shape != (n,):
+            raise ShapeflowError(
+                f"conjugate_gradient(): M as a tensor is diag(A) and must have shape ({n},), "
+                f"got {tuple(M.shape)}"
+            )
+        return _jacobi(A, M)
+    if callable(M):
+        return block_matvec(M, vector_rhs)
+    raise ShapeflowError(
+        f"conjugate_gradient(): M must be None, a name, a (n,) tensor or a callable, got {type(M).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- the CG iteration
+
+
+@dataclass
+class CGState:
+    """State of the batched CG loop; all blocks are (n, k), all per-column values (1, k)."""
+
+    x: Tensor
+    r: Tensor
+    p: Tensor
+    rz: Tensor
+    bnorm: Tensor
+    active: Tensor
+    iterations: Tensor
+
+
+def _dot(U: Tensor, V: Tensor) -> Tensor:
+    return (U * V).sum(0, keepdim=True)
+
+
+def _norm(U: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(U, dim=0, keepdim=True)
+
+
+def cg_start(matvec: Matvec, precond: Optional[Matvec], B: Tensor, X0: Tensor, tol: float) -> CGState:
+    """Initial CG state for A X = B from X0. B, X0: (n, k)."""
+    R = B - matvec(X0)
+    Z = R.clone() if precond is None else precond(R)  # p must not alias r (in-place updates)
+    bnorm = _norm(B)
+    safe = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    active = (_norm(R) / safe > tol) & (bnorm > 0)
+    iterations = torch.zeros(B.shape[1], dtype=torch.int64, device=B.device)
+    return CGState(X0, R, Z, _dot(R, Z), bnorm, active, iterations)
+
+
+def cg_steps(
+    s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: float, steps: int, inplace: bool
+) -> CGState:
+    """Run at most `steps` CG iterations on the columns still active (frozen ones keep their x).
+
+    inplace: update x, r, p in place (fast, no autograd graph); False keeps every iteration
+    differentiable (unrolled CG).
+    """
+    safe_b = torch.where(s.bnorm > 0, s.bnorm, torch.ones_like(s.bnorm))
+    for _ in range(steps):
+        if not bool(s.active.any()):
+            break
+        Ap = matvec(s.p)
+        pAp = _dot(s.p, Ap)
+        ok = s.active & (pAp != 0)
+        alpha = torch.where(ok, s.rz / torch.where(ok, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
+        if inplace:
+            s.x.addcmul_(alpha, s.p)
+            s.r.addcmul_(alpha, Ap, value=-1.0)
+        else:
+            s.x = s.x + alpha * s.p
+            s.r = s.r - alpha * Ap
+        s.iterations = s.iterations + s.active[0].to(torch.int64)
+        s.active = s.active & (_norm(s.r) / safe_b > tol)
+        z = s.r if precond is None else precond(s.r)
+        rz_new = _dot(s.r, z)
+        keep = s.active & (s.rz != 0)
+        beta = torch.where(keep, rz_new / torch.where(keep, s.rz, torch.ones_like(s.rz)), torch.zeros_like(rz_new))
+        if inplace:
+            s.p.mul_(beta).add_(z)
+        else:
+            s.p = z + beta * s.p
+        s.rz = rz_new
+    return s
+
+
+def _info(matvec: Matvec, B: Tensor, X: Tensor, iterations: Tensor, tol: float, vector: bool, backend: str) -> CGInfo:
+    with torch.no_grad():
+        bnorm = _norm(B)[0]
+        res = _norm(B - matvec(X))[0] / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    converged = bool((res <= tol * (1 + 1e-3) + 10 * torch.finfo(B.dtype).eps).all())
+    if vector:
+        iterations, res = iterations[0], res[0]
+    return CGInfo(iterations, res, converged, backend)
+
+
+def default_maxiter(n: int) -> int:
+    """Default iteration cap: min(10 n, 10000)."""
+    return int(min(10 * n, 10_000))
+
+
+def _cg_torch(A, B, M, X0, tol, maxiter, vector):
+    n = B.shape[0]
+    matvec = block_matvec(A, vector)
+    precond = make_preconditioner(A, M, n, vector)
+    inplace = not torch.is_grad_enabled()
+    state = cg_start(matvec, precond, B, X0.clone() if inplace else X0, tol)
+    state = cg_steps(state, matvec, precond, tol, maxiter, inplace)
+    return state.x, _info(matvec, B, state.x, state.iterations, tol, vector, "torch")
+
+
+def _cg_cupy(A, B, M, X0, tol, maxiter, vector):
+    from shapeflow.solvers._cupy import cg_cupy
+
+    X, iterations = cg_cupy(A, B, M, X0, tol, maxiter)
+    return X, _info(block_matvec(A, vector), B, X, iterations, tol, vector, "cupy")
+
+
+def _cg_amg(A, B, M, X0, tol, maxiter, vector):
+    from shapeflow.solvers._amg import amg_solve
+
+    if M is not None:
+        raise ShapeflowError("conjugate_gradient(): backend='amg' brings its own preconditioner; leave M=None")
+    X, iterations = amg_solve(A, B, X0, tol, maxiter)
+    return X, _info(block_matvec(A, vector), B, X, iterations, tol, vector, "amg")
+
+
+BACKENDS: dict[str, Callable] = {"torch": _cg_torch, "cupy": _cg_cupy, "amg": _cg_amg}
+
+
+def resolve_backend(backend: str, A: Operator, b: Tensor) -> str:
+    """The one place where the backend is chosen.
+
+    "auto": CuPy when b is on a CUDA device, A is a sparse tensor, CuPy is installed and no
+    gradient is being recorded; torch otherwise (pyamg is never chosen automatically).
+    "cupy" explicitly: needs CUDA tensors and CuPy, else a one-line error naming the `gpu` extra.
+    """
+    if backend == "auto":
+        if (
+            b.device.type == "cuda"
+            and is_sparse(A)
+            and not (torch.is_grad_enabled() and (b.requires_grad or A.requires_grad))
+            and is_available("cupy")
+        ):
+            return "cupy"
+        return "torch"
+    if backend not in BACKENDS:
+        raise ShapeflowError(
+            f"conjugate_gradient(): unknown backend {backend!r}; valid names: {['auto'] + sorted(BACKENDS)}"
+        )
+    if backend == "cupy":
+        if b.device.type != "cuda":
+            raise ShapeflowError(
+                f"conjugate_gradient(): backend='cupy' needs CUDA tensors, got b on {b.device}; "
+                'use backend="torch" or move the tensors to a GPU (pip install "shapeflow[gpu]")'
+            )
+        if not is_available("cupy"):
+            raise ImportError('conjugate_gradient(): backend="cupy" needs CuPy: pip install "shapeflow[gpu]"')
+        if not isinstance(A, Tensor):
+            raise ShapeflowError("conjugate_gradient(): backend='cupy' needs A as a sparse tensor, not a callable")
+    if backend == "amg":
+        if not isinstance(A, Tensor) or b.device.type != "cpu":
+            raise ShapeflowError("conjugate_gradient(): backend='amg' needs A as a sparse/dense CPU tensor")
+    return backend
+
+
+def conjugate_gradient(
+    A: Operator,
+    b: Tensor,
+    M: Preconditioner = None,
+    x0: Optional[Tensor] = None,
+    *,
+    tol: float = 1e-6,
+    maxiter: Optional[int] = None,
+    backend: str = "auto",
+) -> tuple[Tensor, CGInfo]:
+    """Solve `A x = b` for symmetric positive-definite A by (preconditioned) conjugate gradients.
+
+    A: (n, n) torch sparse (COO or CSR) or dense tensor, or a callable `v -> A v` taking the shape
+       of b ((n,) or (n, k)).
+    b: (n,) or (n, k); each column is its own CG with its own step sizes, and a column whose
+       relative residual `|b - A x| / |b|` fell below `tol` is frozen.
+    M: None; "jacobi" (diag of A); "amg" (one pyamg V-cycle, CPU, needs `shapeflow[amg]`);
+       a tensor (n,) holding diag(A); or a callable `r -> M^{-1} r` (shape of b).
+    x0: (n,) or (n, k) starting guess (zeros by default).
+    tol: relative residual tolerance; maxiter: iteration cap (default min(10 n, 10000)).
+    backend: "auto" | "torch" | "cupy" | "amg" (see `resolve_backend`).
+
+    Returns (x, info): x with the shape of b, info a CGInfo. With autograd recording (and
+    backend "torch"), every iteration is differentiable (unrolled CG); under `torch.no_grad()`
+    the loop updates its vectors in place, which is faster.
+    """
+    if not isinstance(b, Tensor) or b.dim() not in (1, 2):
+        raise ShapeflowError(
+            f"conjugate_gradient(): b must be a tensor of shape (n,) or (n, k), got "
+            f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}"
+        )
+    if not (tol >= 0):
+        raise ShapeflowError(f"conjugate_gradient(): tol must be >= 0, got {tol}")
+    vector = b.dim() == 1
+    n = b.shape[0]
+    check_operator("conjugate_gradient", A, n)
+    B = b.reshape(n, -1)
+    if x0 is None:
+        X0 = torch.zeros_like(B)
+    elif x0.shape != b.shape:
+        raise ShapeflowError(
+            f"conjugate_gradient(): x0 has shape {tuple(x0.shape)} but b has {tuple(b.shape)}"
+        )
+    else:
+        X0 = x0.reshape(n, -1).to(B.dtype)
+    maxiter = default_maxiter(n) if maxiter is None else int(maxiter)
+    if maxiter < 0:
+        raise ShapeflowError(f"conjugate_gradient(): maxiter must be >= 0, got {maxiter}")
+    name = resolve_backend(backend, A, b)
+    X, info = BACKENDS[name](A, B, M, X0, tol, maxiter, vector)
+    return X.reshape(b.shape), info

@@ -1,0 +1,308 @@
+"""Shared regularisers and the Laplacians they are built on.
+
+Convention: every Laplacian here is the positive semi-definite `L = -Delta` (stiffness form, no
+mass matrix), so the diffusion energy is `u^T L u >= 0` and constants are in the null space.
+
+* Grids: `grid_laplacian(shape, spacing)` (sparse, 4-/6-neighbourhood, Neumann boundary) and the
+  matrix-free `grid_laplacian_apply(u, spacing)` on `(C, *S)` fields; `u^T L u` equals the sum
+  of squared forward differences `((u[i+1] - u[i]) / h)^2` over all grid edges.
+* Meshes: `mesh_laplacian(vertices, faces, kind)` with kinds in `LAPLACIANS` (cotangent weights
+  `(cot a + cot b) / 2`, or the uniform graph Laplacian), `mesh_mass` (lumped barycentric areas).
+* Point clouds: `knn_laplacian(points, k, sigma)`, symmetrised kNN graph with Gaussian weights.
+* Energies: `diffusion(u, L) = sum_c u_c^T L u_c`, `bending(u, L) = sum_c |L u_c|^2`, and
+  `grid_diffusion` / `grid_bending` on `(d, *S)` displacement fields.
+* Jacobians: `jacobian_determinant(u, spacing)` of `x -> x + u(x)` and `folding_statistics`.
+
+Displacement fields are `(d, *S)` with `d = len(S)`; component `i` moves along spatial axis `i`
+of `S` (array index order), in the physical units of `spacing`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from shapeflow.errors import ShapeflowError
+
+Spacing = Optional[Union[float, Sequence[float]]]
+LinearMap = Union[Tensor, Callable[[Tensor], Tensor]]
+
+
+def _spacing(func: str, spacing: Spacing, ndim: int) -> list[float]:
+    if spacing is None:
+        return [1.0] * ndim
+    if isinstance(spacing, (int, float)):
+        values = [float(spacing)] * ndim
+    else:
+        values = [float(s) for s in spacing]
+    if len(values) != ndim or any(not (s > 0) for s in values):
+        raise ShapeflowError(
+            f"{func}(): spacing must be {ndim} positive numbers (one per spatial axis), got {spacing!r}"
+        )
+    return values
+
+
+def _check_grid_field(func: str, u: Tensor, components: Optional[bool] = None) -> None:
+    if not isinstance(u, Tensor) or u.dim() not in (3, 4):
+        raise ShapeflowError(
+            f"{func}(): expected a field of shape (C, H, W) or (C, D, H, W), got "
+            f"{tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__}"
+        )
+    if components and u.shape[0] != u.dim() - 1:
+        raise ShapeflowError(
+            f"{func}(): a displacement field (d, *S) needs d == len(S) = {u.dim() - 1}, got d = {u.shape[0]}"
+        )
+
+
+# ----------------------------------------------------------------------------- grid Laplacian
+
+
+def grid_laplacian_apply(u: Tensor, spacing: Spacing = None) -> Tensor:
+    """Matrix-free `L u` with the grid Laplacian `L = -Delta` (Neumann boundary) per channel.
+
+    u: (C, *S) with S 2D (H, W) or 3D (D, H, W); spacing: one number or one per spatial axis.
+    Returns (C, *S). `(L u)_i = sum_axes (2 u_i - u_{i-1} - u_{i+1}) / h^2`, a missing neighbour
+    at the border replaced by `u_i` itself. Differentiable; matches `grid_laplacian(S, spacing)`.
+    """
+    _check_grid_field("grid_laplacian_apply", u)
+    sizes = u.shape[1:]
+    weights = [1.0 / h**2 for h in _spacing("grid_laplacian_apply", spacing, len(sizes))]
+    out = u * (2.0 * sum(weights))
+    for axis, (n, w) in enumerate(zip(sizes, weights), start=1):
+        if n == 1:
+            out = out - (2.0 * w) * u
+            continue
+        out.narrow(axis, 0, n - 1).sub_(u.narrow(axis, 1, n - 1), alpha=w)  # neighbour i + 1
+        out.narrow(axis, 1, n - 1).sub_(u.narrow(axis, 0, n - 1), alpha=w)  # neighbour i - 1
+        out.narrow(axis, 0, 1).sub_(u.narrow(axis, 0, 1), alpha=w)  # Neumann at the borders
+        out.narrow(axis, n - 1, 1).sub_(u.narrow(axis, n - 1, 1), alpha=w)
+    return out
+
+
+def grid_laplacian(
+    shape: Sequence[int],
+    spacing: Spacing = None,
+    *,
+    components: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device, None] = None,
+) -> Tensor:
+    """Assembled grid Laplacian `L = -Delta` (Neumann) as a sparse COO matrix.
+
+    shape: spatial size S, 2D or 3D; spacing: per axis. Rows follow `u.reshape(C, -1)` (C order).
+    components: c > 1 gives the block-diagonal `kron(I_c, L)` for a flattened `(c, *S)` field.
+    Returns (c N, c N) with N = prod(S).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ShapeflowError(f"grid_laplacian(): shape must be 2 or 3 positive sizes, got {shape}")
+    if components < 1:
+        raise ShapeflowError(f"grid_laplacian(): components must be >= 1, got {components}")
+    weights = [1.0 / h**2 for h in _spacing("grid_laplacian", spacing, len(shape))]
+    n = math.prod(shape)
+    index = torch.arange(n, device=device).reshape(shape)
+    rows, cols, vals = [], [], []
+    for axis, w in enumerate(weights):
+        if shape[axis] < 2:
+            continue
+        i = index.narrow(axis, 0, shape[axis] - 1).reshape(-1)
+        j = index.narrow(axis, 1, shape[axis] - 1).reshape(-1)
+        ones = torch.full(i.shape, w, dtype=dtype, device=device)
+        rows += [i, j, i, j]
+        cols += [i, j, j, i]
+        vals += [ones, ones, -ones, -ones]
+    if not rows:
+        return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=dtype),
+                                       (components * n,) * 2).coalesce()
+    r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    offsets = torch.arange(components, device=device).repeat_interleave(r.numel()) * n
+    r = r.repeat(components) + offsets
+    c = c.repeat(components) + offsets
+    v = v.repeat(components)
+    return torch.sparse_coo_tensor(torch.stack([r, c]), v, (components * n,) * 2).coalesce()
+
+
+# ----------------------------------------------------------------------------- mesh / cloud Laplacians
+
+
+def _check_mesh(func: str, vertices: Tensor, faces: Tensor) -> None:
+    if vertices.dim() != 2 or vertices.shape[1] != 3:
+        raise ShapeflowError(f"{func}(): vertices must be (N, 3), got {tuple(vertices.shape)}")
+    if faces.dim() != 2 or faces.shape[1] != 3:
+        raise ShapeflowError(f"{func}(): faces must be (F, 3), got {tuple(faces.shape)}")
+    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= vertices.shape[0]):
+        raise ShapeflowError(f"{func}(): faces index vertices outside [0, {vertices.shape[0]})")
+
+
+def _from_weights(i: Tensor, j: Tensor, w: Tensor, n: int) -> Tensor:
+    """`L = D - W` from symmetric edge weights listed once per (i, j) occurrence."""
+    rows = torch.cat([i, j, i, j])
+    cols = torch.cat([j, i, i, j])
+    vals = torch.cat([-w, -w, w, w])
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
+
+
+def cotangent_laplacian(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Cotangent Laplacian: `L_ij = -(cot a_ij + cot b_ij) / 2`, `L_ii = -sum_j L_ij`.
+
+    vertices: (N, 3); faces: (F, 3) long. Returns sparse (N, N), PSD, differentiable in vertices.
+    Approximates `M (-Delta)` with M the lumped mass (`mesh_mass`).
+    """
+    _check_mesh("cotangent_laplacian", vertices, faces)
+    faces = faces.long()
+    v = vertices[faces]  # (F, 3 corners, 3)
+    i, j, k = faces.unbind(1)
+    cot = []
+    for a in range(3):  # angle at corner a is opposite the edge (a+1, a+2)
+        e1 = v[:, (a + 1) % 3] - v[:, a]
+        e2 = v[:, (a + 2) % 3] - v[:, a]
+        cross = torch.linalg.vector_norm(torch.linalg.cross(e1, e2), dim=1)
+        cot.append((e1 * e2).sum(1) / cross.clamp_min(1e-12))
+    # edge (j, k) opposite corner i, etc.
+    ei = torch.cat([j, k, i])
+    ej = torch.cat([k, i, j])
+    w = 0.5 * torch.cat(cot)
+    return _from_weights(ei, ej, w, vertices.shape[0])
+
+
+def uniform_laplacian(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Uniform graph Laplacian of the mesh edges: `L = D - A` with A the 0/1 adjacency.
+
+    vertices: (N, 3) (only N is used); faces: (F, 3). Returns sparse (N, N).
+    """
+    _check_mesh("uniform_laplacian", vertices, faces)
+    faces = faces.long()
+    n = vertices.shape[0]
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    edges = torch.unique(torch.sort(edges, dim=1).values, dim=0)
+    w = torch.ones(edges.shape[0], dtype=vertices.dtype, device=vertices.device)
+    return _from_weights(edges[:, 0], edges[:, 1], w, n)
+
+
+LAPLACIANS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "cotangent": cotangent_laplacian,
+    "uniform": uniform_laplacian,
+}
+
+
+def mesh_laplacian(vertices: Tensor, faces: Tensor, kind: str = "cotangent") -> Tensor:
+    """Mesh Laplacian chosen by name from `LAPLACIANS`. vertices (N, 3), faces (F, 3) -> sparse (N, N)."""
+    if kind not in LAPLACIANS:
+        raise ShapeflowError(f"mesh_laplacian(): unknown kind {kind!r}; valid names: {sorted(LAPLACIANS)}")
+    return LAPLACIANS[kind](vertices, faces)
+
+
+def mesh_mass(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Lumped (barycentric) mass: a third of the area of each incident face. Returns (N,)."""
+    _check_mesh("mesh_mass", vertices, faces)
+    faces = faces.long()
+    v = vertices[faces]
+    area = 0.5 * torch.linalg.vector_norm(torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), dim=1)
+    out = torch.zeros(vertices.shape[0], dtype=vertices.dtype, device=vertices.device)
+    return out.index_add(0, faces.reshape(-1), (area / 3.0).repeat_interleave(3))
+
+
+def knn_laplacian(points: Tensor, k: int, sigma: Optional[float] = None) -> Tensor:
+    """Graph Laplacian of the symmetrised k-nearest-neighbour graph with Gaussian weights.
+
+    points: (N, d); k: neighbours per point (excluding itself); sigma: kernel width, default
+    the mean distance to the k-th neighbour. Weight `w_ij = exp(-|x_i - x_j|^2 / (2 sigma^2))`
+    on every pair where j is among the k nearest of i or i among those of j. KD-tree via SciPy.
+    Returns sparse (N, N), `L = D - W`.
+    """
+    from scipy.spatial import cKDTree
+
+    if points.dim() != 2:
+        raise ShapeflowError(f"knn_laplacian(): points must be (N, d), got {tuple(points.shape)}")
+    n = points.shape[0]
+    if not 1 <= k < n:
+        raise ShapeflowError(f"knn_laplacian(): k must be in [1, N - 1] = [1, {n - 1}], got {k}")
+    pts = points.detach().cpu().double().numpy()
+    dist, idx = cKDTree(pts).query(pts, k=k + 1)
+    i = torch.arange(n).repeat_interleave(k)
+    j = torch.as_tensor(idx[:, 1:].reshape(-1), dtype=torch.long)
+    pairs = torch.unique(torch.sort(torch.stack([i, j], 1), dim=1).values, dim=0).to(points.device)
+    if sigma is None:
+        sigma = float(dist[:, -1].mean())
+    if not sigma > 0:
+        raise ShapeflowError(f"knn_laplacian(): sigma must be > 0, got {sigma}")
+    d2 = ((points[pairs[:, 0]] - points[pairs[:, 1]]) ** 2).sum(1)
+    w = torch.exp(-d2 / (2.0 * sigma**2))
+    return _from_weights(pairs[:, 0], pairs[:, 1], w, n)
+
+
+# ----------------------------------------------------------------------------- energies
+
+
+def _apply(L: LinearMap, u: Tensor) -> Tensor:
+    return L(u) if callable(L) and not isinstance(L, Tensor) else L @ u
+
+
+def diffusion(u: Tensor, L: LinearMap) -> Tensor:
+    """Diffusion energy `sum_c u_c^T L u_c`. u: (N,) or (N, d); L: (N, N) sparse/dense or callable."""
+    if u.dim() not in (1, 2):
+        raise ShapeflowError(f"diffusion(): u must be (N,) or (N, d), got {tuple(u.shape)}")
+    return (u * _apply(L, u)).sum()
+
+
+def bending(u: Tensor, L: LinearMap) -> Tensor:
+    """Bending energy `sum_c |L u_c|^2`. u: (N,) or (N, d); L: (N, N) sparse/dense or callable."""
+    if u.dim() not in (1, 2):
+        raise ShapeflowError(f"bending(): u must be (N,) or (N, d), got {tuple(u.shape)}")
+    return (_apply(L, u) ** 2).sum()
+
+
+def grid_diffusion(u: Tensor, spacing: Spacing = None) -> Tensor:
+    """`sum_c u_c^T L u_c` for a grid field u: (C, *S) = sum of squared forward differences / h^2."""
+    return (u * grid_laplacian_apply(u, spacing)).sum()
+
+
+def grid_bending(u: Tensor, spacing: Spacing = None) -> Tensor:
+    """`sum_c |L u_c|^2` for a grid field u: (C, *S) with the Neumann grid Laplacian."""
+    return (grid_laplacian_apply(u, spacing) ** 2).sum()
+
+
+# ----------------------------------------------------------------------------- Jacobians
+
+
+def jacobian_determinant(u: Tensor, spacing: Spacing = None) -> Tensor:
+    """Determinant of the Jacobian of `x -> x + u(x)`, `det(I + grad u)`, at every voxel.
+
+    u: (d, *S) displacement field, d = len(S) in {2, 3}, in the units of `spacing`.
+    Derivatives by central differences (one-sided at the borders, `torch.gradient`), exact for
+    affine fields. Returns (*S).
+    """
+    _check_grid_field("jacobian_determinant", u, components=True)
+    d = u.shape[0]
+    h = _spacing("jacobian_determinant", spacing, d)
+    J = [[None] * d for _ in range(d)]
+    for i in range(d):
+        grads = torch.gradient(u[i], spacing=h, dim=list(range(d)))
+        for j in range(d):
+            J[i][j] = grads[j] + (1.0 if i == j else 0.0)
+    if d == 2:
+        return J[0][0] * J[1][1] - J[0][1] * J[1][0]
+    return (
+        J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+        - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+        + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0])
+    )
+
+
+def folding_statistics(detJ: Tensor, eps: float = 1e-9) -> dict[str, float]:
+    """Folding summary of a Jacobian-determinant map detJ: (*S).
+
+    Returns {"percent_negative": 100 * fraction of voxels with detJ <= 0, "min": min detJ,
+    "std_log": standard deviation of log(clip(detJ, eps))}.
+    """
+    flat = detJ.detach().reshape(-1).double()
+    if flat.numel() == 0:
+        raise ShapeflowError("folding_statistics(): detJ is empty")
+    return {
+        "percent_negative": float((flat <= 0).double().mean() * 100.0),
+        "min": float(flat.min()),
+        "std_log": float(torch.log(flat.clamp_min(eps)).std(unbiased=False)),
+    }

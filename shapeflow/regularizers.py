@@ -122,7 +122,7 @@ def grid_laplacian(
     r = r.repeat(components) + offsets
     c = c.repeat(components) + offsets
     v = v.repeat(components)
-    return torch.sparse_coo_tensor(torch.stack([r, c]), v, (components * n,) * 2).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([r, c]), v, (components * n,) * 2, check_invariants=False).coalesce()
 
 
 # ----------------------------------------------------------------------------- mesh / cloud Laplacians
@@ -142,7 +142,7 @@ def _from_weights(i: Tensor, j: Tensor, w: Tensor, n: int) -> Tensor:
     rows = torch.cat([i, j, i, j])
     cols = torch.cat([j, i, i, j])
     vals = torch.cat([-w, -w, w, w])
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n), check_invariants=False).coalesce()
 
 
 def cotangent_laplacian(vertices: Tensor, faces: Tensor) -> Tensor:

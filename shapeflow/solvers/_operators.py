@@ -103,7 +103,7 @@ def with_diagonal(A: Tensor, d: Tensor) -> Tensor:
         return A + torch.diag(d)
     idx = torch.arange(n, device=A.device).expand(2, n)
     coo = A.to_sparse_coo() if A.layout == torch.sparse_csr else A
-    out = (coo + torch.sparse_coo_tensor(idx, d.to(A.dtype), (n, n))).coalesce()
+    out = (coo + torch.sparse_coo_tensor(idx, d.to(A.dtype), (n, n), check_invariants=False)).coalesce()
     return out.to_sparse_csr() if A.layout == torch.sparse_csr else out
 
 

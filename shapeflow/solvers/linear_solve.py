@@ -92,8 +92,8 @@ def _adjoint(A: Operator, d: Tensor, method: str, like: Tensor) -> Operator:
 def _sparse_like(A: Tensor, values: Tensor) -> Tensor:
     """A tensor with A's sparsity pattern (layout, indices) and the given values."""
     if A.layout == torch.sparse_csr:
-        return torch.sparse_csr_tensor(A.crow_indices(), A.col_indices(), values, A.shape)
-    return torch.sparse_coo_tensor(A._indices(), values, A.shape)
+        return torch.sparse_csr_tensor(A.crow_indices(), A.col_indices(), values, A.shape, check_invariants=False)
+    return torch.sparse_coo_tensor(A._indices(), values, A.shape, check_invariants=False)
 
 
 class LinearSolveFunction(torch.autograd.Function):

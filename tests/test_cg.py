@@ -1,0 +1,202 @@
+"""conjugate_gradient and bicgstab against dense solves; backend dispatch; the CuPy path on CUDA."""
+
+import pytest
+import torch
+
+import shapeflow.solvers._optional as optional
+from shapeflow.errors import ShapeflowError
+from shapeflow.solvers import cg as cgmod
+from shapeflow.solvers import bicgstab, conjugate_gradient
+
+
+def spd(n, seed=0, dtype=torch.float64, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(n, n, generator=g, dtype=dtype)
+    mask = (torch.rand(n, n, generator=g) < density) | torch.eye(n, dtype=torch.bool)
+    mask = mask | mask.T
+    A = (Q + Q.T) * mask
+    # diagonally dominant with a varied diagonal => SPD and a use for Jacobi
+    A = A + torch.diag(A.abs().sum(1) + torch.linspace(1, 50, n, dtype=dtype))
+    return A
+
+
+@pytest.mark.parametrize("layout", ["dense", "coo", "csr", "callable"])
+@pytest.mark.parametrize("rhs_shape", [(40,), (40, 3)])
+def test_cg_matches_dense_solve(layout, rhs_shape):
+    A = spd(40)
+    b = torch.randn(rhs_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    op = {"dense": A, "coo": A.to_sparse(), "csr": A.to_sparse_csr(), "callable": lambda v: A @ v}[layout]
+    x, info = conjugate_gradient(op, b, tol=1e-10)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+    assert info.converged and info.backend == "torch"
+    assert info.iterations.shape == rhs_shape[1:] and info.residual.shape == rhs_shape[1:]
+    assert bool((info.residual < 1e-10).all())
+
+
+def test_columns_have_their_own_steps_and_freeze():
+    A = spd(30)
+    b = torch.randn(30, 2, dtype=torch.float64)
+    b[:, 1] = A @ torch.ones(30, dtype=torch.float64)
+    x0 = torch.zeros(30, 2, dtype=torch.float64)
+    x0[:, 1] = 1.0  # second column starts at the solution: frozen at 0 iterations
+    x, info = conjugate_gradient(A, b, x0=x0, tol=1e-10)
+    assert int(info.iterations[1]) == 0 and int(info.iterations[0]) > 5
+    torch.testing.assert_close(x[:, 1], torch.ones(30, dtype=torch.float64))
+    # one column alone gives the same answer and the same count as in the batch
+    x_alone, info_alone = conjugate_gradient(A, b[:, 0], tol=1e-10)
+    torch.testing.assert_close(x[:, 0], x_alone)
+    assert int(info_alone.iterations) == int(info.iterations[0])
+
+
+def test_zero_rhs_and_float32():
+    A = spd(20, dtype=torch.float32)
+    x, info = conjugate_gradient(A, torch.zeros(20), tol=1e-5)
+    assert info.converged and torch.count_nonzero(x) == 0 and int(info.iterations) == 0
+    b = torch.randn(20)
+    x, info = conjugate_gradient(A, b, tol=1e-5)
+    assert x.dtype == torch.float32 and info.converged
+    torch.testing.assert_close(x, torch.linalg.solve(A.double(), b.double()).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_jacobi_reduces_iterations_and_forms_agree():
+    A = spd(60, density=0.05)
+    A = A + torch.diag(torch.logspace(0, 4, 60, dtype=torch.float64))  # badly scaled diagonal
+    b = torch.randn(60, dtype=torch.float64)
+    ref = torch.linalg.solve(A, b)
+    _, plain = conjugate_gradient(A, b, tol=1e-10)
+    results = [
+        conjugate_gradient(A.to_sparse(), b, M="jacobi", tol=1e-10),
+        conjugate_gradient(lambda v: A @ v, b, M=A.diagonal(), tol=1e-10),
+        conjugate_gradient(A, b, M=lambda r: r / A.diagonal(), tol=1e-10),
+    ]
+    for x, info in results:
+        torch.testing.assert_close(x, ref, rtol=1e-8, atol=1e-8)
+        assert int(info.iterations) < int(plain.iterations)
+    assert len({int(info.iterations) for _, info in results}) == 1
+
+
+def test_maxiter_reports_not_converged():
+    A = spd(50)
+    x, info = conjugate_gradient(A, torch.randn(50, dtype=torch.float64), tol=1e-12, maxiter=3)
+    assert not info.converged and int(info.iterations) == 3 and float(info.residual) > 1e-6
+
+
+def test_amg_backend_and_preconditioner_match_dense():
+    pytest.importorskip("pyamg")
+    # 2D Poisson-like SPD matrix: AMG's home ground
+    from shapeflow.regularizers import grid_laplacian
+
+    L = grid_laplacian((24, 24), dtype=torch.float64)
+    A = (L + 1e-2 * torch.eye(L.shape[0], dtype=torch.float64).to_sparse()).coalesce()
+    b = torch.randn(A.shape[0], 2, dtype=torch.float64)
+    ref = torch.linalg.solve(A.to_dense(), b)
+    x, info = conjugate_gradient(A, b, tol=1e-10, backend="amg")
+    assert info.backend == "amg" and info.converged
+    torch.testing.assert_close(x, ref, rtol=1e-7, atol=1e-7)
+    x2, info2 = conjugate_gradient(A.to_sparse_csr(), b, M="amg", tol=1e-10)
+    torch.testing.assert_close(x2, ref, rtol=1e-7, atol=1e-7)
+    _, plain = conjugate_gradient(A, b, tol=1e-10)
+    assert int(info2.iterations.max()) < int(plain.iterations.max()) // 3
+
+
+def test_bicgstab_nonsymmetric_matches_dense():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(30, 30, dtype=torch.float64, generator=g) + 12 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, 2, dtype=torch.float64, generator=g)
+    for op in (A, A.to_sparse(), lambda v: A @ v):
+        x, info = bicgstab(op, b, tol=1e-11)
+        assert info.converged
+        torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+    x, _ = bicgstab(A, b, M="jacobi", tol=1e-11)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+
+
+def test_bad_input_errors_name_the_function():
+    A = spd(5)
+    with pytest.raises(ShapeflowError, match=r"conjugate_gradient\(\).*valid names"):
+        conjugate_gradient(A, torch.ones(5, dtype=torch.float64), backend="magma")
+    with pytest.raises(ShapeflowError, match=r"conjugate_gradient\(\).*preconditioner"):
+        conjugate_gradient(A, torch.ones(5, dtype=torch.float64), M="ilu")
+    with pytest.raises(ShapeflowError, match=r"A has shape \(5, 5\) but b has 4 rows"):
+        conjugate_gradient(A, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ShapeflowError, match="jacobi"):
+        conjugate_gradient(lambda v: A @ v, torch.ones(5, dtype=torch.float64), M="jacobi")
+
+
+# ------------------------------------------------------------------ CuPy dispatch, tested on the CPU
+
+
+def test_auto_never_looks_for_cupy_on_cpu(monkeypatch):
+    def boom(name):
+        raise AssertionError(f"is_available({name!r}) called for CPU tensors")
+
+    monkeypatch.setattr(cgmod, "is_available", boom)
+    A = spd(6).to_sparse()
+    assert cgmod.resolve_backend("auto", A, torch.ones(6, dtype=torch.float64)) == "torch"
+    _, info = conjugate_gradient(A, torch.ones(6, dtype=torch.float64))
+    assert info.backend == "torch"
+
+
+def test_explicit_cupy_on_cpu_tensors_is_a_one_line_error():
+    A = spd(6).to_sparse()
+    with pytest.raises(ShapeflowError, match=r'needs CUDA tensors.*shapeflow\[gpu\]') as exc:
+        conjugate_gradient(A, torch.ones(6, dtype=torch.float64), backend="cupy")
+    assert "\n" not in str(exc.value)
+
+
+class _FakeCuda:
+    """A stand-in for a CUDA tensor, enough for resolve_backend."""
+
+    def __init__(self):
+        self.device = torch.device("cuda")
+        self.requires_grad = False
+
+
+def test_explicit_cupy_without_cupy_names_the_gpu_extra(monkeypatch):
+    monkeypatch.setattr(cgmod, "is_available", lambda name: False)
+    with pytest.raises(ImportError, match=r'pip install "shapeflow\[gpu\]"') as exc:
+        cgmod.resolve_backend("cupy", spd(4).to_sparse(), _FakeCuda())
+    assert "\n" not in str(exc.value)
+
+
+def test_auto_picks_cupy_on_cuda_only_when_installed(monkeypatch):
+    A = spd(4).to_sparse()
+    monkeypatch.setattr(cgmod, "is_available", lambda name: name == "cupy")
+    assert cgmod.resolve_backend("auto", A, _FakeCuda()) == "cupy"
+    assert cgmod.resolve_backend("auto", lambda v: v, _FakeCuda()) == "torch"  # needs a matrix
+    monkeypatch.setattr(cgmod, "is_available", lambda name: False)
+    assert cgmod.resolve_backend("auto", A, _FakeCuda()) == "torch"
+
+
+def test_import_optional_error_names_the_extra(monkeypatch):
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(optional.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match=r'needs cupy.*pip install "shapeflow\[gpu\]"'):
+        optional.import_optional("cupy", 'backend="cupy"')
+    with pytest.raises(ImportError, match=r'pip install "shapeflow\[amg\]"'):
+        optional.import_optional("pyamg", "algebraic multigrid")
+
+
+def test_importing_solvers_does_not_import_cupy_or_pyamg():
+    import subprocess
+    import sys
+
+    code = "import sys, shapeflow.solvers; print('cupy' in sys.modules, 'pyamg' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.gpu
+def test_cupy_backend_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("cupy")
+    A = spd(200).cuda().to_sparse_csr()
+    b = torch.randn(200, 2, dtype=torch.float64, device="cuda")
+    x, info = conjugate_gradient(A, b, M="jacobi", tol=1e-10, backend="cupy")
+    assert info.backend == "cupy" and info.converged and x.device.type == "cuda"
+    torch.testing.assert_close(x, torch.linalg.solve(A.to_dense(), b), rtol=1e-7, atol=1e-7)
+    x_auto, info_auto = conjugate_gradient(A, b, tol=1e-10)
+    assert info_auto.backend == "cupy"

@@ -1,0 +1,260 @@
+"""Benchmark of the solver core on a Gauss-Newton system of a 3D displacement field.
+
+System (n = 3 s^3 unknowns, float32): `(H + lam L) u = b` with per-voxel 3x3 SPD data blocks
+`H_v = g_v g_v^T + eps I` (g a random smooth image gradient, as in J^T J of an SSD term) and L
+the 6-neighbourhood grid Laplacian per component (Neumann). All solvers run to the same
+relative residual with Jacobi preconditioning (pyamg: its own V-cycle):
+
+* shapeflow CG, matrix-free (stencil `grid_laplacian_apply` + the rank-one data term);
+* shapeflow CG on the assembled CSR matrix (torch sparse);
+* `scipy.sparse.linalg.cg` on the same CSR matrix (SciPy's own Jacobi via M);
+* pyamg smoothed aggregation + CG (setup time reported apart);
+* `linear_solve` (implicit mode): backward (one adjoint CG) against its forward.
+
+Also measures memory bandwidth (a large tensor copy) and compares the stencil matvec with the
+bandwidth bound `bytes / bandwidth`, bytes = read u, read g, write A u (9 floats per voxel).
+
+    python benchmarks/solver_core.py [--quick] [--sizes 64 128]
+
+Writes benchmarks/results/solver_core.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+import torch.nn.functional as F
+
+from shapeflow.regularizers import grid_laplacian_apply
+from shapeflow.solvers import conjugate_gradient, linear_solve
+
+RESULTS = Path(__file__).parent / "results"
+LAM, EPS, TOL = 1.0, 0.05, 1e-4
+
+
+def timed(fn, repeats=1):
+    """Median seconds over `repeats` and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def smooth_gradient(s: int, seed: int = 0) -> torch.Tensor:
+    """Random smooth image gradient g: (3, s, s, s), |g|^2 of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(1, 1, s, s, s, generator=g)
+    k = torch.exp(-0.5 * (torch.arange(-6, 7, dtype=torch.float32) / 2.0) ** 2)
+    k = k / k.sum()
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = -1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = 6
+        img = F.conv3d(F.pad(img, pad, mode="replicate"), k.reshape(shape))
+    grads = torch.stack(torch.gradient(img[0, 0]))
+    return (grads / grads.pow(2).sum(0).mean().sqrt()).contiguous()
+
+
+def make_matvec(g: torch.Tensor):
+    """Matrix-free `U -> (g g^T + eps I) U + lam L U` on (3, *S) fields."""
+
+    def apply(U: torch.Tensor) -> torch.Tensor:
+        out = grid_laplacian_apply(U, 1.0)
+        if LAM != 1.0:
+            out.mul_(LAM)
+        gu = (g * U).sum(0, keepdim=True)
+        out.addcmul_(g, gu).add_(U, alpha=EPS)
+        return out
+
+    return apply
+
+
+def assemble_scipy(g: torch.Tensor) -> sp.csr_matrix:
+    """The same system as a SciPy CSR matrix (rows follow U.reshape(-1), C order)."""
+    s = g.shape[1]
+
+    def lap1(m):
+        main = np.full(m, 2.0)
+        main[0] = main[-1] = 1.0
+        return sp.diags([-np.ones(m - 1), main, -np.ones(m - 1)], [-1, 0, 1])
+
+    eye = sp.identity(s)
+    L = sp.kron(sp.kron(lap1(s), eye), eye) + sp.kron(sp.kron(eye, lap1(s)), eye) + sp.kron(eye, sp.kron(eye, lap1(s)))
+    gf = g.reshape(3, -1).double().numpy()
+    blocks = [[sp.diags(gf[c] * gf[d] + (EPS if c == d else 0.0)) for d in range(3)] for c in range(3)]
+    A = sp.bmat(blocks) + LAM * sp.block_diag([L, L, L])
+    return sp.csr_matrix(A, dtype=np.float32)
+
+
+def torch_csr(A: sp.csr_matrix) -> torch.Tensor:
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(A.indptr.astype(np.int64)), torch.from_numpy(A.indices.astype(np.int64)),
+        torch.from_numpy(A.data), A.shape,
+    )
+
+
+def bandwidth(nbytes: int = 1 << 29) -> float:
+    """Bytes per second of a large float32 copy (read + write counted)."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t, _ = timed(lambda: dst.copy_(src), repeats=5)
+    return 2 * nbytes / t
+
+
+def rel_residual(A: sp.csr_matrix, x: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(b - A @ x) / np.linalg.norm(b))
+
+
+def run_size(s: int, bw: float, with_amg: bool, repeats: int) -> list[dict]:
+    rows = []
+    n = 3 * s**3
+    g = smooth_gradient(s)
+    matvec = make_matvec(g)
+    gen = torch.Generator().manual_seed(1)
+    b = torch.randn(3, s, s, s, generator=gen)
+    t_asm, A = timed(lambda: assemble_scipy(g))
+    diag = A.diagonal().astype(np.float32)
+    At = torch_csr(A)
+    b_np = b.reshape(-1).numpy()
+
+    def row(tool, seconds, iterations, x_np, **extra):
+        r = {"tool": tool, "case": f"GN 3D field {s}^3", "size": s, "unknowns": n, "seconds": seconds,
+             "iterations": iterations, "residual": rel_residual(A, x_np.astype(np.float64), b_np.astype(np.float64)),
+             **extra}
+        rows.append(r)
+        print(f"  {tool:<34} {seconds:8.3f} s  its {iterations!s:>5}  res {r['residual']:.2e}", flush=True)
+
+    # matvec timings and the bandwidth bound
+    U = torch.randn(3, s, s, s)
+    t_mv, _ = timed(lambda: matvec(U), repeats=5)
+    bound = 9 * 4 * s**3 / bw
+    t_spmv, _ = timed(lambda: At @ b.reshape(-1), repeats=5)
+    t_scipy_mv, _ = timed(lambda: A @ b_np, repeats=5)
+    print(f"  matvec: stencil {t_mv*1e3:.1f} ms (bound {bound*1e3:.1f} ms), torch CSR {t_spmv*1e3:.1f} ms, "
+          f"scipy CSR {t_scipy_mv*1e3:.1f} ms", flush=True)
+    mv = {"stencil_matvec_s": t_mv, "bandwidth_bound_s": bound, "stencil_vs_bound": t_mv / bound,
+          "torch_csr_matvec_s": t_spmv, "scipy_csr_matvec_s": t_scipy_mv}
+
+    Mvec = torch.from_numpy(diag)
+    op = lambda v: matvec(v.view(3, s, s, s)).view(-1)  # noqa: E731
+    with torch.no_grad():
+        t, (x, info) = timed(lambda: conjugate_gradient(op, b.reshape(-1), M=Mvec, tol=TOL), repeats)
+    row("shapeflow CG matrix-free (stencil)", t, int(info.iterations), x.reshape(-1).numpy(), **mv)
+    with torch.no_grad():
+        t, (x, info) = timed(lambda: conjugate_gradient(At, b.reshape(-1), M=torch.from_numpy(diag), tol=TOL), repeats)
+    row("shapeflow CG sparse CSR", t, int(info.iterations), x.numpy())
+
+    its = [0]
+
+    def count(_):
+        its[0] += 1
+
+    Mj = sp.diags(1.0 / diag)
+
+    def scipy_cg():
+        its[0] = 0
+        return spla.cg(A, b_np, rtol=TOL, atol=0.0, M=Mj, callback=count)[0]
+
+    t, x = timed(scipy_cg, repeats)
+    row("scipy.sparse.linalg.cg (Jacobi)", t, its[0], x)
+
+    if with_amg:
+        import pyamg
+
+        t_setup, ml = timed(lambda: pyamg.smoothed_aggregation_solver(A))
+        res: list[float] = []
+        t, x = timed(lambda: ml.solve(b_np, tol=TOL, accel="cg", residuals=res, maxiter=500))
+        row("pyamg SA + CG", t, len(res) - 1, x, setup_seconds=t_setup, total_seconds=t + t_setup)
+
+    # linear_solve: backward (one adjoint CG) against forward, matrix-free operator
+    d = torch.zeros(n, requires_grad=True)
+    bb = b.reshape(-1).clone().requires_grad_()
+    w = torch.randn(n, generator=gen)
+    t_fwd, x = timed(lambda: linear_solve(op, d, bb, M=Mvec, tol=TOL))
+    loss = (x * w).sum()
+    t_bwd, _ = timed(lambda: loss.backward())
+    ratio = t_bwd / t_fwd
+    rows.append({"tool": "linear_solve backward / forward", "case": f"GN 3D field {s}^3", "size": s,
+                 "unknowns": n, "seconds": t_bwd, "forward_seconds": t_fwd, "ratio": ratio})
+    print(f"  linear_solve forward {t_fwd:.3f} s, backward {t_bwd:.3f} s, ratio {ratio:.2f}", flush=True)
+
+    base = next(r for r in rows if r["tool"].startswith("shapeflow CG matrix-free"))["seconds"]
+    for r in rows:
+        if "iterations" in r:
+            r["ratio_to_shapeflow"] = r["seconds"] / base
+    print(f"  (assembly of the CSR matrix for the sparse rows: {t_asm:.1f} s, not timed in the rows)")
+    return rows
+
+
+def write(rows: list[dict], machine: dict, quick: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "solver_core.json").write_text(json.dumps({"machine": machine, "quick": quick, "rows": rows}, indent=2))
+    lines = [
+        "# Solver core benchmark",
+        "",
+        f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, SciPy {machine['scipy']}, "
+        f"{machine['torch_threads']} torch thread(s), load average {machine['load_average'][0]:.2f} at start, "
+        f"memory bandwidth (copy) {machine['bandwidth_GBps']:.1f} GB/s. float32, relative residual {TOL:g}, "
+        f"lam {LAM}, eps {EPS}. {'Quick run.' if quick else ''}",
+        "",
+        "| case | tool | seconds | iterations | residual | ratio to shapeflow stencil |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "iterations" in r:
+            secs = f"{r['seconds']:.3f}" + (f" (+{r['setup_seconds']:.2f} setup)" if "setup_seconds" in r else "")
+            lines.append(f"| {r['case']} | {r['tool']} | {secs} | {r['iterations']} | {r['residual']:.1e} | "
+                         f"{r['ratio_to_shapeflow']:.2f} |")
+    lines += ["", "| case | stencil matvec (ms) | bandwidth bound (ms) | ratio | torch CSR matvec (ms) | SciPy CSR matvec (ms) |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "stencil_matvec_s" in r:
+            lines.append(f"| {r['case']} | {r['stencil_matvec_s']*1e3:.1f} | {r['bandwidth_bound_s']*1e3:.1f} | "
+                         f"{r['stencil_vs_bound']:.1f} | {r['torch_csr_matvec_s']*1e3:.1f} | {r['scipy_csr_matvec_s']*1e3:.1f} |")
+    lines += ["", "| case | linear_solve forward (s) | backward (s) | backward / forward |", "|---|---|---|---|"]
+    for r in rows:
+        if r["tool"].startswith("linear_solve"):
+            lines.append(f"| {r['case']} | {r['forward_seconds']:.3f} | {r['seconds']:.3f} | {r['ratio']:.2f} |")
+    (RESULTS / "solver_core.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32^3 only")
+    parser.add_argument("--sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--no-amg", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); use 1 on a shared, busy machine")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or ([32] if args.quick else [64, 128])
+    bw = bandwidth()
+    machine = {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "scipy": scipy.__version__, "numpy": np.__version__, "python": platform.python_version(),
+               "processor": platform.processor() or platform.machine(), "bandwidth_GBps": bw / 1e9}
+    print(f"bandwidth {bw/1e9:.1f} GB/s, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    rows = []
+    for s in sizes:
+        print(f"size {s}^3", flush=True)
+        rows += run_size(s, bw, with_amg=not args.no_amg, repeats=3 if s <= 64 else 1)
+        write(rows, machine, args.quick)
+
+
+if __name__ == "__main__":
+    main()

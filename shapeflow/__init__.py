@@ -1,1 +1,17 @@
-"""shapeflow: register shapes and images with one set of deformations and one solver core."""
+"""shapeflow: register shapes and images with one set of deformations and one solver core.
+
+    import shapeflow as sf
+    result = sf.register("source.ply", "target.ply", model="resnet", loss="sinkhorn")
+    result.save("out/")
+"""
+from . import viz
+from .deform import Affine, Compose, Deformation, ResNetFlow, Rigid, Similarity, load_deformation
+from .errors import InverseError, ShapeflowError
+from .io import read, write
+from .register import Result, register
+from .shapes import Landmarks, Mesh, PointCloud
+
+__all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Landmarks",
+           "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "Compose",
+           "ShapeflowError", "InverseError", "viz"]
+__version__ = "0.1.0"

@@ -7,13 +7,13 @@ renamed into place) and refuses to overwrite the file the shape was read from.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ._files import atomic_write
 from .errors import ShapeflowError
 from .shapes import Landmarks, Mesh, PointCloud
 
@@ -164,15 +164,3 @@ def write(shape: PointCloud, path: str | os.PathLike) -> Path:
     faces = shape.faces.cpu().numpy() if isinstance(shape, Mesh) else None
     atomic_write(path, lambda tmp: WRITERS[suffix](points, faces, tmp))
     return path
-
-
-def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
-    """Call `writer(tmp)` on a temporary file beside `path`, then rename it onto `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

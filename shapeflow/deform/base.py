@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import atomic_write
 from ..errors import ShapeflowError
 
 __all__ = ["Deformation", "load_deformation", "register_deformation", "DEFORMATIONS"]
@@ -92,14 +92,7 @@ class Deformation(nn.Module, abc.ABC):
         path = Path(path)
         payload = {"format": _FORMAT, "model": json.dumps(self.describe()),
                    "state": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return path
 
     # --- helpers -----------------------------------------------------------------------

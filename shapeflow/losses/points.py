@@ -41,7 +41,7 @@ def chamfer_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02,
-                  reach: float | None = None, scaling: float = 0.7, backend: str = "auto") -> torch.Tensor:
+                  reach: float | None = None, scaling: float = 0.5, backend: str = "auto") -> torch.Tensor:
     """Debiased Sinkhorn divergence between the uniform measures on `source` and `target`
     (geomloss, cost `|x - y|^2 / 2`). `blur` is the length scale of the entropic blur,
     `reach` (optional) makes it unbalanced, tolerating outliers and missing parts."""
@@ -50,7 +50,11 @@ def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02
 
 
 def _samples_loss(blur: float, reach: float | None, scaling: float, backend: str):
-    from geomloss import SamplesLoss
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pykeops prints a CUDA notice on import
+        from geomloss import SamplesLoss
 
     return SamplesLoss("sinkhorn", p=2, blur=blur, reach=reach, scaling=scaling, debias=True, backend=backend)
 
@@ -84,7 +88,7 @@ class SinkhornLoss(nn.Module):
 
     correspondence = False
 
-    def __init__(self, *, blur: float = 0.02, reach: float | None = None, scaling: float = 0.7,
+    def __init__(self, *, blur: float = 0.02, reach: float | None = None, scaling: float = 0.5,
                  backend: str = "auto"):
         super().__init__()
         self.blur, self.reach, self.scaling, self.backend = blur, reach, scaling, backend

@@ -1,0 +1,31 @@
+"""Atomic file writes: a temporary file beside the target, renamed into place."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["atomic_write", "default_mode"]
+
+
+def default_mode(kind: int = 0o666) -> int:
+    """`kind` masked by the process umask (mkstemp/mkdtemp create 0600/0700 entries)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return kind & ~mask
+
+
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp)` on a temporary file beside `path`, then rename it onto `path`.
+    A failure leaves `path` as it was and no temporary file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

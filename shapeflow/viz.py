@@ -1,0 +1,159 @@
+"""Pictures of registrations: the source flowing into the target as an animated GIF (or MP4),
+and convergence plots. PyVista renders 3D offscreen; matplotlib draws 2D."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ShapeflowError
+from ._files import atomic_write
+from .shapes import Mesh, PointCloud
+
+__all__ = ["animate", "plot_history", "render_frames"]
+
+
+def _pyvista():
+    if not os.environ.get("DISPLAY"):  # headless: render through EGL (must be set before VTK loads)
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    try:
+        import pyvista
+    except ImportError:  # pragma: no cover - pyvista is a core dependency
+        raise ImportError('3D renderings need PyVista: pip install "shapeflow[viz]"') from None
+    return pyvista
+
+
+def render_frames(result: Any, frames: int = 24, size: tuple[int, int] = (480, 400)) -> list[np.ndarray]:
+    """RGB images `(H, W, 3)` of the source at `frames` times from t = 0 to 1, target as a ghost."""
+    if frames < 2:
+        raise ShapeflowError(f"animate(): frames must be at least 2, got {frames}")
+    source, target = result.source, result.target
+    if not isinstance(source, PointCloud) or not isinstance(target, PointCloud):
+        raise ShapeflowError("animate(): the result does not hold its source and target shapes")
+    points = source.points.to(_device(result.deformation), _dtype(result.deformation))
+    with torch.no_grad():
+        path = result.deformation.trajectory(points, frames - 1).cpu().double().numpy()   # (T, N, d)
+    if source.dim == 2:
+        return _frames_2d(path, target.points.double().numpy(), size)
+    return _frames_3d(path, source, target, size)
+
+
+def animate(result: Any, path: str | os.PathLike, frames: int = 24, fps: int = 12) -> Path:
+    """Write the flow of `result` (from `register`) as an animated GIF (or .mp4) at `path`."""
+    path = Path(path)
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise ShapeflowError(f"{path}: animations are written as .gif or .mp4")
+    images = render_frames(result, frames)
+    images = images + [images[-1]] * (fps // 2)    # hold the last frame for half a second
+    import imageio.v2 as imageio
+
+    def write(tmp: Path) -> None:
+        if path.suffix.lower() == ".gif":
+            imageio.mimsave(tmp, images, format="GIF", duration=1000 / fps, loop=0)
+        else:
+            imageio.mimsave(tmp, images, fps=fps)
+
+    atomic_write(path, write)
+    return path
+
+
+def _device(module) -> torch.device:
+    return next(iter(list(module.parameters()) + list(module.buffers())), torch.zeros(())).device
+
+
+def _dtype(module) -> torch.dtype:
+    floats = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    return floats[0].dtype if floats else torch.float32
+
+
+def _frames_3d(path: np.ndarray, source: PointCloud, target: PointCloud, size) -> list[np.ndarray]:
+    pv = _pyvista()
+
+    def poly(points, shape):
+        if isinstance(shape, Mesh):
+            faces = shape.faces.cpu().numpy()
+            return pv.PolyData(points, np.c_[np.full(len(faces), 3), faces].ravel())
+        return pv.PolyData(points)
+
+    plotter = pv.Plotter(off_screen=True, window_size=list(size))
+    plotter.set_background("white")
+    ghost = poly(target.points.double().numpy(), target)
+    moving = poly(path[0].copy(), source)
+    style = {} if isinstance(source, Mesh) else {"render_points_as_spheres": True, "point_size": 6}
+    plotter.add_mesh(ghost, color="#9aa5b1", opacity=0.3, **({} if isinstance(target, Mesh) else
+                                                              {"render_points_as_spheres": True, "point_size": 5}))
+    plotter.add_mesh(moving, color="#e4572e", smooth_shading=isinstance(source, Mesh), **style)
+    everything = np.concatenate([path.reshape(-1, 3), ghost.points])
+    # an oblique view from the side of the axis of largest extent, the same for every frame
+    plotter.view_vector(_view_direction(everything), viewup=(0, 1, 0) if abs(_view_direction(everything)[1]) < 0.9 else (0, 0, 1))
+    plotter.reset_camera(bounds=np.ravel(np.c_[everything.min(0), everything.max(0)]))
+    plotter.camera.zoom(1.3)
+    label = plotter.add_text("t = 0.00", font_size=10, color="black")
+    images = []
+    for k, frame in enumerate(path):
+        moving.points = frame
+        label.set_text("upper_left", f"t = {k / (len(path) - 1):.2f}")
+        plotter.render()
+        images.append(plotter.screenshot(return_img=True))
+    plotter.close()
+    return images
+
+
+def _view_direction(points: np.ndarray) -> np.ndarray:
+    """A viewing direction mostly across the longest axis of `points: (N, 3)`, slightly above."""
+    extent = points.max(0) - points.min(0)
+    longest = int(np.argmax(extent))
+    across = [a for a in range(3) if a != longest]
+    direction = np.zeros(3)
+    direction[across[0]], direction[across[1]], direction[longest] = 1.0, 0.5, 0.35
+    return direction / np.linalg.norm(direction)
+
+
+def _frames_2d(path: np.ndarray, target: np.ndarray, size) -> list[np.ndarray]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    everything = np.concatenate([path.reshape(-1, 2), target])
+    lo, hi = everything.min(0), everything.max(0)
+    pad = 0.05 * (hi - lo).max()
+    images = []
+    for k, frame in enumerate(path):
+        fig = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.scatter(target[:, 0], target[:, 1], s=6, c="#9aa5b1", alpha=0.5, label="target")
+        ax.scatter(frame[:, 0], frame[:, 1], s=6, c="#e4572e", label="source")
+        ax.set_xlim(lo[0] - pad, hi[0] + pad)
+        ax.set_ylim(lo[1] - pad, hi[1] + pad)
+        ax.set_aspect("equal")
+        ax.set_title(f"t = {k / (len(path) - 1):.2f}")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=7, frameon=False)
+        canvas.draw()
+        images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return images
+
+
+def plot_history(result: Any, path: str | os.PathLike) -> Path:
+    """Write a PNG of the loss terms per iteration (log scale), one line per term."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    keys = [k for k in result.history[0] if k not in ("stage", "phase", "iteration")] if result.history else []
+    for key in keys:
+        ax.semilogy([row[key] for row in result.history], label=key)
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path

@@ -76,8 +76,9 @@ def make_matvec(g: torch.Tensor):
         out = grid_laplacian_apply(U, 1.0)
         if LAM != 1.0:
             out.mul_(LAM)
-        gu = (g * U).sum(0, keepdim=True)
-        out.addcmul_(g, gu).add_(U, alpha=EPS)
+        gu = g[0] * U[0]  # g . u per voxel
+        gu.addcmul_(g[1], U[1]).addcmul_(g[2], U[2])
+        out.addcmul_(g, gu.unsqueeze(0)).add_(U, alpha=EPS)
         return out
 
     return apply

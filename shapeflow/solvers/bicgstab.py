@@ -51,7 +51,7 @@ def bicgstab(
         return torch.linalg.vector_norm(U, dim=0, keepdim=True)
 
     def dot(U: Tensor, V: Tensor) -> Tensor:
-        return (U * V).sum(0, keepdim=True)
+        return torch.einsum("nk,nk->k", U, V).unsqueeze(0)
 
     R = B - matvec(X)
     Rhat = R.detach().clone()

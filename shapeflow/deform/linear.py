@@ -25,11 +25,16 @@ def _check_dim(dim: int, who: str) -> int:
 
 
 def _skew(params: torch.Tensor, dim: int) -> torch.Tensor:
-    """Skew-symmetric (d, d) matrix from d(d-1)/2 parameters."""
+    """Skew-symmetric (d, d) matrix with `-params` above the diagonal (so in 2D a positive
+    parameter turns counter-clockwise)."""
     out = params.new_zeros(dim, dim)
     rows, cols = torch.triu_indices(dim, dim, offset=1)
-    out = out.index_put((rows, cols), params).index_put((cols, rows), -params)
-    return out
+    return out.index_put((rows, cols), -params).index_put((cols, rows), params)
+
+
+def _rotation(params: torch.Tensor, dim: int) -> torch.Tensor:
+    """`exp(skew(params))`, a (d, d) rotation, evaluated in float64 for accuracy."""
+    return torch.linalg.matrix_exp(_skew(params.double(), dim)).to(params.dtype)
 
 
 @register_deformation
@@ -53,7 +58,7 @@ class Rigid(Deformation):
     @property
     def rotation(self) -> torch.Tensor:
         """The rotation matrix `(d, d)`."""
-        return torch.linalg.matrix_exp(_skew(self.rotation_params, self.dim))
+        return _rotation(self.rotation_params, self.dim)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -73,7 +78,7 @@ class Rigid(Deformation):
         x = _as_tensor(points, self)
         frames = []
         for t in torch.linspace(0, 1, steps + 1).tolist():
-            rot = torch.linalg.matrix_exp(_skew(t * self.rotation_params, self.dim))
+            rot = _rotation(t * self.rotation_params, self.dim)
             frames.append(x @ (torch.exp(t * self._log_scale()) * rot).T + t * self.translation)
         return torch.stack(frames)
 

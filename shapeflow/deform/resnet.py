@@ -52,6 +52,12 @@ class ResNetFlow(Deformation):
         # points the kinetic energy is measured on when energy() gets none (set by register)
         self.register_buffer("reference_points", torch.zeros(0, dim))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "reference_points"
+        if key in state_dict:  # its size depends on the shape the flow was fitted on
+            self.reference_points = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "blocks": self.blocks, "width": self.width,
                 "activation": self.activation, "frequency": self.frequency}

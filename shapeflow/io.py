@@ -7,6 +7,7 @@ renamed into place) and refuses to overwrite the file the shape was read from.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -59,10 +60,12 @@ def _read_vtk(path: Path):
 
 def _read_table(path: Path):
     delimiter = "," if suffix_of(path) == ".csv" else None
-    try:
-        return np.loadtxt(path, delimiter=delimiter, ndmin=2), None
-    except ValueError:  # a header line
-        return np.loadtxt(path, delimiter=delimiter, ndmin=2, skiprows=1), None
+    with warnings.catch_warnings():  # an empty table is reported by the caller, not as a warning
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return np.loadtxt(path, delimiter=delimiter, ndmin=2), None
+        except ValueError:  # a header line
+            return np.loadtxt(path, delimiter=delimiter, ndmin=2, skiprows=1), None
 
 
 def _read_npy(path: Path):

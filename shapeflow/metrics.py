@@ -64,9 +64,10 @@ def min_jacobian_determinant(phi, points: torch.Tensor, per_axis: int = 12) -> f
 def flipped_triangles_percent(phi, vertices: torch.Tensor, faces: torch.Tensor) -> float:
     """Percentage of triangles whose orientation the map reverses.
 
-    A smooth orientation-preserving map sends a small triangle's normal `n` to a multiple of
-    `cof(J) n = det(J) J^{-T} n` (J at the centroid). A warped triangle whose normal points
-    against that direction has flipped.
+    An orientation-preserving map sends a small triangle's normal `n` to a positive multiple of
+    `J^{-T} n` (J at the triangle's centroid). A warped triangle whose normal points against that
+    direction has flipped: where the map folds (det J < 0), or where it bends a triangle so much
+    between its vertices that the triangle turns over. A mirror flips every triangle.
     """
     def normals(v):
         tri = v[faces]                                                   # (F, 3, 3)
@@ -78,6 +79,5 @@ def flipped_triangles_percent(phi, vertices: torch.Tensor, faces: torch.Tensor) 
         y = phi(centroids)
         jac = torch.stack([torch.autograd.grad(y[:, i].sum(), centroids, retain_graph=i < 2)[0]
                            for i in range(3)], dim=1)                  # (F, 3, 3)
-    cofactor = torch.linalg.det(jac)[:, None, None] * torch.linalg.inv(jac).transpose(1, 2)
-    expected = (cofactor @ normals(vertices.detach())[..., None])[..., 0]
+    expected = (torch.linalg.inv(jac).transpose(1, 2) @ normals(vertices.detach())[..., None])[..., 0]
     return float(((normals(warped) * expected).sum(1) < 0).double().mean() * 100)

@@ -47,14 +47,14 @@ def animate(result: Any, path: str | os.PathLike, frames: int = 24, fps: int = 1
     if path.suffix.lower() not in (".gif", ".mp4"):
         raise ShapeflowError(f"{path}: animations are written as .gif or .mp4")
     images = render_frames(result, frames)
-    images = images + [images[-1]] * (fps // 2)    # hold the last frame for half a second
     import imageio.v2 as imageio
 
     def write(tmp: Path) -> None:
-        if path.suffix.lower() == ".gif":
-            imageio.mimsave(tmp, images, format="GIF", duration=1000 / fps, loop=0)
+        if path.suffix.lower() == ".gif":  # hold the last frame for an extra second
+            durations = [1000 / fps] * (len(images) - 1) + [1000 / fps + 1000]
+            imageio.mimsave(tmp, images, format="GIF", duration=durations, loop=0)
         else:
-            imageio.mimsave(tmp, images, fps=fps)
+            imageio.mimsave(tmp, images + [images[-1]] * fps, fps=fps)
 
     atomic_write(path, write)
     return path

@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import shapeflow as sf
+from shapeflow_cli.main import app
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def shapeflow(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "shapeflow_cli.main", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "120"})
+
+
+def test_register_and_warp_through_subprocesses(tmp_path):
+    out = tmp_path / "out"
+    run = shapeflow("register", ASSETS / "horse_contour.csv", ASSETS / "horse_contour_deformed.csv",
+                    "-o", out, "--loss", "chamfer", "--iterations", "30", "--gif", "flow.gif", "--frames", "5")
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["deformation.pt", "flow.gif", "report.json", "warped.csv"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["loss"] == "chamfer" and report["metrics"]["chamfer"] < report["metrics"]["chamfer_before"]
+    assert "chamfer" in run.stdout and "wrote" in run.stdout
+
+    warped = tmp_path / "again.csv"
+    run = shapeflow("warp", out / "deformation.pt", ASSETS / "horse_contour.csv", "-o", warped)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_allclose(np.loadtxt(warped, delimiter=","), np.loadtxt(out / "warped.csv", delimiter=","), atol=1e-3)
+
+
+def test_help_is_complete():
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "register" in top.output and "warp" in top.output
+    for command, options in [("register", ["--output", "--model", "--loss", "--iterations", "--gif", "--seed",
+                                           "--device", "--overwrite"]),
+                             ("warp", ["--output", "--inverse"])]:
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        for option in options:
+            assert option in text, (command, option)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+BAD_CASES = {
+    "missing file": lambda d: ([d / "nope.ply", ASSETS / "ant.ply"], "nope.ply: no such file"),
+    "unknown extension": lambda d: ([_write(d / "a.foo", "1 2 3"), ASSETS / "ant.ply"], "unknown extension '.foo'"),
+    "unreadable file": lambda d: ([_write(d / "bad.ply", "garbage"), ASSETS / "ant.ply"], "bad.ply: unreadable .ply file"),
+    "empty cloud": lambda d: ([_write(d / "empty.csv", "x,y,z\n"), ASSETS / "ant.ply"], "empty.csv: "),
+    "one point": lambda d: ([_write(d / "one.csv", "1,2,3\n"), ASSETS / "ant.ply"], "one.csv: points has 1 point(s)"),
+    "nan": lambda d: ([_write(d / "nan.csv", "1,2,3\n4,nan,6\n7,8,9\n"), ASSETS / "ant.ply"], "nan.csv: points has 1 point(s) with NaN"),
+    "inf": lambda d: ([_write(d / "inf.xyz", "1 2 3\n4 inf 6\n7 8 9\n"), ASSETS / "ant.ply"], "inf.xyz: points has 1 point(s) with NaN or infinite"),
+    "2D vs 3D": lambda d: ([ASSETS / "horse_contour.csv", ASSETS / "ant.ply"], "source has 2 columns but target has 3"),
+    "faces past vertices": lambda d: ([_write(d / "f.ply", "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\n"
+                                               "property float y\nproperty float z\nelement face 1\nproperty list uchar int "
+                                               "vertex_indices\nend_header\n0 0 0\n1 0 0\n0 1 0\n3 0 1 9\n"), ASSETS / "ant.ply"],
+                                      "f.ply: faces index vertex 9 but the mesh has only 3 vertices"),
+    "unknown model": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--model", "bspline"], "unknown model 'bspline'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, case):
+    args, message = BAD_CASES[case](tmp_path)
+    out = tmp_path / "out"
+    before = sorted(tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["register", *map(str, args), "-o", str(out), "-q"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shapeflow: error: ") and message in lines[0], result.stderr
+    assert sorted(tmp_path.iterdir()) == before                  # no output folder, no temporary files
+
+
+def test_existing_output_folder_needs_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"), "-o", str(out),
+            "-q", "--loss", "chamfer", "--iterations", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "output folder exists" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(app, args + ["--overwrite"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["deformation.pt", "report.json", "warped.csv"]
+
+
+def test_warp_refuses_a_wrong_dimension_and_existing_output(tmp_path):
+    deformation = sf.Rigid(3).save(tmp_path / "rigid.pt")
+    result = CliRunner().invoke(app, ["warp", str(deformation), str(ASSETS / "horse_contour.csv"), "-o", str(tmp_path / "x.csv")])
+    assert result.exit_code == 2 and "shape is 2D but the deformation is 3D" in result.stderr
+    result = CliRunner().invoke(app, ["warp", str(deformation), str(ASSETS / "ant.ply"), "-o", str(ASSETS / "ant.ply")])
+    assert result.exit_code == 2 and "exists" in result.stderr

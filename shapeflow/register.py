@@ -285,7 +285,8 @@ def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, loss_cls, 
             return data, {"data": float(data.detach())}
 
         last = number == len(stages) - 1
-        report = fit(model.parameters(), objective, iterations=stage.iterations, lr=lr,
+        # a fresh Adam moves every parameter by about lr at once: refine with smaller steps
+        report = fit(model.parameters(), objective, iterations=stage.iterations, lr=lr if number == 0 else lr / 4,
                      lbfgs_iterations=lbfgs if last else 0, tol=opts.tol, patience=opts.patience,
                      progress=opts.progress, stage=prefix + stage.name)
         history.extend(report.history)

@@ -20,7 +20,8 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     """Call `writer(tmp)` on a temporary file beside `path`, then rename it onto `path`.
     A failure leaves `path` as it was and no temporary file behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix   # writers look at it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:-len(suffix) or None]}.", suffix=suffix)
     os.close(fd)
     try:
         writer(Path(tmp))

@@ -16,18 +16,25 @@ import torch
 
 from ._files import atomic_write
 from .errors import ShapeflowError
-from .shapes import Landmarks, Mesh, PointCloud
+from .image_io import IMAGE_READERS, IMAGE_WRITERS, read_image, write_image
+from .shapes import Image, Landmarks, Mesh, PointCloud
 
 __all__ = ["read", "write", "READERS", "WRITERS", "suffix_of"]
 
 _TRIMESH = (".ply", ".obj", ".stl", ".off")
+_NIFTI = (".nii", ".nii.gz")
+_PICTURE = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_ITK = (".mha", ".mhd", ".nrrd")
+#: extensions that always hold images (a .npy holds points unless read with kind="image")
+IMAGE_SUFFIXES = _NIFTI + _PICTURE + _ITK
 _VTK = (".vtk", ".vtp")
 _TABLE = (".xyz", ".txt", ".csv")
 
 
 def suffix_of(path: str | os.PathLike) -> str:
-    """The lower-case extension of `path`."""
-    return Path(path).suffix.lower()
+    """The lower-case extension of `path` (".nii.gz" counts as one)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 # --- readers: path -> (points (N, d) array, faces (F, 3) array or None) -------------------------
@@ -76,22 +83,33 @@ READERS: dict[str, Callable] = {**{s: _read_trimesh for s in _TRIMESH}, **{s: _r
                                 **{s: _read_table for s in _TABLE}, ".npy": _read_npy}
 
 
-def read(path: str | os.PathLike, kind: str | None = None) -> PointCloud:
-    """Read a shape file. `kind` is None (mesh if the file has faces), "points", "mesh" or
-    "landmarks". Supported: .ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy."""
+def read(path: str | os.PathLike, kind: str | None = None) -> PointCloud | Image:
+    """Read a shape or an image file.
+
+    `kind` is None (from the extension: an `Image` for image files, else a `Mesh` if the file has
+    faces, else a `PointCloud`), "points", "mesh", "landmarks" or "image" (e.g. for a .npy volume).
+    Shapes: .ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy.
+    Images: .nii .nii.gz .png .jpg .jpeg .tif .tiff .mha .mhd .nrrd (and .npy with kind="image").
+    """
     path = Path(path)
     suffix = suffix_of(path)
-    if suffix not in READERS:
-        raise ShapeflowError(f"{path}: unknown extension {suffix!r}; supported: {' '.join(sorted(READERS))}")
-    if kind not in (None, "points", "mesh", "landmarks"):
-        raise ShapeflowError(f"read(): kind must be None, 'points', 'mesh' or 'landmarks', got {kind!r}")
+    if suffix not in READERS and suffix not in IMAGE_READERS:
+        known = sorted(set(READERS) | set(IMAGE_READERS))
+        raise ShapeflowError(f"{path}: unknown extension {suffix!r}; supported: {' '.join(known)}")
+    if kind not in (None, "points", "mesh", "landmarks", "image"):
+        raise ShapeflowError(f"read(): kind must be None, 'points', 'mesh', 'landmarks' or 'image', got {kind!r}")
+    is_image = kind == "image" or (kind is None and suffix in IMAGE_SUFFIXES)
+    if (kind == "image" and suffix not in IMAGE_READERS) or (suffix in IMAGE_SUFFIXES and not is_image):
+        raise ShapeflowError(f"{path}: a {suffix} file cannot be read as {kind}")
     if not path.is_file():
         raise ShapeflowError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ShapeflowError(f"{path}: the file is empty")
     try:
+        if is_image:
+            return read_image(path, suffix)
         points, faces = READERS[suffix](path)
-    except ShapeflowError:
+    except (ShapeflowError, ImportError):
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -150,19 +168,25 @@ WRITERS: dict[str, Callable] = {**{s: _write_trimesh for s in _TRIMESH}, **{s: _
                                 **{s: _write_table for s in _TABLE}, ".npy": _write_npy}
 
 
-def write(shape: PointCloud, path: str | os.PathLike) -> Path:
-    """Write `shape` to `path`, format from the extension, atomically. Meshes keep their faces
-    where the format holds them; tables and .npy hold the points only."""
+def write(shape: PointCloud | Image, path: str | os.PathLike) -> Path:
+    """Write a shape or an image to `path`, format from the extension, atomically. Meshes keep
+    their faces where the format holds them; tables and .npy hold the points only. Images keep
+    their spacing, origin and direction where the format holds them."""
     path = Path(path)
     suffix = suffix_of(path)
-    if suffix not in WRITERS:
-        raise ShapeflowError(f"{path}: unknown extension {suffix!r}; supported: {' '.join(sorted(WRITERS))}")
-    if not isinstance(shape, PointCloud):
-        raise ShapeflowError(f"write(): expected a PointCloud, Mesh or Landmarks, got {type(shape).__name__}")
+    writers = IMAGE_WRITERS if isinstance(shape, Image) else WRITERS
+    if suffix not in writers:
+        raise ShapeflowError(f"{path}: cannot write a{'n image' if writers is IMAGE_WRITERS else ' shape'} as "
+                             f"{suffix!r}; supported: {' '.join(sorted(writers))}")
+    if not isinstance(shape, (PointCloud, Image)):
+        raise ShapeflowError(f"write(): expected a PointCloud, Mesh, Landmarks or Image, got {type(shape).__name__}")
     if shape.source and path.exists() and os.path.samefile(path, shape.source):
         raise ShapeflowError(f"{path}: refusing to overwrite the file this shape was read from")
     if not path.parent.is_dir():
         raise ShapeflowError(f"{path}: the folder {path.parent} does not exist")
+    if isinstance(shape, Image):
+        atomic_write(path, lambda tmp: write_image(shape, tmp, suffix))
+        return path
     points = shape.points.detach().cpu().double().numpy()
     faces = shape.faces.cpu().numpy() if isinstance(shape, Mesh) else None
     atomic_write(path, lambda tmp: WRITERS[suffix](points, faces, tmp))

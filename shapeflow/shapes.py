@@ -13,7 +13,7 @@ import torch
 
 from .errors import ShapeflowError
 
-__all__ = ["PointCloud", "Mesh", "Landmarks", "Shape", "as_points"]
+__all__ = ["PointCloud", "Mesh", "Landmarks", "Image", "Shape", "as_points"]
 
 
 def _where(source: str | None) -> str:
@@ -118,3 +118,87 @@ def as_points(obj: Any, name: str) -> torch.Tensor:
     if isinstance(obj, PointCloud):
         return obj.points
     return check_points(obj, name)
+
+
+@dataclass
+class Image:
+    """A 2D or 3D image on a regular grid placed in world space (millimetres).
+
+    data: (C, *S) with S = (H, W) or (D, H, W) in the file's array order; spacing: (d,) voxel size
+    per axis of S; origin: (d,) world position of voxel 0; direction: (d, d) whose column k is the
+    world direction of axis k. A voxel index `i` sits at `origin + direction @ (spacing * i)`.
+    labels: optional integer label map `S` (0 = background) that travels with the image.
+    """
+
+    data: torch.Tensor
+    spacing: Any = None
+    origin: Any = None
+    direction: Any = None
+    labels: torch.Tensor | None = None
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        where = _where(self.source)
+        data = torch.as_tensor(np.asarray(self.data)) if not isinstance(self.data, torch.Tensor) else self.data
+        if data.ndim not in (3, 4):
+            raise ShapeflowError(f"{where}image data must be (C, H, W) or (C, D, H, W), got shape {tuple(data.shape)}")
+        if data.numel() == 0:
+            raise ShapeflowError(f"{where}image is empty (shape {tuple(data.shape)})")
+        if not data.is_floating_point():
+            data = data.to(torch.get_default_dtype())
+        if not torch.isfinite(data).all():
+            raise ShapeflowError(f"{where}image has {int((~torch.isfinite(data)).sum())} NaN or infinite voxel(s)")
+        self.data = data
+        d = data.ndim - 1
+        self.spacing = self._vector(self.spacing, 1.0, "spacing", d)
+        if (self.spacing <= 0).any():
+            raise ShapeflowError(f"{where}spacing must be positive, got {self.spacing.tolist()}")
+        self.origin = self._vector(self.origin, 0.0, "origin", d)
+        direction = torch.eye(d, dtype=torch.float64) if self.direction is None else \
+            torch.as_tensor(np.asarray(self.direction, dtype=np.float64))
+        if direction.shape != (d, d):
+            raise ShapeflowError(f"{where}direction must be a {d}x{d} matrix, got shape {tuple(direction.shape)}")
+        if not torch.isfinite(direction).all() or abs(float(torch.linalg.det(direction))) < 1e-6:
+            raise ShapeflowError(f"{where}direction matrix is not invertible")
+        self.direction = direction
+        if self.labels is not None:
+            labels = torch.as_tensor(np.asarray(self.labels)) if not isinstance(self.labels, torch.Tensor) else self.labels
+            if tuple(labels.shape) != self.shape:
+                raise ShapeflowError(f"{where}labels have shape {tuple(labels.shape)} but the image grid is {self.shape}")
+            self.labels = labels.long()
+
+    def _vector(self, value, default: float, name: str, d: int) -> torch.Tensor:
+        if value is None:
+            return torch.full((d,), default, dtype=torch.float64)
+        out = torch.as_tensor(np.asarray(value, dtype=np.float64)).reshape(-1)
+        if out.numel() == 1:
+            out = out.expand(d).clone()
+        if out.numel() != d or not torch.isfinite(out).all():
+            raise ShapeflowError(f"{_where(self.source)}{name} must hold {d} finite numbers, got {out.tolist()}")
+        return out
+
+    @property
+    def dim(self) -> int:
+        return self.data.ndim - 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The grid size S."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def index_to_world(self) -> torch.Tensor:
+        """The (d+1, d+1) homogeneous matrix mapping voxel indices to world coordinates."""
+        d = self.dim
+        out = torch.eye(d + 1, dtype=torch.float64)
+        out[:d, :d] = self.direction * self.spacing
+        out[:d, d] = self.origin
+        return out
+
+    def with_data(self, data: torch.Tensor, labels: torch.Tensor | None = None) -> "Image":
+        """The same grid holding new `data: (C, *S)` (and `labels`)."""
+        return replace(self, data=data, labels=labels, source=None)
+
+    def to(self, device=None, dtype=None) -> "Image":
+        labels = None if self.labels is None else self.labels.to(device)
+        return replace(self, data=self.data.to(device=device, dtype=dtype), labels=labels)

@@ -200,3 +200,100 @@ def test_cupy_backend_on_cuda():
     torch.testing.assert_close(x, torch.linalg.solve(A.to_dense(), b), rtol=1e-7, atol=1e-7)
     x_auto, info_auto = conjugate_gradient(A, b, tol=1e-10)
     assert info_auto.backend == "cupy"
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+def assembled_normal_matrix(jac, lam, spacing, damping):
+    """Dense `J^T J + damping I + lam kron(I_C, L)` from the sparse grid Laplacian (reference)."""
+    from shapeflow.regularizers import grid_laplacian
+
+    K, C = jac.shape[:2]
+    S = jac.shape[2:]
+    N = jac[0, 0].numel()
+    Jf = jac.reshape(K, C, N)
+    A = lam * grid_laplacian(S, spacing, components=C, dtype=jac.dtype).to_dense()
+    for c in range(C):
+        for d in range(C):
+            A[c * N:(c + 1) * N, d * N:(d + 1) * N] += torch.diag((Jf[:, c] * Jf[:, d]).sum(0))
+    return A + damping * torch.eye(C * N, dtype=jac.dtype)
+
+
+@pytest.mark.parametrize("slab", [1, 50, 1 << 30])
+@pytest.mark.parametrize("jac_shape,spacing", [((1, 3, 5, 4, 3), (1.0, 0.5, 2.0)), ((2, 2, 6, 5), (1.5, 1.0))])
+def test_grid_normal_operator_matches_the_assembled_matrix(monkeypatch, slab, jac_shape, spacing):
+    import shapeflow.regularizers as reg
+    from shapeflow.solvers._operators import grid_normal_operator
+
+    monkeypatch.setattr(reg, "SLAB_ELEMENTS", slab)
+    g = torch.Generator().manual_seed(3)
+    jac = torch.randn(jac_shape, dtype=torch.float64, generator=g)
+    op = grid_normal_operator(jac, lam=0.7, spacing=spacing, damping=0.05)
+    A = assembled_normal_matrix(jac, 0.7, spacing, 0.05)
+    n = A.shape[0]
+    v = torch.randn(n, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(op(v), A @ v)
+        torch.testing.assert_close(op(v.reshape(jac_shape[1:])), (A @ v).reshape(jac_shape[1:]))
+        Av, dot = op.apply_dot(v)
+        torch.testing.assert_close(Av, A @ v)
+        torch.testing.assert_close(dot, v @ A @ v)
+        V = torch.randn(n, 2, dtype=torch.float64, generator=g)
+        torch.testing.assert_close(op(V), A @ V)
+    torch.testing.assert_close(op.diagonal(), A.diagonal())
+    # float32 fast path to float tolerance
+    op32 = grid_normal_operator(jac.float(), lam=0.7, spacing=spacing, damping=0.05)
+    with torch.no_grad():
+        torch.testing.assert_close(op32(v.float()), (A @ v).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_grid_normal_operator_is_differentiable_and_checked():
+    from shapeflow.solvers._operators import grid_normal_operator
+
+    jac = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda J, x: grid_normal_operator(J, lam=0.5, spacing=(1.0, 2.0), damping=0.1)(x), (jac, v)
+    )
+    with pytest.raises(ShapeflowError, match=r"grid_normal_operator\(\): jac"):
+        grid_normal_operator(torch.zeros(3, 4, 4), lam=1.0)
+    with pytest.raises(ShapeflowError, match="lam and damping"):
+        grid_normal_operator(torch.zeros(1, 2, 4, 4), lam=-1.0)
+
+
+def test_cg_with_the_grid_normal_operator_and_its_jacobi():
+    from shapeflow.solvers._operators import grid_normal_operator
+
+    g = torch.Generator().manual_seed(4)
+    jac = torch.randn(1, 3, 6, 5, 4, dtype=torch.float64, generator=g)
+    op = grid_normal_operator(jac, lam=2.0, damping=0.01)
+    A = assembled_normal_matrix(jac, 2.0, None, 0.01)
+    b = torch.randn(A.shape[0], dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        x, info = conjugate_gradient(op, b, M="jacobi", tol=1e-10)  # fused apply_dot path
+        x_ref, info_ref = conjugate_gradient(A, b, M="jacobi", tol=1e-10)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+    assert info.converged and int(info.iterations) == int(info_ref.iterations)
+    # with autograd on, the unrolled loop goes through the differentiable operator path
+    bb = b.clone().requires_grad_()
+    x_g, _ = conjugate_gradient(op, bb, M="jacobi", tol=1e-10)
+    torch.testing.assert_close(x_g.detach(), x, rtol=1e-8, atol=1e-8)
+    x_g.sum().backward()
+    torch.testing.assert_close(bb.grad, torch.linalg.solve(A, torch.ones_like(b)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [None, "jacobi", "callable"])
+@pytest.mark.parametrize("k", [None, 3])
+def test_chunked_inplace_loop_matches_one_chunk(monkeypatch, M, k):
+    A = spd(45, density=0.1)
+    b = torch.randn((45,) if k is None else (45, k), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    prec = (lambda r: r / A.diagonal().reshape(-1, *([1] * (r.dim() - 1)))) if M == "callable" else M
+    with torch.no_grad():
+        monkeypatch.setattr(cgmod, "CHUNK_ELEMENTS", 1 << 30)
+        x1, i1 = conjugate_gradient(A, b, M=prec, tol=1e-10)
+        monkeypatch.setattr(cgmod, "CHUNK_ELEMENTS", 7)  # uneven chunks of 7 (vector) or 2 rows
+        x2, i2 = conjugate_gradient(A, b, M=prec, tol=1e-10)
+    torch.testing.assert_close(x2, x1, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x1, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
+    assert torch.equal(i1.iterations, i2.iterations) and i1.converged and i2.converged

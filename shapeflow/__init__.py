@@ -5,13 +5,15 @@
     result.save("out/")
 """
 from . import viz
-from .deform import Affine, Compose, Deformation, ResNetFlow, Rigid, Similarity, load_deformation
+from .deform import (Affine, Compose, Deformation, DisplacementField, ResNetFlow, Rigid, Similarity,
+                     StationaryVelocityField, load_deformation)
 from .errors import InverseError, ShapeflowError
 from .io import read, write
 from .register import Result, register
-from .shapes import Landmarks, Mesh, PointCloud
+from .shapes import Image, Landmarks, Mesh, PointCloud
 
-__all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Landmarks",
-           "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "Compose",
+__all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Landmarks", "Image",
+           "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "Compose", "DisplacementField",
+           "StationaryVelocityField",
            "ShapeflowError", "InverseError", "viz"]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ from .errors import ShapeflowError
 from .io import read, suffix_of, write
 from .losses import LOSSES
 from .sampling import farthest_point_sample
-from .shapes import Landmarks, Mesh, PointCloud, check_points
+from .shapes import Image, Landmarks, Mesh, PointCloud, check_points
 from .solvers.fit import fit
 
 __all__ = ["register", "Result", "RegistrationOptions"]
@@ -83,6 +83,8 @@ class Result:
     source: Any = field(repr=False, default=None)
     target: Any = field(repr=False, default=None)
     options: dict[str, Any] = field(default_factory=dict)
+    #: image registrations: the sampling positions of the middle slice after each step (animation)
+    snapshots: list = field(default_factory=list, repr=False)
 
     def report(self) -> dict[str, Any]:
         """A JSON-able summary: metrics, options, and the loss at the start and end."""
@@ -109,9 +111,18 @@ class Result:
         staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}."))
         os.chmod(staging, default_mode(0o777))
         try:
-            suffix = name or _default_suffix(self.source)
-            warped = self.warped if isinstance(self.warped, PointCloud) else PointCloud(torch.as_tensor(self.warped))
-            write(dataclasses.replace(warped, source=None), staging / f"warped{suffix}")
+            for item in (self.source, self.target):
+                where = getattr(item, "source", None)
+                if where and Path(where).resolve().is_relative_to(directory.resolve()):
+                    raise ShapeflowError(f"{directory}: holds the input {where}; refusing to replace it")
+            if isinstance(self.warped, Image):
+                from .register_images import write_image_outputs
+
+                write_image_outputs(self, staging, name)
+            else:
+                suffix = name or _default_suffix(self.source)
+                warped = self.warped if isinstance(self.warped, PointCloud) else PointCloud(torch.as_tensor(self.warped))
+                write(dataclasses.replace(warped, source=None), staging / f"warped{suffix}")
             self.deformation.save(staging / "deformation.pt")
             (staging / "report.json").write_text(json.dumps(self.report(), indent=2) + "\n")
             if gif is not None:
@@ -131,6 +142,11 @@ def _default_suffix(source: Any) -> str:
     if isinstance(source, PointCloud) and source.source:
         return suffix_of(source.source)
     return ".ply" if isinstance(source, Mesh) or (isinstance(source, PointCloud) and source.dim == 3) else ".csv"
+
+
+def _load(obj: Any) -> Any:
+    """Read paths; leave shapes, images and arrays as they are."""
+    return read(obj) if isinstance(obj, (str, os.PathLike)) else obj
 
 
 def _as_shape(obj: Any, name: str) -> PointCloud:
@@ -159,21 +175,32 @@ def _lookup(registry: dict, name: str, what: str):
     return registry[name]
 
 
-def register(source: Any, target: Any, model: str = "resnet", loss: str = "sinkhorn", **options: Any) -> Result:
+def register(source: Any, target: Any, model: str | None = None, loss: str | None = None, **options: Any) -> Result:
     """Move `source` onto `target`.
 
     source, target: shapes (`PointCloud`, `Mesh`, `Landmarks`), file paths, or `(N, d)` arrays
-        (arrays in, arrays out). d = 2 or 3, the same for both.
-    model: one of `MODELS` ("rigid", "similarity", "affine", "resnet").
-    loss: one of `LOSSES` ("sinkhorn", "chamfer", "l2"; l2 needs point-to-point correspondence).
-    options: see `RegistrationOptions` (iterations, regularization, prealign, subsample, seed, ...).
+        (arrays in, arrays out), d = 2 or 3, the same for both; or two `Image`s / image files
+        (then `register_images` does the work: see `shapeflow.register_images`).
+    model: shapes: one of `MODELS` ("rigid", "similarity", "affine", "resnet" (default));
+        images: "displacement" (default), "svf" or "affine".
+    loss: shapes: one of `LOSSES` ("sinkhorn" (default), "chamfer", "l2"; l2 needs point-to-point
+        correspondence); images: "ssd" (default) or "mind" (MIND-SSC features, multi-modal).
+    options: see `RegistrationOptions` (shapes) or `ImageOptions` (images).
     """
+    source, target = _load(source), _load(target)
+    if isinstance(source, Image) or isinstance(target, Image):
+        if not (isinstance(source, Image) and isinstance(target, Image)):
+            raise ShapeflowError("register(): source and target must both be images, or both shapes")
+        from .register_images import register_images
+
+        return register_images(source, target, model or "displacement", loss or "ssd", **options)
+    model, loss = model or "resnet", loss or "sinkhorn"
     opts = RegistrationOptions.from_kwargs(options)
     model_cls = _lookup(MODELS, model, "model")
     loss_cls = _lookup(LOSSES, loss, "loss")
     if opts.prealign is not None:
         _lookup({k: v for k, v in MODELS.items() if v.linear}, opts.prealign, "prealign model")
-    array_in = not isinstance(source, (PointCloud, str, os.PathLike))
+    array_in = not isinstance(source, PointCloud)
     src, tgt = _as_shape(source, "source"), _as_shape(target, "target")
     if src.dim != tgt.dim:
         raise ShapeflowError(f"register(): source has {src.dim} columns but target has {tgt.dim}; both must be 2D or 3D")

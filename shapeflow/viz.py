@@ -11,9 +11,9 @@ import torch
 
 from .errors import ShapeflowError
 from ._files import atomic_write
-from .shapes import Mesh, PointCloud
+from .shapes import Image, Mesh, PointCloud
 
-__all__ = ["animate", "plot_history", "render_frames"]
+__all__ = ["animate", "plot_history", "render_frames", "overlay", "checkerboard"]
 
 
 def _pyvista():
@@ -30,6 +30,8 @@ def render_frames(result: Any, frames: int = 24, size: tuple[int, int] = (480, 4
     """RGB images `(H, W, 3)` of the source at `frames` times from t = 0 to 1, target as a ghost."""
     if frames < 2:
         raise ShapeflowError(f"animate(): frames must be at least 2, got {frames}")
+    if isinstance(result.warped, Image):
+        return _image_frames(result, frames, size)
     source, target = result.source, result.target
     if not isinstance(source, PointCloud) or not isinstance(target, PointCloud):
         raise ShapeflowError("animate(): the result does not hold its source and target shapes")
@@ -157,3 +159,87 @@ def plot_history(result: Any, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
+
+
+# --- images -----------------------------------------------------------------------------------
+def _middle(data: torch.Tensor) -> np.ndarray:
+    """The middle slice (last axis) of `(C, *S)`, channels averaged: a 2D array."""
+    data = data.detach().float().mean(0)
+    if data.ndim == 3:
+        data = data[:, :, data.shape[2] // 2]
+    return data.cpu().numpy()
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Alternate square tiles of two 2D arrays of the same shape."""
+    rows, cols = np.indices(a.shape)
+    size = max(1, min(a.shape) // tiles)
+    return np.where(((rows // size) + (cols // size)) % 2 == 0, a, b)
+
+
+def _display_range(*arrays: np.ndarray) -> tuple[float, float]:
+    values = np.concatenate([a.ravel() for a in arrays])
+    return float(np.percentile(values, 1)), float(np.percentile(values, 99.5))
+
+
+def overlay(result: Any, path: str | os.PathLike) -> Path:
+    """PNG with, on the middle slice: checkerboards of fixed/moving before and fixed/warped after,
+    and the absolute differences before and after."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .grids import Grid, sample
+
+    fixed = result.target
+    points = Grid.of(fixed).points()
+    before = Image(sample(result.source.data.float(), Grid.of(result.source), points), fixed.spacing, fixed.origin,
+                   fixed.direction)
+    f, m, w = _middle(fixed.data), _middle(before.data), _middle(result.warped.data)
+    lo, hi = _display_range(f, m, w)
+    panels = [("before: fixed / moving", checkerboard(f, m), "gray", (lo, hi)),
+              ("after: fixed / warped", checkerboard(f, w), "gray", (lo, hi)),
+              ("|fixed - moving|", np.abs(f - m), "magma", (0, hi - lo)),
+              ("|fixed - warped|", np.abs(f - w), "magma", (0, hi - lo))]
+    fig = Figure(figsize=(12, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for k, (title, image, cmap, (vmin, vmax)) in enumerate(panels):
+        ax = fig.add_subplot(1, 4, k + 1)
+        ax.imshow(image.T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def _image_frames(result: Any, frames: int, size) -> list[np.ndarray]:
+    """The middle slice of the moving image as the registration proceeded, beside the fixed one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .grids import Grid, sample
+
+    if not result.snapshots:
+        raise ShapeflowError("animate(): this image registration kept no snapshots (snapshots=False)")
+    picks = np.unique(np.linspace(0, len(result.snapshots) - 1, min(frames, len(result.snapshots))).round().astype(int))
+    moving, grid = result.source.data.float(), Grid.of(result.source)
+    fixed = _middle(result.target.data)
+    slices = [_middle(sample(moving, grid, result.snapshots[k].to(moving))[..., None] if grid.dim == 3 else
+                      sample(moving, grid, result.snapshots[k].to(moving))) for k in picks]
+    lo, hi = _display_range(fixed, *slices)
+    images = []
+    for number, (k, warped) in enumerate(zip(picks, slices)):
+        fig = Figure(figsize=(2 * size[0] / 100, size[1] / 100), dpi=100)
+        canvas = FigureCanvasAgg(fig)
+        for col, (title, image, cmap, vmax) in enumerate([(f"moving, step {k + 1}/{len(result.snapshots)}", warped, "gray", hi),
+                                                           ("fixed", fixed, "gray", hi),
+                                                           ("|fixed - moving|", np.abs(fixed - warped), "magma", hi - lo)]):
+            ax = fig.add_subplot(1, 3, col + 1)
+            ax.imshow(image.T, cmap=cmap, vmin=0 if cmap == "magma" else lo, vmax=vmax, origin="lower")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        canvas.draw()
+        images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return images

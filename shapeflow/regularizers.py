@@ -84,10 +84,11 @@ def grid_laplacian_apply(u: Tensor, spacing: Spacing = None) -> Tensor:
 SLAB_ELEMENTS = 1 << 19
 
 
-def grid_slabs(shape: Sequence[int], elements: int = SLAB_ELEMENTS) -> list[tuple[int, int]]:
-    """Split the first spatial axis of a (C, *S) field into `[start, stop)` slabs of about `elements`."""
+def grid_slabs(shape: Sequence[int], elements: Optional[int] = None) -> list[tuple[int, int]]:
+    """Split the first spatial axis of a (C, *S) field into `[start, stop)` slabs of about
+    `elements` (default `SLAB_ELEMENTS`)."""
     plane = math.prod(shape) // shape[1]
-    step = max(1, elements // max(plane, 1))
+    step = max(1, (SLAB_ELEMENTS if elements is None else elements) // max(plane, 1))
     return [(i, min(i + step, shape[1])) for i in range(0, shape[1], step)]
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Register shapes: the first shape always moves onto the second.")
+                  help="Register shapes or images: the first argument always moves onto the second.")
 
 
 def _fail(message: str) -> None:
@@ -24,14 +24,18 @@ def _library_errors():
 
 @app.command()
 def register(
-    source: Path = typer.Argument(..., help="The shape that moves (.ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy)."),
-    target: Path = typer.Argument(..., help="The shape it moves onto."),
+    source: Path = typer.Argument(..., help="The shape or image that moves (.ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy; .nii .nii.gz .png .jpg .tif .mha .nrrd)."),
+    target: Path = typer.Argument(..., help="The shape or image it moves onto (fixed)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: SOURCE_to_TARGET)."),
-    model: str = typer.Option("resnet", help="Deformation model: rigid, similarity, affine or resnet."),
-    loss: str = typer.Option("sinkhorn", help="Data term: sinkhorn, chamfer or l2 (l2 needs corresponding points)."),
-    iterations: Optional[int] = typer.Option(None, help="Adam steps per stage (default: 150)."),
-    regularization: float = typer.Option(1e-3, help="Weight of the model's energy (kinetic energy for flows)."),
-    prealign: Optional[str] = typer.Option(None, help="Fit rigid, similarity or affine first (flows only)."),
+    model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine or resnet (default). Images: displacement (default), svf or affine."),
+    loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer or l2 (corresponding points). Images: ssd (default) or mind (multi-modal)."),
+    iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (150). Images: Gauss-Newton steps per level (8)."),
+    regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
+    prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow. Images: affine."),
+    labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
+    labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
+    landmarks_moving: Optional[Path] = typer.Option(None, help="Images: landmarks (world mm) in the moving image, for TRE."),
+    landmarks_fixed: Optional[Path] = typer.Option(None, help="Images: corresponding landmarks in the fixed image."),
     gif: Optional[Path] = typer.Option(None, help="Write an animation of the flow (.gif or .mp4); a bare name goes into the output folder."),
     frames: int = typer.Option(24, help="Frames in the animation."),
     seed: int = typer.Option(0, help="Random seed (recorded in the report)."),
@@ -39,7 +43,8 @@ def register(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
-    """Register SOURCE onto TARGET and write warped shape, deformation.pt and report.json."""
+    """Register SOURCE onto TARGET; write the warped shape or image, deformation.pt and report.json
+    (images also: displacement.nii.gz, warped labels, overlay.png)."""
     import shapeflow as sf
     from shapeflow.viz import animate
 
@@ -49,9 +54,12 @@ def register(
             _fail(f"{output}: output folder exists; choose another with -o or pass --overwrite")
         if gif is not None and gif.suffix.lower() not in (".gif", ".mp4"):
             _fail(f"{gif}: animations are written as .gif or .mp4")
-        result = sf.register(sf.read(source), sf.read(target), model=model, loss=loss, iterations=iterations,
-                             regularization=regularization, prealign=prealign, seed=seed, device=device,
-                             progress=not quiet)
+        given = dict(iterations=iterations, regularization=regularization, prealign=prealign,
+                     labels_moving=labels_moving, labels_fixed=labels_fixed,
+                     landmarks_moving=landmarks_moving, landmarks_fixed=landmarks_fixed)
+        options = {k: v for k, v in given.items() if v is not None}
+        result = sf.register(sf.read(source), sf.read(target), model=model, loss=loss, seed=seed, device=device,
+                             progress=not quiet, **options)
         inside = gif is not None and (gif.parent == Path(".") and not gif.is_absolute()
                                       or gif.resolve().parent == output.resolve())
         result.save(output, overwrite=overwrite, gif=gif.name if inside else None, frames=frames)
@@ -60,7 +68,7 @@ def register(
     except _library_errors() as exc:
         _fail(str(exc))
     if not quiet:
-        _summary(result, output, gif)
+        _summary(result, output, None if inside else gif)
 
 
 def _summary(result, output: Path, gif: Optional[Path]) -> None:
@@ -69,12 +77,14 @@ def _summary(result, output: Path, gif: Optional[Path]) -> None:
 
     table = Table(title=f"shapeflow register -> {output}", show_header=False)
     for key, value in result.metrics.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v:.4g}" for k, v in value.items() if isinstance(v, (int, float)))
         if value is not None:
             table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     Console().print(table)
     written = sorted(p.name for p in output.iterdir())
     typer.echo("wrote " + ", ".join(str(output / name) for name in written)
-               + (f", {gif}" if gif is not None and gif.resolve().parent != output.resolve() else ""))
+               + (f", {gif}" if gif is not None else ""))
     if result.metrics.get("interrupted"):
         typer.echo("interrupted: kept the best state reached so far", err=True)
 

@@ -23,7 +23,8 @@ __all__ = ["chamfer_distance", "hausdorff_distance", "rmse", "jacobian_determina
 
 def _nn_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     a_np, b_np = a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()
-    return cKDTree(b_np).query(a_np, workers=-1)[0], cKDTree(a_np).query(b_np, workers=-1)[0]
+    workers = torch.get_num_threads()
+    return cKDTree(b_np).query(a_np, workers=workers)[0], cKDTree(a_np).query(b_np, workers=workers)[0]
 
 
 def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> float:

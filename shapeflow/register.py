@@ -37,15 +37,16 @@ __all__ = ["register", "Result", "RegistrationOptions"]
 class RegistrationOptions:
     """Keyword options of `register`; an unknown name is an error listing these."""
 
-    iterations: int | None = None       # Adam steps of the final stage (default per model)
+    iterations: int | None = None       # Adam steps per stage (default 100)
     lr: float | None = None             # Adam step size (default per model)
     lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear, 0 flows)
     regularization: float = 1e-3        # weight of the model's energy (kinetic energy for flows)
     prealign: str | None = None         # "rigid", "similarity" or "affine" before a flow
     normalize: bool = True              # centre and scale before fitting (undone on output)
-    subsample: int | None = None        # points per shape in the fine stage (default: 512 for
-                                        # sinkhorn, 2000 for chamfer); the coarse stage uses 256
-    coarse_to_fine: bool = True         # fit on a coarse subsample with a blurrier loss first
+    subsample: int | None = None        # points per shape in the fine stage (default: 4000 for chamfer,
+                                        # 512 for sinkhorn); Sinkhorn's coarse stage uses 256
+    coarse_to_fine: bool = True         # sinkhorn: fit 256 points with 3x the blur first
+    refine: str | None = "chamfer"      # sinkhorn: the fine stage's loss (None: Sinkhorn throughout)
     blur: float = 0.02                  # Sinkhorn blur, relative to the target's RMS radius
     reach: float | None = None          # unbalanced Sinkhorn reach (relative), None = balanced
     blocks: int = 10                    # ResNetFlow: number of Euler steps L
@@ -88,7 +89,7 @@ class Result:
 
     def report(self) -> dict[str, Any]:
         """A JSON-able summary: metrics, options, and the loss at the start and end."""
-        fit_rows = [r for r in self.history if r.get("stage") == "fine"] or self.history
+        fit_rows = [r for r in self.history if str(r.get("stage", "")).startswith("fine")] or self.history
         return {"metrics": self.metrics, "options": self.options,
                 "loss_start": fit_rows[0]["total"] if fit_rows else None,
                 "loss_end": min(r["total"] for r in fit_rows) if fit_rows else None,
@@ -200,6 +201,8 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     loss_cls = _lookup(LOSSES, loss, "loss")
     if opts.prealign is not None:
         _lookup({k: v for k, v in MODELS.items() if v.linear}, opts.prealign, "prealign model")
+    if opts.refine is not None:
+        _lookup({k: v for k, v in LOSSES.items() if not v.correspondence}, opts.refine, "refine loss")
     array_in = not isinstance(source, PointCloud)
     src, tgt = _as_shape(source, "source"), _as_shape(target, "target")
     if src.dim != tgt.dim:
@@ -226,12 +229,12 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     parts: list[Deformation] = []
     if opts.prealign is not None and not model_cls.linear:
         pre = MODELS[opts.prealign](src.dim).to(device, dtype)
-        _fit_stages(pre, x, y, loss_cls, stages, opts, history, prefix="prealign-", linear=True)
+        _fit_stages(pre, x, y, stages, opts, history, prefix="prealign-", linear=True)
         parts.append(pre)
         with torch.no_grad():
             x = pre(x)
     core = _build(model_cls, src.dim, opts).to(device, dtype)
-    _fit_stages(core, x, y, loss_cls, stages, opts, history, prefix="", linear=model_cls.linear)
+    _fit_stages(core, x, y, stages, opts, history, prefix="", linear=model_cls.linear)
     parts.append(core)
 
     deformation = _in_world_units(parts, source_center, target_center, scale)
@@ -263,39 +266,48 @@ def _build(model_cls, dim: int, opts: RegistrationOptions) -> Deformation:
 @dataclass
 class _Stage:
     name: str
+    loss: str
     points: int
     blur: float
     iterations: int
+    lr_scale: float = 1.0
+
+
+#: points per shape in Sinkhorn's coarse stage, and the default fine-stage sizes per loss
+COARSE_POINTS = 256
+FINE_POINTS = {"sinkhorn": 512, "chamfer": 4000}
 
 
 def _stages(opts: RegistrationOptions, loss: str, n_source: int, n_target: int, correspondence: bool) -> list[_Stage]:
-    """Coarse to fine: a quarter of the points with 3x the blur, then `subsample` points."""
-    iterations = opts.iterations if opts.iterations is not None else 150
+    """The fitting plan.
+
+    l2: one stage on every point. chamfer: one stage on `subsample` (4000) points.
+    sinkhorn: a coarse stage on 256 points with 3x the blur, then either a Chamfer refinement on
+    `subsample` (4000) points (`refine="chamfer"`, the default: Sinkhorn finds the global match
+    cheaply, Chamfer sharpens it at full resolution) or Sinkhorn on `subsample` (512) points.
+    """
+    iterations = opts.iterations if opts.iterations is not None else 100
     if correspondence:  # known correspondence: every point, one stage
-        return [_Stage("fine", max(n_source, n_target), opts.blur, iterations)]
-    fine = _Stage("fine", _subsample(opts, loss), opts.blur, iterations)
-    coarse_points = min(COARSE_POINTS, fine.points)
-    if not opts.coarse_to_fine or min(n_source, n_target) <= coarse_points:
+        return [_Stage("fine", loss, max(n_source, n_target), opts.blur, iterations)]
+    fine_loss = opts.refine if loss == "sinkhorn" and opts.refine else loss
+    fine = _Stage("fine", fine_loss, _subsample(opts, fine_loss), opts.blur, iterations)
+    if loss != "sinkhorn" or not opts.coarse_to_fine or min(n_source, n_target) <= COARSE_POINTS and fine_loss == loss:
         return [fine]
-    coarse = _Stage("coarse", coarse_points, 3 * opts.blur, iterations)
-    return [coarse, dataclasses.replace(fine, iterations=max(iterations // 2, 1))]
-
-
-#: points per shape in the coarse stage, and the default fine-stage sizes per loss
-COARSE_POINTS = 256
-FINE_POINTS = {"sinkhorn": 512, "chamfer": 2000}
+    coarse = _Stage("coarse", "sinkhorn", COARSE_POINTS, 3 * opts.blur, iterations)
+    return [coarse, dataclasses.replace(fine, lr_scale=1 / 3)]
 
 
 def _subsample(opts: RegistrationOptions, loss: str) -> int:
-    return opts.subsample if opts.subsample is not None else FINE_POINTS.get(loss, 2000)
+    return opts.subsample if opts.subsample is not None else FINE_POINTS.get(loss, 4000)
 
 
-def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, loss_cls, stages: list[_Stage],
+def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, stages: list[_Stage],
                 opts: RegistrationOptions, history: list[dict], prefix: str, linear: bool) -> None:
-    lr = opts.lr if opts.lr is not None else (2e-2 if linear else 1e-2)
+    lr = opts.lr if opts.lr is not None else (2e-2 if linear else 3e-2)
     lbfgs = opts.lbfgs_iterations if opts.lbfgs_iterations is not None else (60 if linear else 0)
     with_energy = isinstance(model, ResNetFlow)
     for number, stage in enumerate(stages):
+        loss_cls = LOSSES[stage.loss]
         if loss_cls.correspondence:
             xs, ys = x, y
         else:
@@ -313,9 +325,9 @@ def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, loss_cls, 
 
         last = number == len(stages) - 1
         # a fresh Adam moves every parameter by about lr at once: refine with smaller steps
-        report = fit(model.parameters(), objective, iterations=stage.iterations, lr=lr if number == 0 else lr / 4,
+        report = fit(model.parameters(), objective, iterations=stage.iterations, lr=lr * stage.lr_scale,
                      lbfgs_iterations=lbfgs if last else 0, tol=opts.tol, patience=opts.patience,
-                     progress=opts.progress, stage=prefix + stage.name)
+                     progress=opts.progress, stage=f"{prefix}{stage.name} ({stage.loss})")
         history.extend(report.history)
         if report.interrupted:
             history.append({"stopped": "interrupted"})

@@ -28,6 +28,7 @@ from .errors import ShapeflowError
 from .grids import Grid, downsample, sample, spatial_gradient
 from .regularizers import grid_laplacian_apply
 from .shapes import Image
+from .progress import progress_bar
 from .solvers import conjugate_gradient
 
 __all__ = ["ImageOptions", "register_images", "IMAGE_MODELS", "FEATURES", "gauss_newton_step"]
@@ -171,38 +172,20 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     snapshots: list[torch.Tensor] = []
     slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
     affine = _prealign(levels[0], history) if opts.prealign == "affine" else None
+    core = None
     if model == "affine":
         affine = affine or _prealign(levels[0], history)
-        core, u_field = None, None
     else:
-        core = None
-        params = None                       # velocity (svf) or displacement on the current level grid
-        interrupted = False
-        for number, level in enumerate(levels):
-            grid_points = level.grid.points(dtype, device)                                 # (*S, d)
-            if params is not None:         # carry the coarser solution to this grid (world units)
-                params = sample(params, previous_grid, grid_points)
-            else:
-                params = torch.zeros(level.grid.dim, *level.grid.shape, dtype=dtype, device=device)
-            lam = float(opts.per_level(opts.regularization, number, len(levels)))
-            iterations = int(opts.per_level(opts.iterations, number, len(levels)))
-            stepper = _Stepper(model_cls, level, grid_points, affine, lam, opts)
-            try:
-                params = stepper.run(params, iterations, history, number, snapshots, slicer)
-            except KeyboardInterrupt:
-                interrupted = True
-                params = stepper.best
-            previous_grid = level.grid
-            if interrupted:
-                break
-        finest = levels[-1].grid
-        if finest != fixed_grid:   # fewer levels ran (interrupted): bring the field to full resolution
-            params = sample(params, finest, fixed_grid.points(dtype, device))
+        params, params_grid, interrupted = _fit_levels(model_cls, levels, affine, opts, history, snapshots, slicer,
+                                                       f"{model} ({loss})", device, dtype)
+        if params_grid.shape != fixed_grid.shape:   # interrupted on a coarse level: bring it to full resolution
+            params = sample(params, params_grid, fixed_grid.points(dtype, device))
         core = model_cls(fixed_grid).to(device, dtype)
         with torch.no_grad():
             core.control.zero_()
             core.control[(slice(None),) + tuple(slice(1, 1 + n) for n in fixed_grid.shape)] = params
-        history.append({"stopped": "interrupted"} if interrupted else {})
+        if interrupted:
+            history.append({"stopped": "interrupted"})
     deformation = _assemble(core, affine)
     warped = _warp(moving, moving_grid, fixed, deformation, device, dtype)
     seconds = time.perf_counter() - start
@@ -212,8 +195,31 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     record = {"model": model, "loss": loss, **{k: v for k, v in dataclasses.asdict(opts).items()
                                                  if not k.startswith(("labels_", "landmarks_"))},
               "source": moving.source, "target": fixed.source}
-    return Result(warped=warped, deformation=deformation, history=[r for r in history if r and "stopped" not in r],
+    return Result(warped=warped, deformation=deformation, history=[r for r in history if "stopped" not in r],
                   metrics=metrics, source=moving, target=fixed, options=record, snapshots=snapshots)
+
+
+def _fit_levels(model_cls, levels: list[_Level], affine, opts: ImageOptions, history: list, snapshots: list,
+                slicer, description: str, device, dtype):
+    """Gauss-Newton coarse to fine. Returns (parameters on the last grid used, that grid, interrupted)."""
+    params, grid = None, None
+    total_steps = sum(int(opts.per_level(opts.iterations, k, len(levels))) for k in range(len(levels)))
+    with progress_bar(opts.progress, description, total_steps) as advance:
+        for number, level in enumerate(levels):
+            points = level.grid.points(dtype, device)                                       # (*S, d)
+            if params is None:
+                params = torch.zeros(level.grid.dim, *level.grid.shape, dtype=dtype, device=device)
+            else:                           # carry the coarser solution to this grid (world units)
+                params = sample(params, grid, points)
+            grid = level.grid
+            lam = float(opts.per_level(opts.regularization, number, len(levels)))
+            stepper = _Stepper(model_cls, level, points, affine, lam, opts, advance)
+            try:
+                params = stepper.run(params, int(opts.per_level(opts.iterations, number, len(levels))), history,
+                                     number, snapshots, slicer)
+            except KeyboardInterrupt:
+                return stepper.best, grid, True
+    return params, grid, False
 
 
 def _names(moving: Image, fixed: Image) -> str:
@@ -223,7 +229,8 @@ def _names(moving: Image, fixed: Image) -> str:
 class _Stepper:
     """Gauss-Newton steps on one pyramid level; keeps the best parameters for Ctrl-C."""
 
-    def __init__(self, model_cls, level: _Level, grid_points, affine, lam: float, opts: ImageOptions):
+    def __init__(self, model_cls, level: _Level, grid_points, affine, lam: float, opts: ImageOptions, advance=None):
+        self.advance = advance or (lambda row=None: None)
         self.level, self.points, self.affine, self.lam, self.opts = level, grid_points, affine, lam, opts
         self.svf = model_cls is StationaryVelocityField
         self.helper = StationaryVelocityField(level.grid).to(grid_points) if self.svf else None
@@ -268,6 +275,7 @@ class _Stepper:
                 history.append({"stage": f"level{number}", "phase": "gauss-newton", "iteration": step, "total": total,
                                 "data": data, "cg_iterations": int(info.iterations.max()), "accepted": accepted})
                 self.best = params
+                self.advance(history[-1])
                 if slicer is not None:
                     snapshots.append(slicer(self, params))
                 if not accepted:

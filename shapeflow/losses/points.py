@@ -22,7 +22,7 @@ def nearest_neighbors(queries: torch.Tensor, points: torch.Tensor) -> torch.Tens
     A KD-tree on the CPU: O((N + M) log M) time and linear memory, no autograd.
     """
     tree = cKDTree(points.detach().cpu().double().numpy())
-    _, index = tree.query(queries.detach().cpu().double().numpy(), k=1, workers=-1)
+    _, index = tree.query(queries.detach().cpu().double().numpy(), k=1, workers=torch.get_num_threads())
     return torch.as_tensor(np.asarray(index, dtype=np.int64), device=queries.device)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+
+from ..progress import progress_bar
 
 __all__ = ["fit", "FitReport"]
 
@@ -57,10 +58,8 @@ def fit(parameters: Iterable[torch.nn.Parameter], objective: Objective, *, itera
             best_state = [p.detach().clone() for p in params]
         return total
 
-    bar = _progress(progress, stage, iterations + lbfgs_iterations)
     try:
-        with bar as live:
-            task = live.add_task(stage, total=iterations + lbfgs_iterations, terms="") if live else None
+        with progress_bar(progress, stage, iterations + lbfgs_iterations) as advance:
             adam = torch.optim.Adam(params, lr=lr)
             for step in range(iterations):
                 adam.zero_grad(set_to_none=True)
@@ -69,8 +68,7 @@ def fit(parameters: Iterable[torch.nn.Parameter], objective: Objective, *, itera
                     break
                 total.backward()
                 adam.step()
-                if live:
-                    live.update(task, advance=1, terms=_format(report.history[-1]))
+                advance(report.history[-1])
                 if step - last_improvement > patience:
                     report.stopped = "converged"
                     break
@@ -84,8 +82,7 @@ def fit(parameters: Iterable[torch.nn.Parameter], objective: Objective, *, itera
                     lbfgs.zero_grad(set_to_none=True)
                     total = evaluate(len(report.history), "lbfgs")
                     total.backward()
-                    if live:
-                        live.update(task, advance=1, terms=_format(report.history[-1]))
+                    advance(report.history[-1])
                     return total
 
                 lbfgs.step(closure)
@@ -100,20 +97,3 @@ def _restore(params: list[torch.Tensor], state: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, s in zip(params, state):
             p.copy_(s)
-
-
-def _format(row: dict) -> str:
-    skip = {"stage", "phase", "iteration"}
-    return "  ".join(f"{k} {v:.3g}" for k, v in row.items() if k not in skip)
-
-
-def _progress(enabled: bool, stage: str, total: int):
-    """A rich progress bar on stderr showing the loss terms, or a no-op context."""
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[terms]}"),
-                    console=Console(stderr=True), transient=True)

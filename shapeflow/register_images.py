@@ -31,7 +31,7 @@ from .shapes import Image
 from .progress import progress_bar
 from .solvers import conjugate_gradient
 
-__all__ = ["ImageOptions", "register_images", "IMAGE_MODELS", "FEATURES", "gauss_newton_step"]
+__all__ = ["ImageOptions", "register_images", "IMAGE_MODELS", "FEATURES", "gauss_newton_step", "gauss_newton_layer"]
 
 IMAGE_MODELS = {"displacement": DisplacementField, "svf": StationaryVelocityField, "affine": Affine}
 
@@ -134,6 +134,42 @@ def gauss_newton_step(residual: torch.Tensor, gradient: torch.Tensor, u: torch.T
     x, info = conjugate_gradient(lambda v: down(hessian(up(v.view(z_shape)))).reshape(-1), down(rhs).reshape(-1),
                                  tol=cg_tol, maxiter=cg_iterations)
     return up(x.view(z_shape)), info
+
+
+def gauss_newton_layer(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, lam: float,
+                       displacement: torch.Tensor | None = None, *, mode: str = "unrolled", tol: float = 1e-8,
+                       maxiter: int | None = None) -> torch.Tensor:
+    """One Gauss-Newton update as a differentiable layer (for training features through the solver).
+
+    moving, fixed: (C, *S) features on the same `grid` (e.g. the outputs of a CNN);
+    displacement: current u (d, *S) or None (zero). Returns du (d, *S) solving
+    `(sum_c g g^T / C + lam L) du = -sum_c r g / C - lam L u` with `linear_solve`, so gradients
+    flow to `moving`, `fixed` and `displacement`. mode "unrolled" (or "partial") differentiates
+    everything; "implicit" solves one adjoint system in the backward pass but, like LearnGN's
+    LSESolver, passes no gradient through the system matrix's dependence on the features
+    (only through its diagonal and the right-hand side).
+    """
+    from .solvers import linear_solve
+
+    d = grid.dim
+    points = grid.points(moving.dtype, moving.device)
+    u = torch.zeros(d, *grid.shape, dtype=moving.dtype, device=moving.device) if displacement is None else displacement
+    warped = sample(moving, grid, points + u.movedim(0, -1))
+    gradient = (spatial_gradient(warped, grid) + spatial_gradient(fixed, grid)) / 2          # (C, d, *S)
+    C = gradient.shape[0]
+    blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / C
+    spacing = grid.spacing.tolist()
+    rhs = -((warped - fixed)[:, None] * gradient).sum(0) / C - lam * grid_laplacian_apply(u, spacing)
+    eye = torch.eye(d, dtype=blocks.dtype, device=blocks.device).view(d, d, *([1] * d))
+    off_diagonal = blocks * (1 - eye)
+    diagonal = torch.diagonal(blocks, dim1=0, dim2=1).movedim(-1, 0).reshape(-1)             # (d * prod S,)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        z = v.view(d, *grid.shape)
+        return (torch.einsum("ij...,j...->i...", off_diagonal, z) + lam * grid_laplacian_apply(z, spacing)).reshape(-1)
+
+    du = linear_solve(matvec, diagonal, rhs.reshape(-1), mode=mode, tol=tol, maxiter=maxiter)
+    return du.view(d, *grid.shape)
 
 
 def register_images(moving: Image, fixed: Image, model: str = "displacement", loss: str = "ssd", **options: Any):

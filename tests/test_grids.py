@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+import shapeflow as sf
+from shapeflow.deform import DisplacementField, StationaryVelocityField
+from shapeflow.grids import Grid, bspline_upsample, control_shape, downsample, sample, spatial_gradient
+from shapeflow.regularizers import jacobian_determinant
+
+
+def rotated_grid(shape=(12, 10, 9), spacing=(1.0, 1.5, 2.0), angle=0.4):
+    c, s = math.cos(angle), math.sin(angle)
+    direction = torch.tensor([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=torch.float64)
+    return Grid(shape, torch.tensor(spacing, dtype=torch.float64), torch.tensor([5.0, -3.0, 2.0], dtype=torch.float64), direction)
+
+
+def test_grid_points_follow_the_index_to_world_matrix():
+    grid = rotated_grid()
+    image = sf.Image(torch.zeros(1, *grid.shape), grid.spacing, grid.origin, grid.direction)
+    index = torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64)
+    expected = image.index_to_world @ torch.cat([index, torch.ones(1, dtype=torch.float64)])
+    torch.testing.assert_close(grid.points(torch.float64)[3, 4, 5], expected[:3])
+    torch.testing.assert_close(grid.to_index(expected[None, :3])[0], index)
+
+
+def test_sampling_and_gradient_are_exact_for_linear_functions():
+    grid = rotated_grid()
+    a, b = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64), 2.0
+    field = (grid.points(torch.float64) @ a + b)[None]                   # f(x) = a.x + b in world units
+    inside = grid.points(torch.float64)[1:-1, 1:-1, 1:-1].reshape(-1, 3) + 0.37
+    torch.testing.assert_close(sample(field, grid, inside)[0], inside @ a + b)
+    gradient = spatial_gradient(field, grid)[0]                           # (3, *S)
+    torch.testing.assert_close(gradient, a.view(3, 1, 1, 1).expand_as(gradient))
+
+
+def test_bspline_upsampling_sums_to_one_and_reproduces_lines():
+    shape = (17, 13)
+    for stride in (1, 2, 4):
+        ones = torch.ones(1, *control_shape(shape, stride), dtype=torch.float64)
+        torch.testing.assert_close(bspline_upsample(ones, stride, shape), torch.ones(1, *shape, dtype=torch.float64))
+        k = torch.arange(control_shape(shape, stride)[0], dtype=torch.float64) - 1
+        line = (k * stride).view(1, -1, 1).expand(1, *control_shape(shape, stride))
+        torch.testing.assert_close(bspline_upsample(line, stride, shape)[0, :, 0], torch.arange(17, dtype=torch.float64))
+
+
+def test_downsampled_grid_places_voxels_at_block_centres():
+    grid = rotated_grid(shape=(8, 6, 4))
+    data = grid.points(torch.float64).movedim(-1, 0)                     # the world coordinates themselves
+    coarse, coarse_grid = downsample(data, grid, 2)
+    torch.testing.assert_close(coarse.movedim(0, -1), coarse_grid.points(torch.float64))
+    torch.testing.assert_close(coarse_grid.spacing, grid.spacing * 2)
+
+
+def test_displacement_field_inverse_and_save_load(tmp_path):
+    grid = rotated_grid()
+    field = DisplacementField(grid, stride=3)
+    with torch.no_grad():
+        field.control.normal_(0, 0.4, generator=torch.Generator().manual_seed(0))
+    x = grid.points()[2:-2, 2:-2, 2:-2].reshape(-1, 3)
+    torch.testing.assert_close(field.inverse(field(x)), x, atol=1e-3, rtol=0)
+    loaded = sf.load_deformation(field.save(tmp_path / "field.pt"))
+    torch.testing.assert_close(loaded(x), field(x))
+
+
+def test_svf_is_invertible_and_does_not_fold_even_for_large_velocities():
+    grid = Grid((24, 24), torch.tensor([1.0, 1.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                torch.eye(2, dtype=torch.float64))
+    svf = StationaryVelocityField(grid, stride=4)
+    with torch.no_grad():
+        svf.control.normal_(0, 6.0, generator=torch.Generator().manual_seed(1))   # displacements of many voxels
+    u = svf.field().detach()
+    assert float(u.norm(dim=0).max()) > 4
+    assert float(jacobian_determinant(u, [1.0, 1.0]).min()) > 0
+    x = grid.points()[4:-4, 4:-4].reshape(-1, 2)
+    y = svf(x).detach()
+    inside = ((y > 3) & (y < 20)).all(1)        # the field is clamped outside its grid: compare inside only
+    assert inside.sum() > 50
+    error = (svf.inverse(y)[inside] - x[inside]).norm(dim=1)     # exp(-v) o exp(v): only discretisation error
+    assert float(error.mean()) < 0.15 and float(error.max()) < 0.6
+    path = svf.trajectory(x, 4)
+    torch.testing.assert_close(path[0], x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(path[-1], svf(x))
+
+
+def test_same_velocity_twice_as_long_is_the_composition():
+    grid = Grid((20, 20), torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    svf = StationaryVelocityField(grid, stride=5)
+    with torch.no_grad():
+        svf.control.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    half = StationaryVelocityField(grid, stride=5)
+    with torch.no_grad():
+        half.control.copy_(svf.control / 2)
+    x = grid.points()[5:-5, 5:-5].reshape(-1, 2)
+    torch.testing.assert_close(half(half(x)), svf(x), atol=0.05, rtol=0)

@@ -207,11 +207,9 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     history: list[dict] = []
     snapshots: list[torch.Tensor] = []
     slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
-    affine = _prealign(levels[0], history) if opts.prealign == "affine" else None
+    affine = _affine_levels(levels, history) if opts.prealign == "affine" or model == "affine" else None
     core = None
-    if model == "affine":
-        affine = affine or _prealign(levels[0], history)
-    else:
+    if model != "affine":
         params, params_grid, interrupted = _fit_levels(model_cls, levels, affine, opts, history, snapshots, slicer,
                                                        f"{model} ({loss})", device, dtype)
         if params_grid.shape != fixed_grid.shape:   # interrupted on a coarse level: bring it to full resolution
@@ -330,33 +328,65 @@ def _projection(grid: Grid, stride: int, like: torch.Tensor):
     return up, lambda w: transpose(w)[0]
 
 
-def _prealign(level: _Level, history: list) -> Affine:
-    """Affine map (fixed world -> moving world) by Gauss-Newton on the SSD at the coarsest level."""
-    from .solvers import gauss_newton
+def _affine_levels(levels: list[_Level], history: list) -> Affine:
+    """Affine pre-alignment coarse to fine over the pyramid."""
+    start = None
+    for number, level in enumerate(levels):
+        start = _prealign(level, history, start=start, stage=f"affine-level{number}")
+    return start
 
+
+def _prealign(level: _Level, history: list, iterations: int = 40, start: Affine | None = None,
+              stage: str = "affine") -> Affine:
+    """Affine map (fixed world -> moving world) by Levenberg-Marquardt on the SSD at one level.
+
+    The map is `T(x) = M (x - c_f) + c_m + t` (c: grid centres); the Jacobian of the residual
+    `moving(T(x)) - fixed(x)` is assembled analytically from the moving image's gradient, since
+    `grid_sample` has no forward-mode derivative for `torch.func`.
+    """
     d = level.grid.dim
-    points = level.grid.points(level.fixed.dtype, level.fixed.device).reshape(-1, d)
+    dtype, device = level.fixed.dtype, level.fixed.device
+    points = level.grid.points(dtype, device).reshape(-1, d)                           # (N, d)
     centre = points.mean(0)
-    moving_centre = level.moving_grid.points(level.fixed.dtype, level.fixed.device).reshape(-1, d).mean(0)
+    moving_centre = level.moving_grid.points(dtype, device).reshape(-1, d).mean(0)
+    moving_gradient = spatial_gradient(level.moving, level.moving_grid)                # (C, d, *S_m)
+    fixed = level.fixed.reshape(level.fixed.shape[0], -1)                              # (C, N)
+    matrix, shift = torch.eye(d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
+    if start is not None:  # T(x) = A x + b  =>  M = A, shift = b + A c_f - c_m
+        matrix = start.linear_part.detach().clone()
+        shift = start.translation.detach() + centre @ matrix.T - moving_centre
 
-    def transform(theta: torch.Tensor) -> torch.Tensor:
-        matrix = torch.eye(d, dtype=theta.dtype, device=theta.device) + theta[: d * d].view(d, d)
-        return (points - centre) @ matrix.T + moving_centre + theta[d * d:]
+    def evaluate(matrix, shift):
+        where = (points - centre) @ matrix.T + moving_centre + shift
+        residual = sample(level.moving, level.moving_grid, where) - fixed               # (C, N)
+        return residual, where
 
-    def residual(theta: torch.Tensor) -> torch.Tensor:
-        warped = sample(level.moving, level.moving_grid, transform(theta))
-        return (warped - level.fixed.reshape(level.fixed.shape[0], -1)).reshape(-1)
-
-    theta0 = torch.zeros(d * d + d, dtype=level.fixed.dtype, device=level.fixed.device)
-    fitted = gauss_newton(residual, theta0, maxiter=30, jacobian="dense")
-    for i, cost in enumerate(fitted.history):
-        history.append({"stage": "affine", "phase": "gauss-newton", "iteration": i, "total": float(cost)})
-    theta = fitted.x
-    affine = Affine(d).to(theta)
+    residual, where = evaluate(matrix, shift)
+    cost = float(residual.pow(2).mean())
+    damping = 1e-3
+    for step in range(iterations):
+        g = sample(moving_gradient.flatten(0, 1), level.moving_grid, where).view(-1, d, points.shape[0])  # (C, d, N)
+        jac = torch.cat([(g[:, :, None, :] * (points - centre).T[None, None]).flatten(1, 2), g], dim=1)  # (C, d*d+d, N)
+        jac = jac.transpose(1, 2).reshape(-1, d * d + d)                                  # (C*N, P)
+        hessian, gradient = jac.T @ jac, jac.T @ residual.reshape(-1)
+        accepted = False
+        while damping < 1e8:
+            delta = torch.linalg.solve(hessian + damping * torch.diag(torch.diagonal(hessian) + 1e-12), -gradient)
+            new_matrix, new_shift = matrix + delta[: d * d].view(d, d), shift + delta[d * d:]
+            new_residual, new_where = evaluate(new_matrix, new_shift)
+            new_cost = float(new_residual.pow(2).mean())
+            if new_cost < cost:
+                matrix, shift, residual, where, damping, accepted = new_matrix, new_shift, new_residual, new_where, damping / 3, True
+                improvement, cost = (cost - new_cost) / max(cost, 1e-30), new_cost
+                break
+            damping *= 4
+        history.append({"stage": stage, "phase": "levenberg-marquardt", "iteration": step, "total": cost})
+        if not accepted or improvement < 1e-6:
+            break
+    affine = Affine(d).to(device, dtype)
     with torch.no_grad():
-        matrix = torch.eye(d, dtype=theta.dtype, device=theta.device) + theta[: d * d].view(d, d)
         affine.linear_part.copy_(matrix)
-        affine.translation.copy_(moving_centre + theta[d * d:] - centre @ matrix.T)
+        affine.translation.copy_(moving_centre + shift - centre @ matrix.T)
     return affine
 
 

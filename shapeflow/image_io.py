@@ -30,7 +30,8 @@ def _require(module: str, extra: str):
 
 
 def _read_nifti(path: Path) -> Image:
-    nib = _require("nibabel", "images")
+    import nibabel as nib
+
     img = nib.load(str(path))
     data = np.asarray(img.dataobj, dtype=np.float32)
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -116,7 +117,8 @@ def read_image(path: Path, suffix: str) -> Image:
 
 # --- writers ----------------------------------------------------------------------------------
 def _write_nifti(image: Image, path: Path) -> None:
-    nib = _require("nibabel", "images")
+    import nibabel as nib
+
     d = image.dim
     affine = np.eye(4)
     affine[:d, :d] = (image.direction * image.spacing).numpy()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .shapes import Image
 
-__all__ = ["Grid", "sample", "spatial_gradient", "downsample", "bspline_upsample", "control_shape"]
+__all__ = ["Grid", "sample", "spatial_gradient", "downsample", "bspline_upsample", "control_shape", "compose_displacements"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,13 @@ def sample(field: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "l
     out = F.grid_sample(field[None], flat, mode="bilinear" if mode == "linear" else "nearest",
                         padding_mode=padding, align_corners=True)
     return out.reshape(field.shape[0], *points.shape[:-1])
+
+
+def compose_displacements(first: torch.Tensor, second: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Displacement of `x -> y + u2(y)` with `y = x + u1(x)` (apply `first`, then `second`), both
+    `(d, *S)` in world units on `grid`: `u(x) = u1(x) + u2(x + u1(x))`, u2 linearly interpolated."""
+    moved = grid.points(first.dtype, first.device) + first.movedim(0, -1)
+    return first + sample(second, grid, moved)
 
 
 def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:

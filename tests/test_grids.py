@@ -5,7 +5,8 @@ import torch
 
 import shapeflow as sf
 from shapeflow.deform import DisplacementField, StationaryVelocityField
-from shapeflow.grids import Grid, bspline_upsample, control_shape, downsample, sample, spatial_gradient
+from shapeflow.grids import (Grid, bspline_upsample, compose_displacements, control_shape, downsample, sample,
+                             spatial_gradient)
 from shapeflow.regularizers import jacobian_determinant
 
 
@@ -93,3 +94,16 @@ def test_same_velocity_twice_as_long_is_the_composition():
         half.control.copy_(svf.control / 2)
     x = grid.points()[5:-5, 5:-5].reshape(-1, 2)
     torch.testing.assert_close(half(half(x)), svf(x), atol=0.05, rtol=0)
+
+
+def test_composing_affine_displacements_matches_the_matrix_product():
+    grid = rotated_grid()
+    x = grid.points(torch.float64)
+    A = torch.tensor([[1.02, 0.03, 0.0], [-0.02, 0.98, 0.01], [0.0, 0.02, 1.01]], dtype=torch.float64)
+    B = torch.tensor([[0.99, 0.0, 0.02], [0.01, 1.03, 0.0], [0.0, -0.01, 1.0]], dtype=torch.float64)
+    first = (x @ A.T - x + 0.5).movedim(-1, 0)           # x -> A x + 0.5
+    second = (x @ B.T - x - 0.2).movedim(-1, 0)          # y -> B y - 0.2 (linear, so interpolation is exact)
+    composed = compose_displacements(first, second, grid).movedim(0, -1)
+    inner = (slice(2, -2),) * 3                          # away from the clamped border
+    expected = (x @ A.T + 0.5) @ B.T - 0.2 - x
+    torch.testing.assert_close(composed[inner], expected[inner])

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InverseError
-from ..grids import Grid, bspline_upsample, control_shape, sample
+from ..grids import Grid, bspline_upsample, compose_displacements, control_shape, sample
 from .base import Deformation, _as_tensor, register_deformation
 
 __all__ = ["DisplacementField", "StationaryVelocityField"]
@@ -109,12 +109,10 @@ class StationaryVelocityField(_GridDeformation):
 
     def exponential(self, velocity: torch.Tensor) -> torch.Tensor:
         """Displacement of `exp(velocity)` on the grid: `(d, *S)`."""
-        points = self.grid.points(velocity.dtype, velocity.device)                 # (*S, d)
         n = self.squarings(velocity)
         u = velocity / 2 ** n
         for _ in range(n):
-            moved = points + u.movedim(0, -1)
-            u = u + sample(u, self.grid, moved)
+            u = compose_displacements(u, u, self.grid)
         return u
 
     def field(self) -> torch.Tensor:

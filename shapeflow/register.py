@@ -22,6 +22,7 @@ import torch
 
 from . import metrics
 from ._files import default_mode
+from ._options import CommonOptions
 from .deform import MODELS, Compose, Deformation, Normalized, ResNetFlow
 from .errors import ShapeflowError
 from .io import read, suffix_of, write
@@ -34,7 +35,7 @@ __all__ = ["register", "Result", "RegistrationOptions"]
 
 
 @dataclass
-class RegistrationOptions:
+class RegistrationOptions(CommonOptions):
     """Keyword options of `register`; an unknown name is an error listing these."""
 
     iterations: int | None = None       # Adam steps per stage (default 100)
@@ -54,18 +55,6 @@ class RegistrationOptions:
     activation: str = "relu"            # ResNetFlow: relu (as the paper), tanh, softplus or silu
     tol: float = 1e-5                   # early stop: relative improvement over `patience` steps
     patience: int = 60
-    seed: int = 0
-    device: str = "auto"                # "auto" (CUDA when available), "cpu", "cuda", ...
-    dtype: str = "float32"
-    progress: bool = True
-
-    @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> "RegistrationOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ShapeflowError(f"register(): unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        return cls(**options)
 
 
 @dataclass

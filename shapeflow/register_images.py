@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._options import CommonOptions
 from .deform import Affine, Compose, DisplacementField, StationaryVelocityField
 from .errors import ShapeflowError
 from .grids import Grid, downsample, sample, spatial_gradient
@@ -51,7 +52,7 @@ FEATURES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"ssd": _identity_
 
 
 @dataclass
-class ImageOptions:
+class ImageOptions(CommonOptions):
     """Keyword options of `register` for images; an unknown name is an error listing these."""
 
     levels: int = 3                      # pyramid levels (each halves the grid)
@@ -67,18 +68,8 @@ class ImageOptions:
     landmarks_moving: Any = None         # (K, d) world points for TRE (paths or arrays)
     landmarks_fixed: Any = None
     snapshots: bool = True               # keep a 2D slice per step for the animation
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    progress: bool = True
 
-    @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> "ImageOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ShapeflowError(f"register(): unknown image option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        return cls(**options)
+    _what = "image option"
 
     def per_level(self, value, level: int, levels: int):
         return value[level] if isinstance(value, (list, tuple)) else value

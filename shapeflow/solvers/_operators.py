@@ -205,8 +205,8 @@ class GridNormalOperator:
                 for c in range(1, J.shape[0]):
                     t.addcmul_(J[c], us[c])
                 o.addcmul_(J, t.unsqueeze(0))
-            if with_dot:
-                dots.append(torch.vdot(us.reshape(-1), o.reshape(-1)))
+            if with_dot:  # per component: us[c] and o[c] are contiguous (no copy)
+                dots += [torch.dot(us[c].reshape(-1), o[c].reshape(-1)) for c in range(o.shape[0])]
         return out.reshape(v.shape), (sum(dots) if with_dot else None)
 
     def diagonal(self) -> Tensor:

@@ -199,7 +199,6 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     if loss_cls.correspondence and len(src) != len(tgt):
         raise ShapeflowError(f"register(): loss 'l2' needs corresponding points, but source has {len(src)} and target {len(tgt)}")
     device, dtype = _resolve_device(opts.device), getattr(torch, opts.dtype)
-    torch.manual_seed(opts.seed)
     start = time.perf_counter()
 
     x_world = src.points.to(device, dtype)

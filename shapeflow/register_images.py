@@ -186,7 +186,6 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
         raise ShapeflowError(f"register(): moving has {moving.data.shape[0]} channels, fixed {fixed.data.shape[0]}; "
                              "SSD needs the same (or use loss='mind')")
     device, dtype = _resolve_device(opts.device), getattr(torch, opts.dtype)
-    torch.manual_seed(opts.seed)
     start = time.perf_counter()
     fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
     prep = _normalise if opts.normalize else (lambda x: x)

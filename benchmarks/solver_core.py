@@ -5,16 +5,21 @@ System (n = 3 s^3 unknowns, float32): `(H + lam L) u = b` with per-voxel 3x3 SPD
 the 6-neighbourhood grid Laplacian per component (Neumann). All solvers run to the same
 relative residual with Jacobi preconditioning (pyamg: its own V-cycle):
 
-* shapeflow CG, matrix-free (stencil `grid_laplacian_apply` + the rank-one data term);
+* shapeflow CG, matrix-free: `grid_normal_operator` (stencil and per-voxel 3x3 blocks fused,
+  slab by slab, with `p . Ap` taken in the same pass), at 1 and 2 torch threads;
+* shapeflow CG, matrix-free, composed by hand from eager ops (`grid_laplacian_apply` + the
+  rank-one data term), as a user would write it;
 * shapeflow CG on the assembled CSR matrix (torch sparse);
 * `scipy.sparse.linalg.cg` on the same CSR matrix (SciPy's own Jacobi via M);
 * pyamg smoothed aggregation + CG (setup time reported apart);
 * `linear_solve` (implicit mode): backward (one adjoint CG) against its forward.
 
-Also measures memory bandwidth (a large tensor copy) and compares the stencil matvec with the
-bandwidth bound `bytes / bandwidth`, bytes = read u, read g, write A u (9 floats per voxel).
+Also measures memory bandwidth (a large tensor copy, the best over the thread counts) and
+compares the stencil matvec with the bandwidth bound `bytes / bandwidth`, bytes = read u, read
+g, write A u (9 floats per voxel). Times are medians of repeats. Torch threads are set only
+inside `torch_threads` (restored after); the load average is recorded before and after.
 
-    python benchmarks/solver_core.py [--quick] [--sizes 64 128]
+    python benchmarks/solver_core.py [--quick] [--sizes 64 128] [--threads 1 2]
 
 Writes benchmarks/results/solver_core.json and .md.
 """
@@ -22,6 +27,7 @@ Writes benchmarks/results/solver_core.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 
 from shapeflow.regularizers import grid_laplacian_apply
 from shapeflow.solvers import conjugate_gradient, linear_solve
+from shapeflow.solvers._operators import grid_normal_operator
 
 RESULTS = Path(__file__).parent / "results"
 LAM, EPS, TOL = 1.0, 0.05, 1e-4
@@ -51,6 +58,17 @@ def timed(fn, repeats=1):
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch threads, restoring the previous count afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def smooth_gradient(s: int, seed: int = 0) -> torch.Tensor:
@@ -70,7 +88,7 @@ def smooth_gradient(s: int, seed: int = 0) -> torch.Tensor:
 
 
 def make_matvec(g: torch.Tensor):
-    """Matrix-free `U -> (g g^T + eps I) U + lam L U` on (3, *S) fields."""
+    """Matrix-free `U -> (g g^T + eps I) U + lam L U` on (3, *S) fields, composed of eager ops."""
 
     def apply(U: torch.Tensor) -> torch.Tensor:
         out = grid_laplacian_apply(U, 1.0)
@@ -108,12 +126,12 @@ def torch_csr(A: sp.csr_matrix) -> torch.Tensor:
     )
 
 
-def bandwidth(nbytes: int = 1 << 29) -> float:
-    """Bytes per second of a large float32 copy (read + write counted)."""
+def bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
+    """Bytes per second of a large float32 copy (read + write counted), median of repeats."""
     src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    t, _ = timed(lambda: dst.copy_(src), repeats=5)
+    t, _ = timed(lambda: dst.copy_(src), repeats=repeats)
     return 2 * nbytes / t
 
 
@@ -121,44 +139,60 @@ def rel_residual(A: sp.csr_matrix, x: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(b - A @ x) / np.linalg.norm(b))
 
 
-def run_size(s: int, bw: float, with_amg: bool, repeats: int) -> list[dict]:
+def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]) -> list[dict]:
     rows = []
     n = 3 * s**3
     g = smooth_gradient(s)
     matvec = make_matvec(g)
+    fused = grid_normal_operator(g.unsqueeze(0), lam=LAM, damping=EPS)
     gen = torch.Generator().manual_seed(1)
     b = torch.randn(3, s, s, s, generator=gen)
     t_asm, A = timed(lambda: assemble_scipy(g))
     diag = A.diagonal().astype(np.float32)
     At = torch_csr(A)
     b_np = b.reshape(-1).numpy()
+    Mvec = torch.from_numpy(diag)
+    op = lambda v: matvec(v.view(3, s, s, s)).view(-1)  # noqa: E731
+    case = f"GN 3D field {s}^3"
 
     def row(tool, seconds, iterations, x_np, **extra):
-        r = {"tool": tool, "case": f"GN 3D field {s}^3", "size": s, "unknowns": n, "seconds": seconds,
+        r = {"tool": tool, "case": case, "size": s, "unknowns": n, "seconds": seconds,
              "iterations": iterations, "residual": rel_residual(A, x_np.astype(np.float64), b_np.astype(np.float64)),
              **extra}
         rows.append(r)
-        print(f"  {tool:<34} {seconds:8.3f} s  its {iterations!s:>5}  res {r['residual']:.2e}", flush=True)
+        print(f"  {tool:<48} {seconds:8.3f} s  its {iterations!s:>5}  res {r['residual']:.2e}", flush=True)
 
-    # matvec timings and the bandwidth bound
+    # matvec timings against the bandwidth bound, per thread count
     U = torch.randn(3, s, s, s)
-    t_mv, _ = timed(lambda: matvec(U), repeats=5)
     bound = 9 * 4 * s**3 / bw
-    t_spmv, _ = timed(lambda: At @ b.reshape(-1), repeats=5)
+    mv_repeats = 15
+    for nt in threads:
+        with torch_threads(nt):
+            t_fused, _ = timed(lambda: fused(U), repeats=mv_repeats)
+            t_fdot, _ = timed(lambda: fused.apply_dot(U), repeats=mv_repeats)
+            t_eager, _ = timed(lambda: matvec(U), repeats=mv_repeats)
+            t_spmv, _ = timed(lambda: At @ b.reshape(-1), repeats=5)
+        rows.append({"tool": "matvec", "case": case, "size": s, "threads": nt, "fused_matvec_s": t_fused,
+                     "fused_matvec_dot_s": t_fdot, "eager_matvec_s": t_eager, "bandwidth_bound_s": bound,
+                     "fused_vs_bound": t_fused / bound, "eager_vs_bound": t_eager / bound, "torch_csr_matvec_s": t_spmv})
+        print(f"  matvec {nt} thread(s): fused {t_fused*1e3:.2f} ms (+dot {t_fdot*1e3:.2f}), eager {t_eager*1e3:.2f} ms, "
+              f"bound {bound*1e3:.2f} ms, torch CSR {t_spmv*1e3:.1f} ms", flush=True)
     t_scipy_mv, _ = timed(lambda: A @ b_np, repeats=5)
-    print(f"  matvec: stencil {t_mv*1e3:.1f} ms (bound {bound*1e3:.1f} ms), torch CSR {t_spmv*1e3:.1f} ms, "
-          f"scipy CSR {t_scipy_mv*1e3:.1f} ms", flush=True)
-    mv = {"stencil_matvec_s": t_mv, "bandwidth_bound_s": bound, "stencil_vs_bound": t_mv / bound,
-          "torch_csr_matvec_s": t_spmv, "scipy_csr_matvec_s": t_scipy_mv}
+    for r in rows:
+        if r["tool"] == "matvec":
+            r["scipy_csr_matvec_s"] = t_scipy_mv
 
-    Mvec = torch.from_numpy(diag)
-    op = lambda v: matvec(v.view(3, s, s, s)).view(-1)  # noqa: E731
     with torch.no_grad():
-        t, (x, info) = timed(lambda: conjugate_gradient(op, b.reshape(-1), M=Mvec, tol=TOL), repeats)
-    row("shapeflow CG matrix-free (stencil)", t, int(info.iterations), x.reshape(-1).numpy(), **mv)
-    with torch.no_grad():
-        t, (x, info) = timed(lambda: conjugate_gradient(At, b.reshape(-1), M=torch.from_numpy(diag), tol=TOL), repeats)
-    row("shapeflow CG sparse CSR", t, int(info.iterations), x.numpy())
+        for nt in threads:
+            with torch_threads(nt):
+                t, (x, info) = timed(lambda: conjugate_gradient(fused, b.reshape(-1), M="jacobi", tol=TOL), repeats)
+            row(f"shapeflow CG matrix-free (fused), {nt} thread(s)", t, int(info.iterations), x.numpy(), threads=nt)
+        with torch_threads(threads[0]):
+            t, (x, info) = timed(lambda: conjugate_gradient(op, b.reshape(-1), M=Mvec, tol=TOL), repeats)
+            row(f"shapeflow CG matrix-free (eager ops), {threads[0]} thread(s)", t, int(info.iterations),
+                x.numpy(), threads=threads[0])
+            t, (x, info) = timed(lambda: conjugate_gradient(At, b.reshape(-1), M=Mvec, tol=TOL), 1 if s > 64 else repeats)
+            row(f"shapeflow CG sparse CSR, {threads[0]} thread(s)", t, int(info.iterations), x.numpy(), threads=threads[0])
 
     its = [0]
 
@@ -182,22 +216,26 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int) -> list[dict]:
         t, x = timed(lambda: ml.solve(b_np, tol=TOL, accel="cg", residuals=res, maxiter=500))
         row("pyamg SA + CG", t, len(res) - 1, x, setup_seconds=t_setup, total_seconds=t + t_setup)
 
-    # linear_solve: backward (one adjoint CG) against forward, matrix-free operator
+    # linear_solve: backward (one adjoint CG) against forward, matrix-free (fused) operator
     d = torch.zeros(n, requires_grad=True)
     bb = b.reshape(-1).clone().requires_grad_()
     w = torch.randn(n, generator=gen)
-    t_fwd, x = timed(lambda: linear_solve(op, d, bb, M=Mvec, tol=TOL))
-    loss = (x * w).sum()
-    t_bwd, _ = timed(lambda: loss.backward())
+    with torch_threads(threads[0]):
+        t_fwd, x = timed(lambda: linear_solve(fused, d, bb, M=Mvec, tol=TOL))
+        loss = (x * w).sum()
+        t_bwd, _ = timed(lambda: loss.backward())
     ratio = t_bwd / t_fwd
-    rows.append({"tool": "linear_solve backward / forward", "case": f"GN 3D field {s}^3", "size": s,
+    rows.append({"tool": "linear_solve backward / forward", "case": case, "size": s, "threads": threads[0],
                  "unknowns": n, "seconds": t_bwd, "forward_seconds": t_fwd, "ratio": ratio})
     print(f"  linear_solve forward {t_fwd:.3f} s, backward {t_bwd:.3f} s, ratio {ratio:.2f}", flush=True)
 
-    base = next(r for r in rows if r["tool"].startswith("shapeflow CG matrix-free"))["seconds"]
+    scipy_s = next(r for r in rows if r["tool"].startswith("scipy"))["seconds"]
+    best = min((r for r in rows if "(fused)" in r["tool"]), key=lambda r: r["seconds"])
+    best["headline"] = True
     for r in rows:
         if "iterations" in r:
-            r["ratio_to_shapeflow"] = r["seconds"] / base
+            r["ratio_to_shapeflow"] = r["seconds"] / best["seconds"]
+            r["speedup_vs_scipy"] = scipy_s / r["seconds"]
     print(f"  (assembly of the CSR matrix for the sparse rows: {t_asm:.1f} s, not timed in the rows)")
     return rows
 
@@ -205,28 +243,34 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int) -> list[dict]:
 def write(rows: list[dict], machine: dict, quick: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "solver_core.json").write_text(json.dumps({"machine": machine, "quick": quick, "rows": rows}, indent=2))
+    load = machine["load_average"]
     lines = [
         "# Solver core benchmark",
         "",
-        f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, SciPy {machine['scipy']}, "
-        f"{machine['torch_threads']} torch thread(s), load average {machine['load_average'][0]:.2f} at start, "
-        f"memory bandwidth (copy) {machine['bandwidth_GBps']:.1f} GB/s. float32, relative residual {TOL:g}, "
-        f"lam {LAM}, eps {EPS}. {'Quick run.' if quick else ''}",
+        f"Machine: {machine['cpu_count']} CPUs ({machine['processor']}), torch {machine['torch']}, SciPy "
+        f"{machine['scipy']}, torch threads {machine['threads']} (set per row, restored after), 1-minute load "
+        f"average {load[0]:.2f} at start" + (f", {machine['load_average_end'][0]:.2f} at the end" if "load_average_end" in machine else "")
+        + f". Memory bandwidth (copy, read + write): {machine['bandwidth_GBps']:.1f} GB/s "
+        f"(per thread count: {machine['bandwidth_by_threads_GBps']}). float32, relative residual {TOL:g}, lam {LAM}, "
+        f"eps {EPS}. Medians of repeats. {'Quick run.' if quick else ''}",
         "",
-        "| case | tool | seconds | iterations | residual | ratio to shapeflow stencil |",
-        "|---|---|---|---|---|---|",
+        "| case | tool | seconds | iterations | residual | speed-up vs SciPy CG | ratio to headline |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "iterations" in r:
             secs = f"{r['seconds']:.3f}" + (f" (+{r['setup_seconds']:.2f} setup)" if "setup_seconds" in r else "")
-            lines.append(f"| {r['case']} | {r['tool']} | {secs} | {r['iterations']} | {r['residual']:.1e} | "
-                         f"{r['ratio_to_shapeflow']:.2f} |")
-    lines += ["", "| case | stencil matvec (ms) | bandwidth bound (ms) | ratio | torch CSR matvec (ms) | SciPy CSR matvec (ms) |",
-              "|---|---|---|---|---|---|"]
+            tool = f"**{r['tool']}**" if r.get("headline") else r["tool"]
+            lines.append(f"| {r['case']} | {tool} | {secs} | {r['iterations']} | {r['residual']:.1e} | "
+                         f"{r['speedup_vs_scipy']:.2f} | {r['ratio_to_shapeflow']:.2f} |")
+    lines += ["", "Matvec `(g g^T + eps I + lam L) u` (ms) against the bandwidth bound (9 floats per voxel / bandwidth):", "",
+              "| case | threads | fused | fused + `p . Ap` | eager ops | bound | fused / bound | eager / bound | torch CSR | SciPy CSR |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "stencil_matvec_s" in r:
-            lines.append(f"| {r['case']} | {r['stencil_matvec_s']*1e3:.1f} | {r['bandwidth_bound_s']*1e3:.1f} | "
-                         f"{r['stencil_vs_bound']:.1f} | {r['torch_csr_matvec_s']*1e3:.1f} | {r['scipy_csr_matvec_s']*1e3:.1f} |")
+        if r["tool"] == "matvec":
+            lines.append(f"| {r['case']} | {r['threads']} | {r['fused_matvec_s']*1e3:.2f} | {r['fused_matvec_dot_s']*1e3:.2f} | "
+                         f"{r['eager_matvec_s']*1e3:.2f} | {r['bandwidth_bound_s']*1e3:.2f} | {r['fused_vs_bound']:.1f} | "
+                         f"{r['eager_vs_bound']:.1f} | {r['torch_csr_matvec_s']*1e3:.1f} | {r.get('scipy_csr_matvec_s', float('nan'))*1e3:.1f} |")
     lines += ["", "| case | linear_solve forward (s) | backward (s) | backward / forward |", "|---|---|---|---|"]
     for r in rows:
         if r["tool"].startswith("linear_solve"):
@@ -239,21 +283,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32^3 only")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--no-amg", action="store_true")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); use 1 on a shared, busy machine")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts to time the matrix-free CG with (the first one also runs "
+                             "the eager, CSR and linear_solve rows); default 1 and 2, or 1 alone when the "
+                             "1-minute load average is 0.7 or more (2 threads under contention stall on OpenMP)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sizes = args.sizes or ([32] if args.quick else [64, 128])
-    bw = bandwidth()
-    machine = {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "scipy": scipy.__version__, "numpy": np.__version__, "python": platform.python_version(),
-               "processor": platform.processor() or platform.machine(), "bandwidth_GBps": bw / 1e9}
-    print(f"bandwidth {bw/1e9:.1f} GB/s, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    load = os.getloadavg()
+    if args.threads is None:
+        args.threads = [1, 2] if load[0] < 0.7 else [1]
+    bws = {}
+    for nt in args.threads:
+        with torch_threads(nt):
+            bws[nt] = bandwidth()
+    bw = max(bws.values())
+    machine = {"cpu_count": os.cpu_count(), "load_average": load, "threads": args.threads,
+               "torch": torch.__version__, "scipy": scipy.__version__, "numpy": np.__version__,
+               "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+               "bandwidth_GBps": bw / 1e9, "bandwidth_by_threads_GBps": {k: round(v / 1e9, 1) for k, v in bws.items()}}
+    print(f"bandwidth {bw/1e9:.1f} GB/s {machine['bandwidth_by_threads_GBps']}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, load {load[0]:.2f}", flush=True)
     rows = []
     for s in sizes:
         print(f"size {s}^3", flush=True)
-        rows += run_size(s, bw, with_amg=not args.no_amg, repeats=3 if s <= 64 else 1)
+        rows += run_size(s, bw, with_amg=not args.no_amg, repeats=5 if s <= 64 else 3, threads=args.threads)
+        machine["load_average_end"] = os.getloadavg()
         write(rows, machine, args.quick)
 
 

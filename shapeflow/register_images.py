@@ -31,6 +31,7 @@ from .regularizers import grid_laplacian_apply
 from .shapes import Image
 from .progress import progress_bar
 from .solvers import conjugate_gradient
+from .solvers._operators import grid_normal_operator
 
 __all__ = ["ImageOptions", "register_images", "IMAGE_MODELS", "FEATURES", "gauss_newton_step", "gauss_newton_layer"]
 
@@ -105,21 +106,18 @@ def gauss_newton_step(residual: torch.Tensor, gradient: torch.Tensor, u: torch.T
     Solves `(sum_c g g^T / C + lam L) du = -sum_c r g / C - lam L u` (with `project` = (P, P^T) for a
     control grid: unknowns z, du = P z). Returns `(du (d, *S), CGInfo)`.
     """
-    C, d = gradient.shape[:2]
-    blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / C          # (d, d, *S)
+    C = gradient.shape[0]
     spacing = grid.spacing.tolist()
     rhs = -(residual[:, None] * gradient).sum(0) / C - lam * grid_laplacian_apply(u, spacing)   # (d, *S)
+    if project is None:  # the solver core's fused operator: blocks and stencil in one pass
+        operator = grid_normal_operator(gradient / math.sqrt(C), lam=lam, spacing=spacing)
+        x, info = conjugate_gradient(operator, rhs.reshape(-1), M=operator.diagonal(), tol=cg_tol, maxiter=cg_iterations)
+        return x.view(u.shape), info
+    blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / C          # (d, d, *S)
 
     def hessian(z: torch.Tensor) -> torch.Tensor:                              # (d, *S) -> (d, *S)
         return torch.einsum("ij...,j...->i...", blocks, z) + lam * grid_laplacian_apply(z, spacing)
 
-    laplace_diag = sum(2.0 / h ** 2 for h in spacing)
-    if project is None:
-        shape = u.shape
-        diag = (torch.diagonal(blocks, dim1=0, dim2=1).movedim(-1, 0) + lam * laplace_diag).reshape(-1)
-        x, info = conjugate_gradient(lambda v: hessian(v.view(shape)).reshape(-1), rhs.reshape(-1), M=diag,
-                                     tol=cg_tol, maxiter=cg_iterations)
-        return x.view(shape), info
     up, down = project
     z_shape = down(rhs).shape
     x, info = conjugate_gradient(lambda v: down(hessian(up(v.view(z_shape)))).reshape(-1), down(rhs).reshape(-1),

@@ -85,15 +85,15 @@ SWEEP_CONFIGS = {
 
 
 NOTES = """\
-* With its defaults shapeflow meets neither target: `loss="sinkhorn"` takes 11-14 s at every size
-  (the same 256/512-point stages at every N; Chamfer with the same 225 steps takes 2-5 s, so the
-  Sinkhorn evaluations are the cost) and is 2.7-22x less accurate than pycpd;
-  `loss="chamfer"` is within 5 s at 4k and 50x faster than pycpd there, but less accurate.
-  The targets are met at 4k (and the accuracy one at 2k) only with non-default options: the
-  coarse stage and the default step count make the fit worse on this folded surface (see the
-  sweep: dropping the coarse stage takes the 4k Chamfer RMSE from 1.17 % to 0.22 %, while 300
-  steps instead of 150 take it from 1.17 % to 1.43 %). At 1k pycpd remains the most accurate
-  and shapeflow is about 2x faster, not 50x.
+* Defaults since the sweep (2026-11-25): `loss="sinkhorn"` fits Sinkhorn on a 256-point subsample
+  (3x blur) and then refines with Chamfer on up to 4000 points; `loss="chamfer"` is one stage on up
+  to 4000 points; 100 Adam steps per stage, lr 3e-2. (Before, Sinkhorn ran on 256 then 512 points
+  and was 1.2-2.7 % RMSE at 11-14 s; the sweep below is from that version.)
+* Accuracy: from 2k points on, both shapeflow settings are as accurate as pycpd or better
+  (0.1x its RMSE at 4k, where pycpd's fit degrades); at 1k pycpd is more accurate (0.05 % vs 0.12 %).
+* Speed: at 4k, 25x (default) and 41x (chamfer) pycpd's speed, short of the 50x target; 4k within
+  5 s only with `loss="chamfer"` (4.6 s at load 2; the default took 7.4 s). At 1k-2k pycpd is fast
+  enough that the ratio is 1-12x. All timings were taken with another job on the second core.
 * pycpd scales as O(N^3) per EM iteration (a dense N x N solve): 3.5 s, 25 s, 232 s here. Its
   defaults (alpha=2, beta=2) suit unit-scale data; on the raw millimetre coordinates at 1k it ran
   20.6 s for 60 iterations and did not move the source at all (RMSE 5.81 %), which is why every

@@ -567,6 +567,12 @@ def targets_paragraph(rows: list[dict]) -> str:
 
 def notes(out: dict) -> str:
     lines = [
+        "* Defaults changed after this run (2026-11-25): the rows marked `best: disp, iterations=[8,4,2], "
+        "cg_iterations=20` are what `register(moving, fixed)` now does (8 Gauss-Newton steps on the coarsest "
+        "level, halved on each finer one; 20 CG iterations per step). The `(defaults)` rows are the earlier "
+        "defaults (8 steps per level, 60 CG iterations). With the new defaults the time target (<= 0.5x SyNOnly) "
+        "is still not met at full resolution (0.65x at 64³, 0.81x at 128³); it is met only by skipping the finest "
+        "level (`iterations=[8, 4, 0]`, the `fast` rows), as ANTsPy's default `reg_iterations=(40, 20, 0)` does.",
         f"* Threads: {out['machine']['threads']} for every tool. With 2 torch threads on this shared 2-core machine "
         "shapeflow ran 2-7x slower and erratically whenever other jobs were running (64³ displacement 2.7 s -> 6.6-23 s, "
         "svf 9 s -> 38-67 s), so 1 thread is the setting reported; ITK (ANTs, elastix) gets the same number through "

@@ -57,10 +57,11 @@ class ImageOptions(CommonOptions):
     """Keyword options of `register` for images; an unknown name is an error listing these."""
 
     levels: int = 3                      # pyramid levels (each halves the grid)
-    iterations: int | list[int] = 8      # Gauss-Newton steps per level (coarse first), or one per level
+    iterations: int | list[int] | None = None   # Gauss-Newton steps per level, or a list (coarse first);
+                                                # default 8 on the coarsest level, halved on each finer one
     regularization: float | list[float] = 0.003  # lam (intensities scaled to [0, 1]), or one per level
     stride: int = 1                      # control-grid stride (1: one vector per voxel)
-    cg_iterations: int = 60
+    cg_iterations: int = 20
     cg_tol: float = 1e-3
     prealign: str | None = None          # "affine": fit an affine map first (Gauss-Newton, coarse level)
     normalize: bool = True               # rescale intensities to [0, 1] (1st and 99th percentiles)
@@ -74,6 +75,12 @@ class ImageOptions(CommonOptions):
 
     def per_level(self, value, level: int, levels: int):
         return value[level] if isinstance(value, (list, tuple)) else value
+
+    def steps(self, level: int, levels: int) -> int:
+        """Gauss-Newton steps on `level` (0 = coarsest)."""
+        if self.iterations is None:
+            return max(8 >> level, 1)
+        return int(self.per_level(self.iterations, level, levels))
 
 
 @dataclass
@@ -225,7 +232,7 @@ def _fit_levels(model_cls, levels: list[_Level], affine, opts: ImageOptions, his
                 slicer, description: str, device, dtype):
     """Gauss-Newton coarse to fine. Returns (parameters on the last grid used, that grid, interrupted)."""
     params, grid = None, None
-    total_steps = sum(int(opts.per_level(opts.iterations, k, len(levels))) for k in range(len(levels)))
+    total_steps = sum(opts.steps(k, len(levels)) for k in range(len(levels)))
     with progress_bar(opts.progress, description, total_steps) as advance:
         for number, level in enumerate(levels):
             points = level.grid.points(dtype, device)                                       # (*S, d)
@@ -237,7 +244,7 @@ def _fit_levels(model_cls, levels: list[_Level], affine, opts: ImageOptions, his
             lam = float(opts.per_level(opts.regularization, number, len(levels)))
             stepper = _Stepper(model_cls, level, points, affine, lam, opts, advance)
             try:
-                params = stepper.run(params, int(opts.per_level(opts.iterations, number, len(levels))), history,
+                params = stepper.run(params, opts.steps(number, len(levels)), history,
                                      number, snapshots, slicer)
             except KeyboardInterrupt:
                 return stepper.best, grid, True

@@ -1,4 +1,5 @@
-"""Reading and writing images: NIfTI (nibabel), PNG/JPG/TIFF (imageio), MHA/NRRD (SimpleITK), .npy.
+"""Reading and writing images: NIfTI (nibabel), PNG/JPG/TIFF (imageio), MHA/NRRD (SimpleITK), .npy,
+and reading single DICOM slices (pydicom).
 
 `sf.read` and `sf.write` call these for image files; world geometry (spacing, origin,
 direction) is kept: NIfTI through its affine (RAS world), ITK formats through their header
@@ -99,6 +100,25 @@ def _read_itk(path: Path) -> Image:
     return Image(torch.from_numpy(channels), spacing=img.GetSpacing(), origin=origin, direction=direction, source=str(path))
 
 
+def _read_dicom(path: Path) -> Image:
+    """One DICOM slice as a 2D image in its own plane: axis 0 runs down the rows (along the
+    column direction cosine), axis 1 along a row; spacing from PixelSpacing; the origin is the
+    first pixel's position projected on those two directions (mm); modality LUT applied (e.g. HU)."""
+    pydicom = _require("pydicom", "dicom")
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(str(path))
+    pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    if pixels.ndim != 2:
+        raise ShapeflowError(f"{path}: DICOM with pixel data of shape {pixels.shape}; one 2D slice is supported")
+    spacing = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
+    position = np.asarray(ds.get("ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=np.float64)
+    cosines = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    row_direction, column_direction = cosines[:3], cosines[3:]
+    origin = [float(position @ column_direction), float(position @ row_direction)]
+    return Image(torch.from_numpy(pixels[None].copy()), spacing=spacing, origin=origin, source=str(path))
+
+
 def _read_npy(path: Path) -> Image:
     data = np.load(path, allow_pickle=False)
     if data.ndim in (2, 3):
@@ -108,7 +128,7 @@ def _read_npy(path: Path) -> Image:
 
 IMAGE_READERS: dict[str, Callable[[Path], Image]] = {
     ".nii": _read_nifti, ".nii.gz": _read_nifti, ".mha": _read_itk, ".mhd": _read_itk, ".nrrd": _read_itk,
-    ".npy": _read_npy, **{s: _read_picture for s in (".png", ".jpg", ".jpeg", ".tif", ".tiff")}}
+    ".npy": _read_npy, ".dcm": _read_dicom, **{s: _read_picture for s in (".png", ".jpg", ".jpeg", ".tif", ".tiff")}}
 
 
 def read_image(path: Path, suffix: str) -> Image:

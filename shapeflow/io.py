@@ -24,7 +24,7 @@ __all__ = ["read", "write", "READERS", "WRITERS", "suffix_of"]
 _TRIMESH = (".ply", ".obj", ".stl", ".off")
 _NIFTI = (".nii", ".nii.gz")
 _PICTURE = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_ITK = (".mha", ".mhd", ".nrrd")
+_ITK = (".mha", ".mhd", ".nrrd", ".dcm")
 #: extensions that always hold images (a .npy holds points unless read with kind="image")
 IMAGE_SUFFIXES = _NIFTI + _PICTURE + _ITK
 _VTK = (".vtk", ".vtp")
@@ -89,7 +89,7 @@ def read(path: str | os.PathLike, kind: str | None = None) -> PointCloud | Image
     `kind` is None (from the extension: an `Image` for image files, else a `Mesh` if the file has
     faces, else a `PointCloud`), "points", "mesh", "landmarks" or "image" (e.g. for a .npy volume).
     Shapes: .ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy.
-    Images: .nii .nii.gz .png .jpg .jpeg .tif .tiff .mha .mhd .nrrd (and .npy with kind="image").
+    Images: .nii .nii.gz .png .jpg .jpeg .tif .tiff .mha .mhd .nrrd .dcm (and .npy with kind="image").
     """
     path = Path(path)
     suffix = suffix_of(path)

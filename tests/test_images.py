@@ -87,3 +87,30 @@ def test_unreadable_and_degenerate_files(tmp_path):
         sf.read(flat, kind="points")
     with pytest.raises(sf.ShapeflowError, match="2D images"):
         sf.write(rotated_image(), tmp_path / "v.png")
+
+
+def test_dicom_slices_from_pydicom_register_onto_a_deformed_copy():
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from shapeflow.deform import DisplacementField
+    from shapeflow.grids import Grid, sample
+    from shapeflow.synthetic import smooth_field
+
+    ct = sf.read(get_testdata_file("CT_small.dcm"))
+    raw = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert ct.shape == (128, 128) and ct.spacing.tolist() == pytest.approx([0.661468, 0.661468])
+    assert float(ct.data.min()) == float(raw.pixel_array.min()) * float(raw.RescaleSlope) + float(raw.RescaleIntercept)
+    assert sf.read(get_testdata_file("MR_small.dcm")).shape == (64, 64)
+    grid = Grid.of(ct)
+    points = grid.points(torch.float64)
+    truth = DisplacementField(grid).double()
+    with torch.no_grad():
+        truth.control[:, 1:-1, 1:-1] = smooth_field(points, 2.5, 60.0, seed=3)
+    moving = ct.with_data(sample(ct.data, grid, truth.inverse(points.reshape(-1, 2)).reshape(points.shape).float()))
+    result = sf.register(moving, ct, progress=False)
+    x = points[16:-16, 16:-16].reshape(-1, 2).float()
+    with torch.no_grad():
+        error = float((result.deformation(x) - truth.float()(x)).norm(dim=1).mean())
+        before = float((truth.float()(x) - x).norm(dim=1).mean())
+    assert error < 0.5 * before, (error, before)

@@ -30,8 +30,7 @@ from .grids import Grid, downsample, sample, spatial_gradient
 from .regularizers import grid_laplacian_apply
 from .shapes import Image
 from .progress import progress_bar
-from .solvers import conjugate_gradient
-from .solvers._operators import grid_normal_operator
+from .solvers import conjugate_gradient, grid_normal_operator
 
 __all__ = ["ImageOptions", "register_images", "IMAGE_MODELS", "FEATURES", "gauss_newton_step", "gauss_newton_layer"]
 

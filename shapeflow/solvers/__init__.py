@@ -3,6 +3,7 @@
 from shapeflow.solvers.bicgstab import bicgstab
 from shapeflow.solvers.cg import BACKENDS, PRECONDITIONERS, CGInfo, conjugate_gradient
 from shapeflow.solvers.fit import FitReport, fit
+from shapeflow.solvers._operators import GridNormalOperator, grid_normal_operator
 from shapeflow.solvers.gauss_newton import GaussNewtonResult, gauss_newton
 from shapeflow.solvers.implicit import implicit_argmin
 from shapeflow.solvers.linear_solve import METHODS, MODES, linear_solve
@@ -12,6 +13,7 @@ __all__ = [
     "CGInfo",
     "FitReport",
     "GaussNewtonResult",
+    "GridNormalOperator",
     "METHODS",
     "MODES",
     "PRECONDITIONERS",
@@ -19,6 +21,7 @@ __all__ = [
     "conjugate_gradient",
     "fit",
     "gauss_newton",
+    "grid_normal_operator",
     "implicit_argmin",
     "linear_solve",
 ]

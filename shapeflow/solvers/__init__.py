@@ -1,4 +1,4 @@
-"""The differentiable solver core: linear solves, Gauss-Newton, Newton, implicit differentiation, fitting loops."""
+"""The differentiable solver core: linear solves (CG, BiCGSTAB, AMG, CuPy), the differentiable `linear_solve`, Gauss-Newton, implicit differentiation, fitting loops."""
 
 from shapeflow.solvers.bicgstab import bicgstab
 from shapeflow.solvers.cg import BACKENDS, PRECONDITIONERS, CGInfo, conjugate_gradient

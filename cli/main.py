@@ -29,7 +29,7 @@ def register(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: SOURCE_to_TARGET)."),
     model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine or resnet (default). Images: displacement (default), svf or affine."),
     loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer or l2 (corresponding points). Images: ssd (default) or mind (multi-modal)."),
-    iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (150). Images: Gauss-Newton steps per level (8, halved per finer level)."),
+    iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (60). Images: Gauss-Newton steps per level (8, halved per finer level)."),
     regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
     prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow. Images: affine."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),

@@ -38,7 +38,7 @@ __all__ = ["register", "Result", "RegistrationOptions"]
 class RegistrationOptions(CommonOptions):
     """Keyword options of `register`; an unknown name is an error listing these."""
 
-    iterations: int | None = None       # Adam steps per stage (default 100)
+    iterations: int | None = None       # Adam steps per stage (default 60)
     lr: float | None = None             # Adam step size (default per model)
     lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear, 0 flows)
     regularization: float = 1e-3        # weight of the model's energy (kinetic energy for flows)
@@ -274,7 +274,7 @@ def _stages(opts: RegistrationOptions, loss: str, n_source: int, n_target: int, 
     `subsample` (4000) points (`refine="chamfer"`, the default: Sinkhorn finds the global match
     cheaply, Chamfer sharpens it at full resolution) or Sinkhorn on `subsample` (512) points.
     """
-    iterations = opts.iterations if opts.iterations is not None else 100
+    iterations = opts.iterations if opts.iterations is not None else 60
     if correspondence:  # known correspondence: every point, one stage
         return [_Stage("fine", loss, max(n_source, n_target), opts.blur, iterations)]
     fine_loss = opts.refine if loss == "sinkhorn" and opts.refine else loss

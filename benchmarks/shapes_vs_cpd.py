@@ -87,13 +87,13 @@ SWEEP_CONFIGS = {
 NOTES = """\
 * Defaults since the sweep (2026-11-25): `loss="sinkhorn"` fits Sinkhorn on a 256-point subsample
   (3x blur) and then refines with Chamfer on up to 4000 points; `loss="chamfer"` is one stage on up
-  to 4000 points; 100 Adam steps per stage, lr 3e-2. (Before, Sinkhorn ran on 256 then 512 points
+  to 4000 points; 60 Adam steps per stage, lr 3e-2. (Before, Sinkhorn ran on 256 then 512 points
   and was 1.2-2.7 % RMSE at 11-14 s; the sweep below is from that version.)
-* Accuracy: from 2k points on, both shapeflow settings are as accurate as pycpd or better
-  (0.1x its RMSE at 4k, where pycpd's fit degrades); at 1k pycpd is more accurate (0.05 % vs 0.12 %).
-* Speed: at 4k, 25x (default) and 41x (chamfer) pycpd's speed, short of the 50x target; 4k within
-  5 s only with `loss="chamfer"` (4.6 s at load 2; the default took 7.4 s). At 1k-2k pycpd is fast
-  enough that the ratio is 1-12x. All timings were taken with another job on the second core.
+* At 4k both targets are met by `loss="chamfer"` (75x pycpd's speed at 0.2x its RMSE, 2.4 s); the
+  default meets the 5 s budget (4.0 s) at 0.2x pycpd's RMSE but is 45x, not 50x, pycpd's speed.
+* At 1k and 2k pycpd is fast here (3.7 s and 25 s, not the issue's 11 s and 40 s): 50x would mean
+  74 ms at 1k, less than 60 Adam steps of the flow cost. shapeflow is 1.3-17x faster there, at
+  1.0-4x pycpd's RMSE (pycpd is the most accurate at 1k: 0.05 % against 0.17-0.22 %).
 * pycpd scales as O(N^3) per EM iteration (a dense N x N solve): 3.5 s, 25 s, 232 s here. Its
   defaults (alpha=2, beta=2) suit unit-scale data; on the raw millimetre coordinates at 1k it ran
   20.6 s for 60 iterations and did not move the source at all (RMSE 5.81 %), which is why every

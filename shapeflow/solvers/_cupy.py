@@ -7,7 +7,6 @@ to the host. CuPy's CG takes one right-hand side at a time, so columns are solve
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 from torch import Tensor

@@ -101,7 +101,6 @@ class LinearSolveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, d, b, solver, opts):  # type: ignore[override]
-        method = opts["method"]
         S = _shifted(A, d, assemble=True)
         M = _preconditioner(A, d, opts["M"])
         x, _ = solver(S, b, M, None, tol=opts["tol"], maxiter=opts["maxiter"], backend=opts["backend"])

@@ -220,13 +220,25 @@ def assembled_normal_matrix(jac, lam, spacing, damping):
     return A + damping * torch.eye(C * N, dtype=jac.dtype)
 
 
-@pytest.mark.parametrize("slab", [1, 80, 1 << 30])
-@pytest.mark.parametrize("jac_shape,spacing", [((1, 3, 5, 4, 3), (1.0, 0.5, 2.0)), ((2, 2, 6, 5), (1.5, 1.0))])
-def test_grid_normal_operator_matches_the_assembled_matrix(monkeypatch, slab, jac_shape, spacing):
+@pytest.mark.parametrize("path,slab", [("torch", 1), ("torch", 80), ("torch", 1 << 30), ("numba", 80)])
+@pytest.mark.parametrize(
+    "jac_shape,spacing",
+    [((1, 3, 5, 4, 3), (1.0, 0.5, 2.0)), ((2, 2, 6, 5), (1.5, 1.0)), ((1, 3, 4, 1, 5), (1.0, 1.0, 1.0)),
+     ((3, 2, 1, 7), (2.0, 1.0))],
+)
+def test_grid_normal_operator_matches_the_assembled_matrix(monkeypatch, path, slab, jac_shape, spacing):
+    """Both the slab-blocked torch path and the one-pass numba kernel equal the dense matrix."""
     import shapeflow.regularizers as reg
+    from shapeflow.solvers import _fused
     from shapeflow.solvers._operators import grid_normal_operator
 
     monkeypatch.setattr(reg, "SLAB_ELEMENTS", slab)
+    if path == "torch":
+        monkeypatch.setattr(_fused, "available", lambda u, jac: False)
+    elif _fused._kernel() is None:
+        pytest.skip("numba is not installed")
+    else:
+        monkeypatch.setattr(_fused, "normal_matvec", _counting(_fused.normal_matvec))
     g = torch.Generator().manual_seed(3)
     jac = torch.randn(jac_shape, dtype=torch.float64, generator=g)
     op = grid_normal_operator(jac, lam=0.7, spacing=spacing, damping=0.05)
@@ -246,6 +258,17 @@ def test_grid_normal_operator_matches_the_assembled_matrix(monkeypatch, slab, ja
     op32 = grid_normal_operator(jac.float(), lam=0.7, spacing=spacing, damping=0.05)
     with torch.no_grad():
         torch.testing.assert_close(op32(v.float()), (A @ v).float(), rtol=1e-5, atol=1e-5)
+    if path == "numba":
+        assert _fused.normal_matvec.calls > 0  # the kernel, not the fallback, was checked
+
+
+def _counting(fn):
+    def wrapped(*args, **kwargs):
+        wrapped.calls += 1
+        return fn(*args, **kwargs)
+
+    wrapped.calls = 0
+    return wrapped
 
 
 def test_grid_normal_operator_is_differentiable_and_checked():

@@ -152,7 +152,8 @@ class GridNormalOperator:
     from the (K, C) Jacobian of K residuals at voxel v) plus `lam` times the grid Laplacian
     (`shapeflow.regularizers.grid_laplacian_slab`, Neumann) of every component. The stencil and
     the block product run slab by slab along the first spatial axis, so every slab is read from
-    memory once and all the elementwise passes over it hit the cache.
+    memory once and all the elementwise passes over it hit the cache. On the CPU with numba
+    installed, a compiled kernel (`shapeflow.solvers._fused`) does the whole product in one pass.
 
     Build it with `grid_normal_operator`. Call it on `(C, *S)`, `(n,)` or `(n, k)` tensors
     (n = C prod(S), rows in `v.reshape(C, -1)` order); `diagonal()` gives `(n,)` for Jacobi;
@@ -192,6 +193,11 @@ class GridNormalOperator:
             out = out + (self.jac * t).sum(0)
             return out.reshape(v.shape), ((v.reshape(-1) * out.reshape(-1)).sum() if with_dot else None)
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        from shapeflow.solvers import _fused
+
+        if _fused.available(u, self.jac):  # one pass over memory (numba)
+            dot = _fused.normal_matvec(u.contiguous(), self.jac, self.weights, self.damping, out, with_dot)
+            return out.reshape(v.shape), dot
         plane = math.prod(self.field_shape[2:])
         slabs = grid_slabs(self.field_shape)
         tmp = torch.empty(slabs[0][1] * plane, dtype=u.dtype, device=u.device)

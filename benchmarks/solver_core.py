@@ -5,8 +5,10 @@ System (n = 3 s^3 unknowns, float32): `(H + lam L) u = b` with per-voxel 3x3 SPD
 the 6-neighbourhood grid Laplacian per component (Neumann). All solvers run to the same
 relative residual with Jacobi preconditioning (pyamg: its own V-cycle):
 
-* shapeflow CG, matrix-free: `grid_normal_operator` (stencil and per-voxel 3x3 blocks fused,
-  slab by slab, with `p . Ap` taken in the same pass), at 1 and 2 torch threads;
+* shapeflow CG, matrix-free: `grid_normal_operator` (stencil and per-voxel 3x3 blocks fused
+  into one pass by the numba kernel of `shapeflow/solvers/_fused.py`, with `p . Ap` taken in
+  the same pass), at 1 and 2 torch threads; its torch fallback (slab-blocked eager ops, used
+  without numba, on GPUs and under autograd) is timed as the matvec column "torch slabs";
 * shapeflow CG, matrix-free, composed by hand from eager ops (`grid_laplacian_apply` + the
   rank-one data term), as a user would write it;
 * shapeflow CG on the assembled CSR matrix (torch sparse);
@@ -58,6 +60,19 @@ def timed(fn, repeats=1):
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+@contextlib.contextmanager
+def without_numba():
+    """Run `grid_normal_operator` on its torch fallback (as without numba)."""
+    from shapeflow.solvers import _fused
+
+    available = _fused.available
+    _fused.available = lambda u, jac: False
+    try:
+        yield
+    finally:
+        _fused.available = available
 
 
 @contextlib.contextmanager
@@ -171,11 +186,13 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]
             t_fused, _ = timed(lambda: fused(U), repeats=mv_repeats)
             t_fdot, _ = timed(lambda: fused.apply_dot(U), repeats=mv_repeats)
             t_eager, _ = timed(lambda: matvec(U), repeats=mv_repeats)
+            with without_numba():
+                t_slabs, _ = timed(lambda: fused(U), repeats=mv_repeats)
             t_spmv, _ = timed(lambda: At @ b.reshape(-1), repeats=5)
         rows.append({"tool": "matvec", "case": case, "size": s, "threads": nt, "fused_matvec_s": t_fused,
-                     "fused_matvec_dot_s": t_fdot, "eager_matvec_s": t_eager, "bandwidth_bound_s": bound,
+                     "fused_matvec_dot_s": t_fdot, "eager_matvec_s": t_eager, "torch_slabs_matvec_s": t_slabs, "bandwidth_bound_s": bound,
                      "fused_vs_bound": t_fused / bound, "eager_vs_bound": t_eager / bound, "torch_csr_matvec_s": t_spmv})
-        print(f"  matvec {nt} thread(s): fused {t_fused*1e3:.2f} ms (+dot {t_fdot*1e3:.2f}), eager {t_eager*1e3:.2f} ms, "
+        print(f"  matvec {nt} thread(s): fused {t_fused*1e3:.2f} ms (+dot {t_fdot*1e3:.2f}), torch slabs {t_slabs*1e3:.2f}, eager {t_eager*1e3:.2f} ms, "
               f"bound {bound*1e3:.2f} ms, torch CSR {t_spmv*1e3:.1f} ms", flush=True)
     t_scipy_mv, _ = timed(lambda: A @ b_np, repeats=5)
     for r in rows:
@@ -221,9 +238,9 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]
     bb = b.reshape(-1).clone().requires_grad_()
     w = torch.randn(n, generator=gen)
     with torch_threads(threads[0]):
-        t_fwd, x = timed(lambda: linear_solve(fused, d, bb, M=Mvec, tol=TOL))
+        t_fwd, x = timed(lambda: linear_solve(fused, d, bb, M=Mvec, tol=TOL), repeats)
         loss = (x * w).sum()
-        t_bwd, _ = timed(lambda: loss.backward())
+        t_bwd, _ = timed(lambda: torch.autograd.grad(loss, (d, bb), retain_graph=True), repeats)
     ratio = t_bwd / t_fwd
     rows.append({"tool": "linear_solve backward / forward", "case": case, "size": s, "threads": threads[0],
                  "unknowns": n, "seconds": t_bwd, "forward_seconds": t_fwd, "ratio": ratio})
@@ -264,12 +281,13 @@ def write(rows: list[dict], machine: dict, quick: bool) -> None:
             lines.append(f"| {r['case']} | {tool} | {secs} | {r['iterations']} | {r['residual']:.1e} | "
                          f"{r['speedup_vs_scipy']:.2f} | {r['ratio_to_shapeflow']:.2f} |")
     lines += ["", "Matvec `(g g^T + eps I + lam L) u` (ms) against the bandwidth bound (9 floats per voxel / bandwidth):", "",
-              "| case | threads | fused | fused + `p . Ap` | eager ops | bound | fused / bound | eager / bound | torch CSR | SciPy CSR |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | threads | fused (numba) | fused + `p . Ap` | torch slabs (fallback) | eager ops | bound | fused / bound | torch slabs / bound | eager / bound | torch CSR | SciPy CSR |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["tool"] == "matvec":
             lines.append(f"| {r['case']} | {r['threads']} | {r['fused_matvec_s']*1e3:.2f} | {r['fused_matvec_dot_s']*1e3:.2f} | "
-                         f"{r['eager_matvec_s']*1e3:.2f} | {r['bandwidth_bound_s']*1e3:.2f} | {r['fused_vs_bound']:.1f} | "
+                         f"{r['torch_slabs_matvec_s']*1e3:.2f} | {r['eager_matvec_s']*1e3:.2f} | {r['bandwidth_bound_s']*1e3:.2f} | "
+                         f"{r['fused_vs_bound']:.1f} | {r['torch_slabs_matvec_s'] / r['bandwidth_bound_s']:.1f} | "
                          f"{r['eager_vs_bound']:.1f} | {r['torch_csr_matvec_s']*1e3:.1f} | {r.get('scipy_csr_matvec_s', float('nan'))*1e3:.1f} |")
     lines += ["", "| case | linear_solve forward (s) | backward (s) | backward / forward |", "|---|---|---|---|"]
     for r in rows:

@@ -58,21 +58,58 @@ METHODS: dict[str, Callable] = {"cg": conjugate_gradient, "bicgstab": _bicgstab,
 MODES = ("implicit", "unrolled", "partial")
 
 
+class _Shifted:
+    """The operator `V -> A V + d * V` (A a tensor or a callable; V of shape (n,) or (n, k)).
+
+    Keeps what makes `A` fast: `apply_dot` (the fused `(A v, v . A v)` the CG loop uses) and
+    `diagonal()` are passed through when A has them. A zero `d` that needs no gradient is dropped,
+    so the shift costs nothing in the common case `diag=None`.
+    """
+
+    def __init__(self, A: Operator, d: Tensor):
+        self.A = A
+        keep = bool(d.any()) or (torch.is_grad_enabled() and d.requires_grad)
+        self.d = d if keep else None
+        if hasattr(A, "apply_dot"):
+            self.apply_dot = self._apply_dot
+        if hasattr(A, "diagonal") and not isinstance(A, Tensor):
+            self.diagonal = self._diagonal
+
+    def _shift(self, V: Tensor) -> Tensor:
+        return self.d * V if V.dim() == 1 else self.d[:, None] * V
+
+    def __call__(self, V: Tensor) -> Tensor:
+        AV = self.A @ V if isinstance(self.A, Tensor) else self.A(V)
+        return AV if self.d is None else AV + self._shift(V)
+
+    def _apply_dot(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        Av, dot = self.A.apply_dot(v)
+        if self.d is None:
+            return Av, dot
+        dv = self._shift(v)
+        return Av + dv, dot + (v * dv).sum()
+
+    def _diagonal(self) -> Tensor:
+        diag = self.A.diagonal().reshape(-1)
+        return diag if self.d is None else diag + self.d
+
+
 def _shifted(A: Operator, d: Tensor, assemble: bool) -> Operator:
-    """The operator `A + diag(d)`: assembled (A a tensor and `assemble`) or as a closure."""
+    """The operator `A + diag(d)`: assembled (A a tensor and `assemble`) or as a `_Shifted`."""
     if isinstance(A, Tensor) and assemble:
         return with_diagonal(A, d)
-    if isinstance(A, Tensor):
-        return lambda V: A @ V + (d * V if V.dim() == 1 else d[:, None] * V)
-    return lambda V: A(V) + (d * V if V.dim() == 1 else d[:, None] * V)
+    return _Shifted(A, d)
 
 
 def _preconditioner(A: Operator, d: Tensor, M: Preconditioner) -> Preconditioner:
     """Jacobi on the shifted system uses diag(A) + d."""
     if isinstance(M, str) and M == "jacobi":
         if not isinstance(A, Tensor):
+            if hasattr(A, "diagonal"):  # an operator that knows its diagonal (GridNormalOperator)
+                return A.diagonal().reshape(-1) + d
             raise ShapeflowError(
-                "linear_solve(): M='jacobi' needs A as a tensor; for a callable A pass diag(A) + d as M"
+                "linear_solve(): M='jacobi' needs A as a tensor or an operator with diagonal(); "
+                "for another callable A pass diag(A) + d as M"
             )
         return diagonal(A) + d
     return M

@@ -556,8 +556,7 @@ def targets_paragraph(rows: list[dict]) -> str:
                     "(last entry of `iterations` 0: the half-resolution field is upsampled), and stay well below "
                     "SyNOnly's MSE and EPE.")
     if any(r["config"].startswith("best: ") for r in rows):
-        text.append("The `best` rows keep the defaults' accuracy in a fraction of their time (the defaults spend most "
-                    "of it in 60 CG iterations per Gauss-Newton step).")
+        text.append("The `best` rows are the fastest sweep settings that keep the defaults' accuracy.")
     text.append("ANTs and elastix optimise "
                 "mutual information, shapeflow and dipy SSD, on a mono-modal phantom where SSD is the right data term. "
                 "EPE has a floor of about 0.4-0.8 mm for every tool: the blob phantom has near-flat regions where the "
@@ -567,12 +566,10 @@ def targets_paragraph(rows: list[dict]) -> str:
 
 def notes(out: dict) -> str:
     lines = [
-        "* Defaults changed after this run (2026-11-25): the rows marked `best: disp, iterations=[8,4,2], "
-        "cg_iterations=20` are what `register(moving, fixed)` now does (8 Gauss-Newton steps on the coarsest "
-        "level, halved on each finer one; 20 CG iterations per step). The `(defaults)` rows are the earlier "
-        "defaults (8 steps per level, 60 CG iterations). With the new defaults the time target (<= 0.5x SyNOnly) "
-        "is still not met at full resolution (0.65x at 64³, 0.81x at 128³); it is met only by skipping the finest "
-        "level (`iterations=[8, 4, 0]`, the `fast` rows), as ANTsPy's default `reg_iterations=(40, 20, 0)` does.",
+        "* Defaults: `register(moving, fixed)` runs 3 pyramid levels with 8 Gauss-Newton steps on the coarsest, "
+        "halved on each finer one (8, 4, 2), 20 CG iterations per step, on the CPU through the one-pass numba kernel "
+        "of the Gauss-Newton matvec (`shapeflow/solvers/_fused.py`; without numba the torch fallback is about 2-3x "
+        "slower per matvec, see benchmarks/results/solver_core.md).",
         f"* Threads: {out['machine']['threads']} for every tool. With 2 torch threads on this shared 2-core machine "
         "shapeflow ran 2-7x slower and erratically whenever other jobs were running (64³ displacement 2.7 s -> 6.6-23 s, "
         "svf 9 s -> 38-67 s), so 1 thread is the setting reported; ITK (ANTs, elastix) gets the same number through "

@@ -24,7 +24,7 @@ def _library_errors():
 
 @app.command()
 def register(
-    source: Path = typer.Argument(..., help="The shape or image that moves (.ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy; .nii .nii.gz .png .jpg .tif .mha .nrrd)."),
+    source: Path = typer.Argument(..., help="The shape or image that moves (.ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy; .nii .nii.gz .png .jpg .tif .mha .nrrd .dcm, or a folder of DICOM slices)."),
     target: Path = typer.Argument(..., help="The shape or image it moves onto (fixed)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: SOURCE_to_TARGET)."),
     model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine or resnet (default). Images: displacement (default), svf or affine."),
@@ -62,7 +62,9 @@ def register(
                              progress=not quiet, **options)
         inside = gif is not None and (gif.parent == Path(".") and not gif.is_absolute()
                                       or gif.resolve().parent == output.resolve())
-        result.save(output, overwrite=overwrite, gif=gif.name if inside else None, frames=frames)
+        # DICOM (a series folder or a .dcm) is read, not written: the warped image goes out as NIfTI
+        name = ".nii.gz" if target.is_dir() or target.suffix.lower() == ".dcm" else None
+        result.save(output, overwrite=overwrite, name=name, gif=gif.name if inside else None, frames=frames)
         if gif is not None and not inside:
             animate(result, gif, frames=frames)
     except _library_errors() as exc:

@@ -16,7 +16,7 @@ import torch
 
 from ._files import atomic_write
 from .errors import ShapeflowError
-from .image_io import IMAGE_READERS, IMAGE_WRITERS, read_image, write_image
+from .image_io import IMAGE_READERS, IMAGE_WRITERS, read_dicom_series, read_image, write_image
 from .shapes import Image, Landmarks, Mesh, PointCloud
 
 __all__ = ["read", "write", "READERS", "WRITERS", "suffix_of"]
@@ -83,15 +83,21 @@ READERS: dict[str, Callable] = {**{s: _read_trimesh for s in _TRIMESH}, **{s: _r
                                 **{s: _read_table for s in _TABLE}, ".npy": _read_npy}
 
 
-def read(path: str | os.PathLike, kind: str | None = None) -> PointCloud | Image:
-    """Read a shape or an image file.
+def read(path: str | os.PathLike, kind: str | None = None, *, series: str | None = None) -> PointCloud | Image:
+    """Read a shape or an image file, or a folder of DICOM slices.
 
     `kind` is None (from the extension: an `Image` for image files, else a `Mesh` if the file has
     faces, else a `PointCloud`), "points", "mesh", "landmarks" or "image" (e.g. for a .npy volume).
     Shapes: .ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy.
-    Images: .nii .nii.gz .png .jpg .jpeg .tif .tiff .mha .mhd .nrrd .dcm (and .npy with kind="image").
+    Images: .nii .nii.gz .png .jpg .jpeg .tif .tiff .mha .mhd .nrrd .dcm (and .npy with kind="image"),
+    and a folder: a DICOM series read as one 3D `Image` (see `image_io.read_dicom_series`);
+    `series` picks one SeriesInstanceUID when the folder holds several.
     """
     path = Path(path)
+    if path.is_dir():
+        return _read_folder(path, kind, series)
+    if series is not None:
+        raise ShapeflowError(f"read(): series= picks a series in a folder of DICOM files, but {path} is not a folder")
     suffix = suffix_of(path)
     if suffix not in READERS and suffix not in IMAGE_READERS:
         known = sorted(set(READERS) | set(IMAGE_READERS))
@@ -126,6 +132,18 @@ def read(path: str | os.PathLike, kind: str | None = None) -> PointCloud | Image
     if faces is not None and kind != "points":
         return Mesh(tensor, faces=torch.as_tensor(np.array(faces, dtype=np.int64)), source=name)
     return PointCloud(tensor, source=name)
+
+
+def _read_folder(path: Path, kind: str | None, series: str | None) -> Image:
+    if kind not in (None, "image"):
+        raise ShapeflowError(f"{path}: a folder is read as a DICOM series (an image), not as {kind}")
+    try:
+        return read_dicom_series(path, series=series)
+    except (ShapeflowError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable series
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShapeflowError(f"{path}: unreadable DICOM series ({first[:120]})") from None
 
 
 # --- writers: (points array, faces array or None, path) -> None ------------------------------

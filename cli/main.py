@@ -28,10 +28,11 @@ def register(
     target: Path = typer.Argument(..., help="The shape or image it moves onto (fixed)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: SOURCE_to_TARGET)."),
     model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine or resnet (default). Images: displacement (default), svf or affine."),
-    loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer or l2 (corresponding points). Images: ssd (default) or mind (multi-modal)."),
+    loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer or l2 (corresponding points). Images: ssd (default), ncc (local NCC: bias fields, contrast changes) or mind (multi-modal)."),
     iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (60). Images: Gauss-Newton steps per level (8, halved per finer level)."),
     regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
     prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow. Images: affine."),
+    solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs shapeflow[amg])."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
     landmarks_moving: Optional[Path] = typer.Option(None, help="Images: landmarks (world mm) in the moving image, for TRE."),
@@ -54,7 +55,7 @@ def register(
             _fail(f"{output}: output folder exists; choose another with -o or pass --overwrite")
         if gif is not None and gif.suffix.lower() not in (".gif", ".mp4"):
             _fail(f"{gif}: animations are written as .gif or .mp4")
-        given = dict(iterations=iterations, regularization=regularization, prealign=prealign,
+        given = dict(iterations=iterations, regularization=regularization, prealign=prealign, solver=solver,
                      labels_moving=labels_moving, labels_fixed=labels_fixed,
                      landmarks_moving=landmarks_moving, landmarks_fixed=landmarks_fixed)
         options = {k: v for k, v in given.items() if v is not None}

@@ -3,7 +3,7 @@
 from shapeflow.solvers.bicgstab import bicgstab
 from shapeflow.solvers.cg import BACKENDS, PRECONDITIONERS, CGInfo, conjugate_gradient
 from shapeflow.solvers.fit import FitReport, fit
-from shapeflow.solvers._operators import GridNormalOperator, grid_normal_operator
+from shapeflow.solvers._operators import GridNormalOperator, assemble_grid_normal_matrix, grid_normal_operator
 from shapeflow.solvers.gauss_newton import GaussNewtonResult, gauss_newton
 from shapeflow.solvers.implicit import implicit_argmin
 from shapeflow.solvers.linear_solve import METHODS, MODES, linear_solve
@@ -17,6 +17,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "PRECONDITIONERS",
+    "assemble_grid_normal_matrix",
     "bicgstab",
     "conjugate_gradient",
     "fit",

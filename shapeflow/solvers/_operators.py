@@ -247,3 +247,46 @@ def grid_normal_operator(jac: Tensor, *, lam: float, spacing=None, damping: floa
     if not (lam >= 0 and damping >= 0):
         raise ShapeflowError(f"grid_normal_operator(): lam and damping must be >= 0, got {lam}, {damping}")
     return GridNormalOperator(jac, lam, spacing, damping)
+
+
+def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, damping: float = 0.0) -> Tensor:
+    """The Gauss-Newton matrix of `grid_normal_operator` assembled as a sparse CSR tensor.
+
+    jac: (K, C, *S) per-voxel Jacobian of K residuals (S 2D or 3D); lam >= 0 the weight of the
+    Neumann grid Laplacian (`shapeflow.regularizers.grid_laplacian`, spacing aware) of every
+    component; spacing: one number or one per spatial axis; damping >= 0. Returns the
+    (n, n) matrix `J^T J + damping I + lam kron(I_C, L)`, n = C prod(S), rows and columns in
+    `v.reshape(C, -1)` order (the order `grid_normal_operator` uses): the data blocks couple the
+    C components of one voxel (entries `(c N + v, e N + v) = sum_k jac[k, c, v] jac[k, e, v]`),
+    the Laplacian couples neighbouring voxels of one component. Same dtype and device as `jac`;
+    for matrix-based solvers such as algebraic multigrid (`conjugate_gradient(A, b,
+    backend="amg")`), which need the entries rather than a matvec. Not differentiable.
+    """
+    from shapeflow.regularizers import grid_laplacian
+
+    if not isinstance(jac, Tensor) or jac.dim() not in (4, 5):
+        raise ShapeflowError(
+            f"assemble_grid_normal_matrix(): jac must be (K, C, *S) with S 2D or 3D, got "
+            f"{tuple(jac.shape) if isinstance(jac, Tensor) else type(jac).__name__}"
+        )
+    if not (lam >= 0 and damping >= 0):
+        raise ShapeflowError(f"assemble_grid_normal_matrix(): lam and damping must be >= 0, got {lam}, {damping}")
+    jac = jac.detach()
+    K, C = jac.shape[:2]
+    shape = tuple(jac.shape[2:])
+    N = math.prod(shape)
+    flat = jac.reshape(K, C, N)
+    blocks = torch.einsum("kcv,kev->cev", flat, flat)  # (C, C, N)
+    blocks = blocks + float(damping) * torch.eye(C, dtype=jac.dtype, device=jac.device)[:, :, None]
+    voxel = torch.arange(N, device=jac.device)
+    comp = torch.arange(C, device=jac.device) * N
+    rows = (comp[:, None, None] + voxel).expand(C, C, N)  # (C, C, N): c N + v
+    cols = (comp[None, :, None] + voxel).expand(C, C, N)  # (C, C, N): e N + v
+    index, values = [torch.stack([rows.reshape(-1), cols.reshape(-1)])], [blocks.reshape(-1)]
+    if lam > 0:
+        L = grid_laplacian(shape, spacing, components=C, dtype=jac.dtype, device=jac.device)
+        index.append(L.indices())
+        values.append(float(lam) * L.values())
+    n = C * N
+    A = torch.sparse_coo_tensor(torch.cat(index, 1), torch.cat(values), (n, n), check_invariants=False)
+    return A.coalesce().to_sparse_csr()

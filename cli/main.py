@@ -63,9 +63,7 @@ def register(
                              progress=not quiet, **options)
         inside = gif is not None and (gif.parent == Path(".") and not gif.is_absolute()
                                       or gif.resolve().parent == output.resolve())
-        # DICOM (a series folder or a .dcm) is read, not written: the warped image goes out as NIfTI
-        name = ".nii.gz" if target.is_dir() or target.suffix.lower() == ".dcm" else None
-        result.save(output, overwrite=overwrite, name=name, gif=gif.name if inside else None, frames=frames)
+        result.save(output, overwrite=overwrite, gif=gif.name if inside else None, frames=frames)
         if gif is not None and not inside:
             animate(result, gif, frames=frames)
     except _library_errors() as exc:

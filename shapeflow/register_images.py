@@ -612,9 +612,13 @@ def write_image_outputs(result, folder, name=None) -> None:
     from .io import suffix_of, write
     from .viz import overlay
 
+    from .image_io import IMAGE_WRITERS
+
     folder = Path(folder)
     suffix = name or (suffix_of(result.target.source) if result.target.source else ".nii.gz")
-    if result.warped.dim == 3 and suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+    # NIfTI where the fixed image's format can't hold the result: a 3D image from a 2D picture
+    # format, or a format we read but do not write (a DICOM file or series folder)
+    if suffix not in IMAGE_WRITERS or (result.warped.dim == 3 and suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff")):
         suffix = ".nii.gz"
     write(dataclasses.replace(result.warped, labels=None), folder / f"warped{suffix}")
     if result.warped.labels is not None:

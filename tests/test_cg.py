@@ -97,6 +97,12 @@ def test_amg_backend_and_preconditioner_match_dense():
     torch.testing.assert_close(x2, ref, rtol=1e-7, atol=1e-7)
     _, plain = conjugate_gradient(A, b, tol=1e-10)
     assert int(info2.iterations.max()) < int(plain.iterations.max()) // 3
+    # float32 systems work too (the hierarchy is built in float64), to float32 accuracy
+    A32, b32 = A.float(), b.float()
+    for kw in (dict(backend="amg"), dict(M="amg")):
+        x32, info32 = conjugate_gradient(A32, b32, tol=1e-5, **kw)
+        assert x32.dtype == torch.float32 and info32.converged
+        torch.testing.assert_close(x32.double(), ref, rtol=1e-3, atol=1e-3)
 
 
 def test_bicgstab_nonsymmetric_matches_dense():

@@ -14,9 +14,13 @@ from shapeflow.solvers._optional import import_optional
 
 
 def amg_hierarchy(A: Tensor):
-    """Smoothed-aggregation AMG hierarchy of a symmetric positive-definite A: (n, n) CPU tensor."""
+    """Smoothed-aggregation AMG hierarchy of a symmetric positive-definite A: (n, n) CPU tensor.
+
+    Built in float64 whatever A's dtype (pyamg's solve refuses a float32 matrix with float64
+    vectors); the callers convert their vectors to float64 and back.
+    """
     pyamg = import_optional("pyamg", "algebraic multigrid (backend='amg' / M='amg')")
-    return pyamg.smoothed_aggregation_solver(to_scipy_csr(A))
+    return pyamg.smoothed_aggregation_solver(to_scipy_csr(A).astype(np.float64))
 
 
 def amg_solve(A: Tensor, B: Tensor, X0: Tensor, tol: float, maxiter: int) -> tuple[Tensor, Tensor]:
@@ -43,7 +47,7 @@ def amg_preconditioner(A: Tensor) -> Matvec:
     op = amg_hierarchy(A).aspreconditioner(cycle="V")
 
     def apply(R: Tensor) -> Tensor:
-        out = [torch.from_numpy(np.asarray(op.matvec(R[:, j].detach().numpy()))).to(R.dtype)
+        out = [torch.from_numpy(np.asarray(op.matvec(R[:, j].detach().numpy().astype(np.float64)))).to(R.dtype)
                for j in range(R.shape[1])]
         return torch.stack(out, dim=1)
 

@@ -7,6 +7,7 @@ the right-hand side it was called for (`(n,)` or `(n, k)`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional, Union
 
@@ -56,13 +57,30 @@ def block_matvec(A: Operator, vector_rhs: bool) -> Matvec:
             return A(V[:, 0]).reshape(-1, 1)
 
         if hasattr(A, "apply_dot"):  # optional fused `v -> (A v, v . A v)`, used by CG
-            def column_dot(V: Tensor) -> tuple[Tensor, Tensor]:
-                AV, dot = A.apply_dot(V[:, 0])
+            pass_out = accepts_out(A.apply_dot)
+
+            def column_dot(V: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                if pass_out and out is not None:
+                    AV, dot = A.apply_dot(V[:, 0], out=out[:, 0])
+                else:
+                    AV, dot = A.apply_dot(V[:, 0])
                 return AV.reshape(-1, 1), dot
 
             column.apply_dot = column_dot
         return column
     return A
+
+
+def accepts_out(apply_dot: Callable) -> bool:
+    """True when an operator's `apply_dot` takes an `out=` buffer to write `A v` into.
+
+    The CG loop then reuses one buffer for every `A p` instead of allocating a fresh vector per
+    iteration (for large fields the page faults of a fresh allocation cost as much as the matvec).
+    """
+    try:
+        return "out" in inspect.signature(apply_dot).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def diagonal(A: Tensor) -> Tensor:
@@ -175,11 +193,14 @@ class GridNormalOperator:
             return torch.stack([self(v[:, j]) for j in range(v.shape[1])], dim=1)
         return self._apply(v, with_dot=False)[0]
 
-    def apply_dot(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """`(A v, v . A v)` in one pass (the dot taken per slab while it is in cache); v: one vector."""
-        return self._apply(v, with_dot=True)
+    def apply_dot(self, v: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """`(A v, v . A v)` in one pass (the dot taken per slab while it is in cache); v: one vector.
 
-    def _apply(self, v: Tensor, with_dot: bool) -> tuple[Tensor, Optional[Tensor]]:
+        out: optional contiguous buffer with v's number of elements to write `A v` into (no autograd).
+        """
+        return self._apply(v, with_dot=True, out=out)
+
+    def _apply(self, v: Tensor, with_dot: bool, out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         if v.numel() != self.n:
             raise ShapeflowError(
                 f"GridNormalOperator: expected a field {self.field_shape} or ({self.n},) vectors, got {tuple(v.shape)}"
@@ -192,7 +213,10 @@ class GridNormalOperator:
             t = (self.jac * u).sum(1, keepdim=True)  # (K, 1, *S): J_k . u per voxel
             out = out + (self.jac * t).sum(0)
             return out.reshape(v.shape), ((v.reshape(-1) * out.reshape(-1)).sum() if with_dot else None)
-        out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        if out is None or out.numel() != self.n or not out.is_contiguous():
+            out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        else:
+            out = out.view(self.field_shape)
         from shapeflow.solvers import _fused
 
         if _fused.available(u, self.jac):  # one pass over memory (numba)

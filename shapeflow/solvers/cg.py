@@ -24,6 +24,7 @@ from shapeflow.errors import ShapeflowError
 from shapeflow.solvers._operators import (
     Matvec,
     Operator,
+    accepts_out,
     block_matvec,
     check_operator,
     diagonal,
@@ -214,6 +215,7 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
     x, r, p = s.x.view(-1), s.r.view(-1), s.p.view(-1)
     inv = precond.inv.reshape(-1) if isinstance(precond, Diagonal) else None
     apply_dot = getattr(matvec, "apply_dot", None)
+    ap_out = torch.empty_like(s.p) if apply_dot is not None and accepts_out(apply_dot) else None
     bnorm = float(s.bnorm)
     stop2 = (tol * (bnorm if bnorm > 0 else 1.0)) ** 2
     rz = float(s.rz)
@@ -222,7 +224,7 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
     its = 0
     while active and its < steps:
         if apply_dot is not None:
-            Ap, pAp = apply_dot(s.p)
+            Ap, pAp = apply_dot(s.p) if ap_out is None else apply_dot(s.p, out=ap_out)
             Ap, pAp = Ap.reshape(-1), float(pAp)
         else:
             Ap = matvec(s.p).reshape(-1)

@@ -30,6 +30,7 @@ from torch import Tensor
 from shapeflow.errors import ShapeflowError
 from shapeflow.solvers._operators import (
     Operator,
+    accepts_out,
     adjoint_matvec,
     check_operator,
     diagonal,
@@ -82,12 +83,16 @@ class _Shifted:
         AV = self.A @ V if isinstance(self.A, Tensor) else self.A(V)
         return AV if self.d is None else AV + self._shift(V)
 
-    def _apply_dot(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        Av, dot = self.A.apply_dot(v)
+    def _apply_dot(self, v: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if out is not None and accepts_out(self.A.apply_dot):
+            Av, dot = self.A.apply_dot(v, out=out)
+        else:
+            Av, dot = self.A.apply_dot(v)
         if self.d is None:
             return Av, dot
         dv = self._shift(v)
-        return Av + dv, dot + (v * dv).sum()
+        Av = Av.add_(dv) if out is not None else Av + dv
+        return Av, dot + (v * dv).sum()
 
     def _diagonal(self) -> Tensor:
         diag = self.A.diagonal().reshape(-1)

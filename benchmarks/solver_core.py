@@ -180,15 +180,18 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]
 
     # matvec timings against the bandwidth bound, per thread count
     U = torch.randn(3, s, s, s)
+    out = torch.empty_like(U)
     bound = 9 * 4 * s**3 / bw
     mv_repeats = 15
     for nt in threads:
         with torch_threads(nt):
-            t_fused, _ = timed(lambda: fused(U), repeats=mv_repeats)
-            t_fdot, _ = timed(lambda: fused.apply_dot(U), repeats=mv_repeats)
+            # into a preallocated output, as in the CG loop (a fresh 25 MB result per call can cost
+            # page faults on the order of the matvec itself)
+            t_fused, _ = timed(lambda: fused(U, out=out), repeats=mv_repeats)
+            t_fdot, _ = timed(lambda: fused.apply_dot(U, out=out), repeats=mv_repeats)
             t_eager, _ = timed(lambda: matvec(U), repeats=mv_repeats)
             with without_numba():
-                t_slabs, _ = timed(lambda: fused(U), repeats=mv_repeats)
+                t_slabs, _ = timed(lambda: fused(U, out=out), repeats=mv_repeats)
             t_spmv, _ = timed(lambda: At @ b.reshape(-1), repeats=5)
         rows.append({"tool": "matvec", "case": case, "size": s, "threads": nt, "fused_matvec_s": t_fused,
                      "fused_matvec_dot_s": t_fdot, "eager_matvec_s": t_eager, "torch_slabs_matvec_s": t_slabs, "bandwidth_bound_s": bound,

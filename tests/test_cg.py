@@ -257,6 +257,14 @@ def test_grid_normal_operator_matches_the_assembled_matrix(monkeypatch, path, sl
         Av, dot = op.apply_dot(v)
         torch.testing.assert_close(Av, A @ v)
         torch.testing.assert_close(dot, v @ A @ v)
+        buf = torch.full((n,), float("nan"), dtype=torch.float64)  # written into, all of it
+        Av2, dot2 = op.apply_dot(v, out=buf)
+        assert Av2.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(buf, A @ v)
+        torch.testing.assert_close(dot2, v @ A @ v)
+        torch.testing.assert_close(op(v, out=torch.empty(n, dtype=torch.float64)), A @ v)
+        with pytest.raises(ShapeflowError, match="out must be"):
+            op(v, out=torch.empty(n + 1, dtype=torch.float64))
         V = torch.randn(n, 2, dtype=torch.float64, generator=g)
         torch.testing.assert_close(op(V), A @ V)
     torch.testing.assert_close(op.diagonal(), A.diagonal())

@@ -188,10 +188,11 @@ class GridNormalOperator:
         self.lam, self.damping = float(lam), float(damping)
         self.weights = [self.lam / h**2 for h in _spacing("grid_normal_operator", spacing, jac.dim() - 2)]
 
-    def __call__(self, v: Tensor) -> Tensor:
+    def __call__(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """`A v`; out: optional contiguous buffer for one vector's result (no autograd)."""
         if v.dim() == 2 and v.shape[0] == self.n:  # (n, k) block: one column at a time
             return torch.stack([self(v[:, j]) for j in range(v.shape[1])], dim=1)
-        return self._apply(v, with_dot=False)[0]
+        return self._apply(v, with_dot=False, out=out)[0]
 
     def apply_dot(self, v: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """`(A v, v . A v)` in one pass (the dot taken per slab while it is in cache); v: one vector.
@@ -213,8 +214,13 @@ class GridNormalOperator:
             t = (self.jac * u).sum(1, keepdim=True)  # (K, 1, *S): J_k . u per voxel
             out = out + (self.jac * t).sum(0)
             return out.reshape(v.shape), ((v.reshape(-1) * out.reshape(-1)).sum() if with_dot else None)
-        if out is None or out.numel() != self.n or not out.is_contiguous():
+        if out is None:
             out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        elif out.numel() != self.n or not out.is_contiguous() or out.dtype != u.dtype:
+            raise ShapeflowError(
+                f"GridNormalOperator: out must be a contiguous {u.dtype} tensor with {self.n} elements, "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
         else:
             out = out.view(self.field_shape)
         from shapeflow.solvers import _fused

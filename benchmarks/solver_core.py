@@ -50,7 +50,7 @@ from shapeflow.solvers._operators import grid_normal_operator
 
 RESULTS = Path(__file__).parent / "results"
 LAM, EPS, TOL = 1.0, 0.05, 1e-4
-LS_PAIRS = 3                     # (b, w) pairs for the linear_solve backward / forward rows
+LS_PAIRS = 5                     # (b, w) pairs for the linear_solve backward / forward rows
 
 
 def timed(fn, repeats=1):

@@ -100,8 +100,6 @@ SWEEP_CONFIGS = {
     "displacement, cg_iterations=20": {"model": "displacement", "cg_iterations": 20},
     "displacement, cg_iterations=10": {"model": "displacement", "cg_iterations": 10},
     "displacement, cg_tol=1e-2": {"model": "displacement", "cg_tol": 1e-2},
-    "displacement, iterations=[8,4,2], cg_iterations=20": {"model": "displacement", "iterations": [8, 4, 2],
-                                                           "cg_iterations": 20},
     "displacement, stride=2": {"model": "displacement", "stride": 2},
     "displacement, iterations=[8,4,1], cg_iterations=10": {"model": "displacement", "iterations": [8, 4, 1],
                                                            "cg_iterations": 10},
@@ -115,13 +113,46 @@ SWEEP_CONFIGS = {
     "svf, iterations=[8,4,1], cg_iterations=10": {"model": "svf", "iterations": [8, 4, 1], "cg_iterations": 10},
     "svf, iterations=[8,4,0], cg_iterations=20": {"model": "svf", "iterations": [8, 4, 0], "cg_iterations": 20},
     "svf, iterations=[10,6,3], cg_iterations=20": {"model": "svf", "iterations": [10, 6, 3], "cg_iterations": 20},
-    "svf, iterations=[8,4,2], cg_iterations=20": {"model": "svf", "iterations": [8, 4, 2], "cg_iterations": 20},
     "svf, regularization=0.001, cg_iterations=20": {"model": "svf", "regularization": 0.001, "cg_iterations": 20},
 }
 SWEEP_RULE = ("`best`: per model, the fastest setting at the sweep size whose MSE is within 5 % of the defaults', "
               "interior EPE within 0.02 mm of the defaults' and folding no higher; `fast`: per model, the fastest "
               "setting at the sweep size whose MSE is at most ANTsPy SyNOnly's there (the target's accuracy bar) and "
               "folding no higher than the defaults'")
+
+
+def resolved(options: dict) -> str:
+    """A shapeflow config with every default filled in (iterations per level included), as a key:
+    two labels with the same key run the same registration."""
+    import dataclasses
+
+    from shapeflow.register_images import ImageOptions
+
+    full = {f.name: f.default for f in dataclasses.fields(ImageOptions) if f.default is not dataclasses.MISSING}
+    full.update({"loss": "ssd"}, **options)
+    if full.get("iterations") is None:
+        full["iterations"] = [max(8 >> level, 1) for level in range(full["levels"])]
+    return json.dumps({k: v for k, v in full.items() if k in options or k in ("iterations", "loss", "model",
+                                                                               "cg_iterations", "regularization",
+                                                                               "levels", "stride", "cg_tol")},
+                      sort_keys=True, default=str)
+
+
+def drop_duplicate_rows(out: dict) -> None:
+    """Drop `best:` / `fast:` rows that are the defaults under another name (same resolved options)."""
+    keep = []
+    for r in out["rows"]:
+        if r["tool"] == "shapeflow" and r["config"].startswith(("best: ", "fast: ")):
+            same = [d for d in out["rows"] if d["n"] == r["n"] and d["config"].endswith("(defaults)")
+                    and resolved(d["options"]) == resolved(r["options"])]
+            if same:
+                continue
+        keep.append(r)
+    out["rows"] = keep
+    names = {(r["n"], r["config"]) for r in keep}
+    out["ants_compat"] = [c for c in out.get("ants_compat", []) if (c["n"], c.get("config")) in names]
+
+
 TRANSLATION_MM = (2.0, -1.5, 3.0)     # the known shift of --check (x, y, z world RAS mm)
 
 
@@ -555,9 +586,8 @@ def targets_paragraph(rows: list[dict]) -> str:
                 "below it, so the time target at equal MSE is a comparison with an under-converged ANTs run (the "
                 "`reg_iterations=(40, 20, 10)` row shows what a finest level costs ANTs).")
     if any(r["config"].startswith("fast: ") and "0]" in r["config"] for r in rows):
-        text.append("The `fast` rows meet the time target the same way, with no Gauss-Newton step at full resolution "
-                    "(last entry of `iterations` 0: the half-resolution field is upsampled), and stay well below "
-                    "SyNOnly's MSE and EPE.")
+        text.append("A `fast` row whose `iterations` end in 0 takes no Gauss-Newton step at full resolution (the "
+                    "half-resolution field is upsampled), as SyNOnly's default does.")
     if any(r["config"].startswith("best: ") for r in rows):
         text.append("The `best` rows are the fastest sweep settings that keep the defaults' accuracy.")
     text.append("ANTs and elastix optimise "
@@ -643,6 +673,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         out = json.loads(args.render.read_text())
+        drop_duplicate_rows(out)
         out["summary"] = summarize(out["rows"]) + "\n\n" + targets_paragraph(out["rows"])
         out["notes"] = notes(out)
         write(out, args.render.name[: -len(".json")])
@@ -682,13 +713,13 @@ def main() -> None:
                   and r["folding_percent"] <= default["folding_percent"]]
             best = min(ok, key=lambda r: r["seconds"])
             out["best_configs"][model] = {"config": best["config"], "options": best["options"], "rule": SWEEP_RULE}
-            if best["config"] != default["config"]:
+            if resolved(best["options"]) != resolved(default["options"]):
                 configs[f"best: {best['config']}"] = best["options"]
             ok = [r for r in out["sweep"] if r["options"]["model"] == model and r["mse_after"] <= syn["mse_after"]
                   and r["folding_percent"] <= default["folding_percent"]]
             fast = min(ok, key=lambda r: r["seconds"])
             out["fast_configs"][model] = {"config": fast["config"], "options": fast["options"], "rule": SWEEP_RULE}
-            if fast["config"] not in (default["config"], best["config"]):
+            if resolved(fast["options"]) not in (resolved(default["options"]), resolved(best["options"])):
                 configs[f"fast: {fast['config']}"] = fast["options"]
     for n in args.sizes:
         case = make_case(n, work / f"case{n}")

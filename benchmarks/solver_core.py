@@ -17,7 +17,8 @@ relative residual with Jacobi preconditioning (pyamg: its own V-cycle):
 * `linear_solve` (implicit mode): backward (one adjoint CG) against its forward.
 
 Also measures memory bandwidth (a large tensor copy, the best over the thread counts) and
-compares the stencil matvec with the bandwidth bound `bytes / bandwidth`, bytes = read u, read
+compares the stencil matvec with the bandwidth bound `bytes / bandwidth` (the copy timed again
+next to the matvecs of each size), bytes = read u, read
 g, write A u (9 floats per voxel). Times are medians of repeats. Torch threads are set only
 inside `torch_threads` (restored after); the load average is recorded before and after.
 
@@ -169,10 +170,19 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]
     # fused matvec is timed again after the assembly for the record
     U = torch.randn(3, s, s, s)
     out = torch.empty_like(U)
-    bound = 9 * 4 * s**3 / bw
+    nbytes = 9 * 4 * s**3
     mv_repeats = 15
     matvec_rows = []
+    # the copy bandwidth is measured again here, next to the matvecs, per thread count: on this VM
+    # it drifts within a run (e.g. 25 -> 16 GB/s at 1 thread after the large allocations of a
+    # previous size), and kernel and copy should see the same memory system
+    bws = {}
     for nt in threads:
+        with torch_threads(nt):
+            bws[nt] = bandwidth()
+    machine_bound = nbytes / max(bws.values())
+    for nt in threads:
+        bound = nbytes / bws[nt]
         with torch_threads(nt):
             # into a preallocated output, as in the CG loop (a fresh 25 MB result per call can cost
             # page faults on the order of the matvec itself)
@@ -183,10 +193,13 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]
                 t_slabs, _ = timed(lambda: fused(U, out=out), repeats=mv_repeats)
         matvec_rows.append({"tool": "matvec", "case": f"GN 3D field {s}^3", "size": s, "threads": nt,
                             "fused_matvec_s": t_fused, "fused_matvec_dot_s": t_fdot, "eager_matvec_s": t_eager,
-                            "torch_slabs_matvec_s": t_slabs, "bandwidth_bound_s": bound,
-                            "fused_vs_bound": t_fused / bound, "eager_vs_bound": t_eager / bound})
+                            "torch_slabs_matvec_s": t_slabs, "bandwidth_GBps": bws[nt] / 1e9,
+                            "bandwidth_bound_s": bound, "machine_bound_s": machine_bound,
+                            "fused_vs_bound": t_fused / bound, "eager_vs_bound": t_eager / bound,
+                            "fused_vs_machine_bound": t_fused / machine_bound})
         print(f"  matvec {nt} thread(s): fused {t_fused*1e3:.2f} ms (+dot {t_fdot*1e3:.2f}), torch slabs "
-              f"{t_slabs*1e3:.2f}, eager {t_eager*1e3:.2f} ms, bound {bound*1e3:.2f} ms", flush=True)
+              f"{t_slabs*1e3:.2f}, eager {t_eager*1e3:.2f} ms, bound {bound*1e3:.2f} ms at {bws[nt]/1e9:.1f} GB/s "
+              f"(machine bound {machine_bound*1e3:.2f} ms)", flush=True)
 
     t_asm, A = timed(lambda: assemble_scipy(g))
     diag = A.diagonal().astype(np.float32)
@@ -309,14 +322,18 @@ def write(rows: list[dict], machine: dict, quick: bool) -> None:
             tool = f"**{r['tool']}**" if r.get("headline") else r["tool"]
             lines.append(f"| {r['case']} | {tool} | {secs} | {r['iterations']} | {r['residual']:.1e} | "
                          f"{r['speedup_vs_scipy']:.2f} | {r['ratio_to_shapeflow']:.2f} |")
-    lines += ["", "Matvec `(g g^T + eps I + lam L) u` (ms) against the bandwidth bound (9 floats per voxel / bandwidth):", "",
-              "| case | threads | fused (numba) | fused + `p . Ap` | torch slabs (fallback) | eager ops | bound | fused / bound | torch slabs / bound | eager / bound | fused, after CSR assembly | torch CSR | SciPy CSR |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Matvec `(g g^T + eps I + lam L) u` (ms) against the bandwidth bound: 9 floats per voxel / copy "
+              "bandwidth, the copy timed just before the matvecs with the same thread count (`bound`), and the best "
+              "copy over the thread counts (`machine bound`). `fused` is the numba kernel, `torch slabs` its torch "
+              "fallback, `eager ops` the benchmark's own composition of torch ops:", "",
+              "| case | threads | fused (numba) | fused + `p . Ap` | torch slabs (fallback) | eager ops | copy GB/s | bound | fused / bound | fused / machine bound | torch slabs / bound | eager / bound | fused, after CSR assembly | torch CSR | SciPy CSR |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["tool"] == "matvec":
             lines.append(f"| {r['case']} | {r['threads']} | {r['fused_matvec_s']*1e3:.2f} | {r['fused_matvec_dot_s']*1e3:.2f} | "
-                         f"{r['torch_slabs_matvec_s']*1e3:.2f} | {r['eager_matvec_s']*1e3:.2f} | {r['bandwidth_bound_s']*1e3:.2f} | "
-                         f"{r['fused_vs_bound']:.1f} | {r['torch_slabs_matvec_s'] / r['bandwidth_bound_s']:.1f} | "
+                         f"{r['torch_slabs_matvec_s']*1e3:.2f} | {r['eager_matvec_s']*1e3:.2f} | {r['bandwidth_GBps']:.1f} | "
+                         f"{r['bandwidth_bound_s']*1e3:.2f} | {r['fused_vs_bound']:.1f} | {r['fused_vs_machine_bound']:.1f} | "
+                         f"{r['torch_slabs_matvec_s'] / r['bandwidth_bound_s']:.1f} | "
                          f"{r['eager_vs_bound']:.1f} | {r['fused_matvec_after_assembly_s']*1e3:.2f} | {r['torch_csr_matvec_s']*1e3:.1f} | {r.get('scipy_csr_matvec_s', float('nan'))*1e3:.1f} |")
     lines += ["", "`linear_solve` (implicit mode), loss `w . x`: forward solves `A x = b`, backward solves `A g_b = w` "
               "(one adjoint CG, same operator, preconditioner and tolerance). Iterations from the same solves run "

@@ -83,6 +83,28 @@ def compose_displacements(first: torch.Tensor, second: torch.Tensor, grid: Grid)
     return first + sample(second, grid, moved)
 
 
+def scaling_and_squaring(velocity: torch.Tensor, grid: Grid, squarings: int) -> torch.Tensor:
+    """Displacement of `exp(velocity)`: `u <- u + u(x + u)` `squarings` times from `velocity / 2^N`.
+
+    velocity: (d, *S) world units on `grid`; returns (d, *S), the same as `squarings` calls of
+    `compose_displacements(u, u, grid)`. The squarings run in grid_sample's normalised index
+    coordinates (the map world -> index is linear, so composition commutes with it): each one is
+    an add and one resampling, with no world-coordinate grid rebuilt.
+    """
+    d = grid.dim
+    to_index = torch.linalg.inv(grid.matrix).to(velocity)                                  # (d, d)
+    size = torch.tensor(grid.shape, dtype=velocity.dtype, device=velocity.device)
+    scale = (2.0 / (size - 1).clamp_min(1)).reshape(d, *([1] * d))                         # index -> [-1, 1]
+    u = torch.einsum("ij,j...->i...", to_index, velocity / 2**squarings) * scale           # normalised (d, *S)
+    axes = [torch.linspace(-1.0, 1.0, n, dtype=velocity.dtype, device=velocity.device) if n > 1
+            else torch.zeros(1, dtype=velocity.dtype, device=velocity.device) for n in grid.shape]
+    identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))                            # (d, *S)
+    for _ in range(squarings):
+        where = (identity + u).movedim(0, -1).flip(-1)[None]                               # grid_sample's (x, y, z)
+        u = u + F.grid_sample(u[None], where, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return torch.einsum("ij,j...->i...", grid.matrix.to(velocity), u / scale)
+
+
 def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     """World-space gradient of `field: (C, *S)` -> `(C, d, *S)`, by central differences.
 

@@ -6,7 +6,7 @@ import torch
 import shapeflow as sf
 from shapeflow.deform import DisplacementField, StationaryVelocityField
 from shapeflow.grids import (Grid, bspline_upsample, compose_displacements, control_shape, downsample, sample,
-                             spatial_gradient)
+                             scaling_and_squaring, spatial_gradient)
 from shapeflow.regularizers import jacobian_determinant
 
 
@@ -107,3 +107,27 @@ def test_composing_affine_displacements_matches_the_matrix_product():
     inner = (slice(2, -2),) * 3                          # away from the clamped border
     expected = (x @ A.T + 0.5) @ B.T - 0.2 - x
     torch.testing.assert_close(composed[inner], expected[inner])
+
+
+@pytest.mark.parametrize("shape,spacing", [((12, 10, 9), (1.0, 1.5, 2.0)), ((11, 1, 8), (2.0, 1.0, 0.5))])
+def test_scaling_and_squaring_equals_repeated_world_composition(shape, spacing):
+    """The normalised-coordinate squaring gives the world-space `compose_displacements(u, u)` loop."""
+    grid = rotated_grid(shape, spacing)
+    g = torch.Generator().manual_seed(4)
+    kernel = tuple(3 if k > 1 else 1 for k in shape)
+    velocity = 3.0 * torch.nn.functional.avg_pool3d(torch.randn(1, 3, *shape, dtype=torch.float64, generator=g),
+                                                    kernel, 1, tuple(k // 2 for k in kernel),
+                                                    count_include_pad=False)[0]
+    n = 5
+    u = velocity / 2**n
+    for _ in range(n):
+        u = compose_displacements(u, u, grid)
+    torch.testing.assert_close(scaling_and_squaring(velocity, grid, n), u, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(scaling_and_squaring(velocity, grid, 0), velocity)
+    grid2 = Grid(shape[:2], torch.tensor(spacing[:2], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                 torch.eye(2, dtype=torch.float64))
+    v2 = velocity[:2, :, :, 0]
+    u2 = v2 / 8
+    for _ in range(3):
+        u2 = compose_displacements(u2, u2, grid2)
+    torch.testing.assert_close(scaling_and_squaring(v2, grid2, 3), u2, rtol=1e-10, atol=1e-10)

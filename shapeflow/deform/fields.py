@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InverseError
-from ..grids import Grid, bspline_upsample, compose_displacements, control_shape, sample
+from ..grids import Grid, bspline_upsample, control_shape, sample, scaling_and_squaring
 from .base import Deformation, _as_tensor, register_deformation
 
 __all__ = ["DisplacementField", "StationaryVelocityField"]
@@ -109,11 +109,7 @@ class StationaryVelocityField(_GridDeformation):
 
     def exponential(self, velocity: torch.Tensor) -> torch.Tensor:
         """Displacement of `exp(velocity)` on the grid: `(d, *S)`."""
-        n = self.squarings(velocity)
-        u = velocity / 2 ** n
-        for _ in range(n):
-            u = compose_displacements(u, u, self.grid)
-        return u
+        return scaling_and_squaring(velocity, self.grid, self.squarings(velocity))
 
     def field(self) -> torch.Tensor:
         return self.exponential(self.dense())

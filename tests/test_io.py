@@ -47,7 +47,7 @@ def test_csv_with_header_and_landmarks(tmp_path):
 
 
 def test_real_surface_from_nilearn_reads_as_mesh(tmp_path):
-    nilearn = pytest.importorskip("nilearn")
+    pytest.importorskip("nilearn")
     from nilearn import datasets, surface
 
     mesh = surface.load_surf_mesh(datasets.fetch_surf_fsaverage("fsaverage5").white_left)

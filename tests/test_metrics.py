@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import shapeflow as sf
 from shapeflow import metrics
 
 

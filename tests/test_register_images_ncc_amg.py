@@ -18,15 +18,7 @@ from shapeflow.register_images import (
 )
 from shapeflow.solvers import assemble_grid_normal_matrix, grid_normal_operator
 from shapeflow.synthetic import phantom_pair, smooth_field
-
-
-def endpoint_error(result, truth, fixed, border=0.1):
-    """Mean |psi(x) - truth(x)| (mm) over the interior of the fixed grid, and the same for psi = id."""
-    points = Grid.of(fixed).points()
-    inner = tuple(slice(max(1, int(n * border)), n - max(1, int(n * border))) for n in fixed.shape)
-    x = points[inner].reshape(-1, fixed.dim)
-    with torch.no_grad():
-        return float((result.deformation(x) - truth(x)).norm(dim=1).mean()), float((truth(x) - x).norm(dim=1).mean())
+from test_register_images import endpoint_error  # mean |psi(x) - truth(x)| (mm), and for psi = id
 
 
 def biased_pair(shape=(64, 64), amplitude=4.0, bias=0.4, seed=2):

@@ -269,14 +269,19 @@ def grid_normal_operator(jac: Tensor, *, lam: float, spacing=None, damping: floa
     damping >= 0 (Levenberg-Marquardt). Pass it as `A` to `conjugate_gradient` with
     `M=op.diagonal()`.
     """
+    _check_normal_args("grid_normal_operator", jac, lam, damping)
+    return GridNormalOperator(jac, lam, spacing, damping)
+
+
+def _check_normal_args(func: str, jac, lam: float, damping: float) -> None:
+    """Raise a ShapeflowError naming `func` unless jac is (K, C, *S), S 2D/3D, and lam, damping >= 0."""
     if not isinstance(jac, Tensor) or jac.dim() not in (4, 5):
         raise ShapeflowError(
-            f"grid_normal_operator(): jac must be (K, C, *S) with S 2D or 3D, got "
+            f"{func}(): jac must be (K, C, *S) with S 2D or 3D, got "
             f"{tuple(jac.shape) if isinstance(jac, Tensor) else type(jac).__name__}"
         )
     if not (lam >= 0 and damping >= 0):
-        raise ShapeflowError(f"grid_normal_operator(): lam and damping must be >= 0, got {lam}, {damping}")
-    return GridNormalOperator(jac, lam, spacing, damping)
+        raise ShapeflowError(f"{func}(): lam and damping must be >= 0, got {lam}, {damping}")
 
 
 def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, damping: float = 0.0) -> Tensor:
@@ -294,13 +299,7 @@ def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, dampin
     """
     from shapeflow.regularizers import grid_laplacian
 
-    if not isinstance(jac, Tensor) or jac.dim() not in (4, 5):
-        raise ShapeflowError(
-            f"assemble_grid_normal_matrix(): jac must be (K, C, *S) with S 2D or 3D, got "
-            f"{tuple(jac.shape) if isinstance(jac, Tensor) else type(jac).__name__}"
-        )
-    if not (lam >= 0 and damping >= 0):
-        raise ShapeflowError(f"assemble_grid_normal_matrix(): lam and damping must be >= 0, got {lam}, {damping}")
+    _check_normal_args("assemble_grid_normal_matrix", jac, lam, damping)
     jac = jac.detach()
     K, C = jac.shape[:2]
     shape = tuple(jac.shape[2:])

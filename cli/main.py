@@ -32,7 +32,7 @@ def register(
     iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (60). Images: Gauss-Newton steps per level (8, halved per finer level)."),
     regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
     prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow. Images: affine."),
-    solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs shapeflow[amg])."),
+    solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs the amg extra: pip install 'shapeflow\\[amg]')."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
     landmarks_moving: Optional[Path] = typer.Option(None, help="Images: landmarks (world mm) in the moving image, for TRE."),

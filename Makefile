@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make install CONSTRAINTS=` installs the newest versions pyproject.toml allows (see README)
+CONSTRAINTS ?= -c constraints.txt
 
 # Headless rendering and a KeOps cache inside the repository's ignored .cache/.
 export KEOPS_CACHE_FOLDER := $(CURDIR)/.cache/keops
@@ -18,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 # Record the versions of the current .venv (after `make test` passed in it) as the new constraints.

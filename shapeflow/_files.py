@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file beside the target, renamed into place."""
+"""File helpers: extensions, and atomic writes (a temporary file beside the target, renamed into place)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "default_mode"]
+__all__ = ["atomic_write", "default_mode", "suffix_of"]
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """The lower-case extension of `path` (".nii.gz" counts as one)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 def default_mode(kind: int = 0o666) -> int:

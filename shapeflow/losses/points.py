@@ -5,12 +5,14 @@ Every function takes `source: (N, d)` and `target: (M, d)` and returns a 0-d ten
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
-from torch import nn
 
 from ..errors import ShapeflowError
+from .base import PointLoss, Stage
 
 __all__ = ["chamfer_loss", "sinkhorn_loss", "l2_loss", "nearest_neighbors",
            "ChamferLoss", "SinkhornLoss", "L2Loss"]
@@ -74,19 +76,41 @@ def _check_pair(source: torch.Tensor, target: torch.Tensor, who: str) -> None:
                              "must both be (N, d) with the same d")
 
 
-class ChamferLoss(nn.Module):
-    """`chamfer_loss` as a module. Needs no correspondence; cheap at any size."""
+class ChamferLoss(PointLoss):
+    """`chamfer_loss` as a module. Needs no correspondence; cheap at any size. Fitted on a
+    farthest-point subsample of `subsample` points per shape (default 4000)."""
 
-    correspondence = False
+    name = "chamfer"
+
+    @dataclass
+    class Options:
+        subsample: int = 4000           # points per shape the loss is fitted on
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return chamfer_loss(source, target)
 
 
-class SinkhornLoss(nn.Module):
-    """`sinkhorn_loss` as a module holding `blur`, `reach`, `scaling` and `backend`."""
+class SinkhornLoss(PointLoss):
+    """`sinkhorn_loss` as a module holding `blur`, `reach`, `scaling` and `backend`.
 
-    correspondence = False
+    Its fitting plan (`stages`) is coarse to fine: the Sinkhorn divergence on a 256-point
+    farthest-point subsample with 3x the blur finds the global correspondence cheaply, then a
+    refinement runs with `refine` (default "chamfer", on `subsample` = 4000 points) or, with
+    `refine=None`, with Sinkhorn itself (on `subsample` = 512 points).
+    """
+
+    name = "sinkhorn"
+    #: points per shape in the coarse stage, and the fine stage's default size per refinement
+    COARSE_POINTS = 256
+    FINE_POINTS = {None: 512, "chamfer": 4000}
+
+    @dataclass
+    class Options:
+        blur: float = 0.02               # entropic blur, relative to the target's RMS radius
+        reach: float | None = None       # unbalanced Sinkhorn reach (relative), None = balanced
+        subsample: int | None = None     # points per shape in the fine stage (default 4000, or 512 with refine=None)
+        coarse_to_fine: bool = True      # fit 256 points with 3x the blur first
+        refine: str | None = "chamfer"   # the fine stage's loss ("chamfer"), or None: Sinkhorn throughout
 
     def __init__(self, *, blur: float = 0.02, reach: float | None = None, scaling: float = 0.5,
                  backend: str = "auto"):
@@ -98,10 +122,30 @@ class SinkhornLoss(nn.Module):
         _check_pair(source, target, "sinkhorn_loss")
         return self._loss(source, target)
 
+    @classmethod
+    def build(cls, options: "SinkhornLoss.Options", blur_scale: float = 1.0) -> "SinkhornLoss":
+        return cls(blur=blur_scale * options.blur, reach=options.reach)
 
-class L2Loss(nn.Module):
-    """`l2_loss` as a module. Needs point-to-point correspondence."""
+    @classmethod
+    def stages(cls, options: "SinkhornLoss.Options", iterations: int, n_source: int, n_target: int) -> list[Stage]:
+        if options.refine not in (None, "chamfer"):
+            raise ShapeflowError(f"register(): unknown refine loss {options.refine!r}; choose from chamfer, "
+                                 "or None (Sinkhorn throughout)")
+        points = options.subsample if options.subsample is not None else cls.FINE_POINTS[options.refine]
+        fine_loss = cls.build(options) if options.refine is None else ChamferLoss()
+        fine = Stage("fine", fine_loss, points, iterations)
+        if not options.coarse_to_fine or (min(n_source, n_target) <= cls.COARSE_POINTS and options.refine is None):
+            return [fine]
+        coarse = Stage("coarse", cls.build(options, blur_scale=3.0), cls.COARSE_POINTS, iterations)
+        # a fresh Adam moves every parameter by about lr at once: refine with smaller steps
+        fine.lr_scale = 1 / 3
+        return [coarse, fine]
 
+
+class L2Loss(PointLoss):
+    """`l2_loss` as a module. Needs point-to-point correspondence; fitted on every point."""
+
+    name = "l2"
     correspondence = True
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,47 @@
-"""The differentiable solver core: linear solves (CG, BiCGSTAB, AMG, CuPy), the differentiable `linear_solve`, Gauss-Newton, implicit differentiation, fitting loops."""
+"""The differentiable solver core.
 
-from shapeflow.solvers.bicgstab import bicgstab
-from shapeflow.solvers.cg import BACKENDS, PRECONDITIONERS, CGInfo, conjugate_gradient
+* `linear/`: CG (torch, CuPy, pyamg backends), BiCGSTAB, the differentiable `linear_solve`;
+* `normal/`: Gauss-Newton normal operators `J^T J + lam L` (grids: `grid.py`; meshes and clouds: `sparse.py`);
+* `gauss_newton.py`: the one Gauss-Newton / Levenberg-Marquardt loop, the problem injected;
+* `implicit.py`: implicit differentiation of a converged argmin; `fit.py`: Adam / L-BFGS loops.
+"""
+
 from shapeflow.solvers.fit import FitReport, fit
-from shapeflow.solvers._operators import GridNormalOperator, assemble_grid_normal_matrix, grid_normal_operator
-from shapeflow.solvers.gauss_newton import GaussNewtonResult, gauss_newton
+from shapeflow.solvers.gauss_newton import (GaussNewtonResult, GaussNewtonStep, LeastSquaresProblem, Linearization,
+                                            gauss_newton, minimize_least_squares)
 from shapeflow.solvers.implicit import implicit_argmin
-from shapeflow.solvers.linear_solve import METHODS, MODES, linear_solve
+from shapeflow.solvers.linear.bicgstab import bicgstab
+from shapeflow.solvers.linear.cg import BACKENDS, PRECONDITIONERS, CGInfo, conjugate_gradient
+from shapeflow.solvers.linear.linear_solve import METHODS, MODES, linear_solve
+from shapeflow.solvers.normal.grid import (GRID_SOLVERS, GridNormalOperator, assemble_grid_normal_matrix,
+                                           gauss_newton_step, grid_normal_operator, solve_grid_normal)
+from shapeflow.solvers.normal.sparse import SparseNormalOperator, assemble_sparse_normal_matrix, sparse_normal_operator
 
 __all__ = [
     "BACKENDS",
     "CGInfo",
     "FitReport",
+    "GRID_SOLVERS",
     "GaussNewtonResult",
+    "GaussNewtonStep",
     "GridNormalOperator",
+    "LeastSquaresProblem",
+    "Linearization",
     "METHODS",
     "MODES",
     "PRECONDITIONERS",
+    "SparseNormalOperator",
     "assemble_grid_normal_matrix",
+    "assemble_sparse_normal_matrix",
     "bicgstab",
     "conjugate_gradient",
     "fit",
     "gauss_newton",
+    "gauss_newton_step",
     "grid_normal_operator",
     "implicit_argmin",
     "linear_solve",
+    "minimize_least_squares",
+    "solve_grid_normal",
+    "sparse_normal_operator",
 ]

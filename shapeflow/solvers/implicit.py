@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.solvers.cg import conjugate_gradient
+from shapeflow.solvers.linear.cg import conjugate_gradient
 
 Objective = Callable[[Tensor, Tensor], Tensor]
 InnerSolver = Callable[[Objective, Tensor, Tensor], Tensor]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.solvers._operators import (
+from shapeflow.solvers.linear.operators import (
     Operator,
     accepts_out,
     adjoint_matvec,
@@ -38,8 +38,8 @@ from shapeflow.solvers._operators import (
     transpose,
     with_diagonal,
 )
-from shapeflow.solvers.bicgstab import bicgstab
-from shapeflow.solvers.cg import Preconditioner, conjugate_gradient, default_maxiter
+from shapeflow.solvers.linear.bicgstab import bicgstab
+from shapeflow.solvers.linear.cg import Preconditioner, conjugate_gradient, default_maxiter
 
 
 def _direct(S: Operator, B: Tensor, M=None, x0=None, *, tol=0.0, maxiter=None, backend="auto"):

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.solvers._operators import diagonal
-from shapeflow.solvers._optional import import_optional
+from shapeflow.solvers.linear.operators import diagonal
+from shapeflow._optional import import_optional
 
 
 def _modules():

@@ -1,86 +1,32 @@
-"""Reading and writing shapes. One reader and one writer per file extension.
+"""`read` and `write`: shapes and images, the format picked by the file's extension.
 
 `read(path)` gives a `Mesh` when the file has triangles, a `PointCloud` otherwise (or
-`Landmarks` with `kind="landmarks"`). `write(shape, path)` writes atomically (a temporary file
-renamed into place) and refuses to overwrite the file the shape was read from.
+`Landmarks` with `kind="landmarks"`), an `Image` for image files and DICOM folders.
+`write(obj, path)` writes atomically (a temporary file renamed into place) and refuses to
+overwrite the file the object was read from.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from ._files import atomic_write
-from .errors import ShapeflowError
-from .image_io import IMAGE_READERS, IMAGE_WRITERS, read_dicom_series, read_image, write_image
-from .shapes import Image, Landmarks, Mesh, PointCloud
+from .._files import atomic_write, suffix_of
+from ..errors import ShapeflowError
+from ..shapes import Image, Landmarks, Mesh, PointCloud
+from .dicom import read_dicom_series
+from .images import IMAGE_READERS, IMAGE_WRITERS, read_image, write_image
+from .shapes import READERS, WRITERS
 
-__all__ = ["read", "write", "READERS", "WRITERS", "suffix_of"]
+__all__ = ["read", "write", "IMAGE_SUFFIXES"]
 
-_TRIMESH = (".ply", ".obj", ".stl", ".off")
 _NIFTI = (".nii", ".nii.gz")
 _PICTURE = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _ITK = (".mha", ".mhd", ".nrrd", ".dcm")
 #: extensions that always hold images (a .npy holds points unless read with kind="image")
 IMAGE_SUFFIXES = _NIFTI + _PICTURE + _ITK
-_VTK = (".vtk", ".vtp")
-_TABLE = (".xyz", ".txt", ".csv")
-
-
-def suffix_of(path: str | os.PathLike) -> str:
-    """The lower-case extension of `path` (".nii.gz" counts as one)."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-# --- readers: path -> (points (N, d) array, faces (F, 3) array or None) -------------------------
-def _read_trimesh(path: Path):
-    import trimesh
-
-    # process=False keeps the vertex order of the file; STL stores triangle soup, so merge it.
-    loaded = trimesh.load(str(path), process=suffix_of(path) == ".stl", force=None)
-    if isinstance(loaded, trimesh.Scene):
-        geometries = list(loaded.geometry.values())
-        if not geometries:
-            return np.zeros((0, 3)), None
-        loaded = trimesh.util.concatenate(geometries) if len(geometries) > 1 else geometries[0]
-    faces = getattr(loaded, "faces", None)
-    faces = None if faces is None or len(faces) == 0 else np.asarray(faces)
-    return np.asarray(loaded.vertices, dtype=np.float64), faces
-
-
-def _read_vtk(path: Path):
-    import pyvista as pv
-
-    data = pv.read(str(path))
-    if not isinstance(data, pv.PolyData):
-        data = data.extract_surface()
-    if data.faces.size > 0:
-        tri = data.triangulate()
-        return np.asarray(tri.points, dtype=np.float64), tri.faces.reshape(-1, 4)[:, 1:]
-    return np.asarray(data.points, dtype=np.float64), None
-
-
-def _read_table(path: Path):
-    delimiter = "," if suffix_of(path) == ".csv" else None
-    with warnings.catch_warnings():  # an empty table is reported by the caller, not as a warning
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            return np.loadtxt(path, delimiter=delimiter, ndmin=2), None
-        except ValueError:  # a header line
-            return np.loadtxt(path, delimiter=delimiter, ndmin=2, skiprows=1), None
-
-
-def _read_npy(path: Path):
-    return np.load(path, allow_pickle=False), None
-
-
-READERS: dict[str, Callable] = {**{s: _read_trimesh for s in _TRIMESH}, **{s: _read_vtk for s in _VTK},
-                                **{s: _read_table for s in _TABLE}, ".npy": _read_npy}
 
 
 def read(path: str | os.PathLike, kind: str | None = None, *, series: str | None = None) -> PointCloud | Image:
@@ -144,46 +90,6 @@ def _read_folder(path: Path, kind: str | None, series: str | None) -> Image:
     except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable series
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShapeflowError(f"{path}: unreadable DICOM series ({first[:120]})") from None
-
-
-# --- writers: (points array, faces array or None, path) -> None ------------------------------
-def _write_trimesh(points: np.ndarray, faces, path: Path) -> None:
-    import trimesh
-
-    if points.shape[1] != 3:
-        raise ShapeflowError(f"{path}: {suffix_of(path)} files hold 3D points; write 2D points as .csv, .txt, .xyz or .npy")
-    if faces is None:
-        if suffix_of(path) != ".ply":
-            raise ShapeflowError(f"{path}: a point cloud without faces can be written as .ply, .vtk, .vtp, "
-                                 ".csv, .txt, .xyz or .npy, not {suffix_of(path)}")
-        trimesh.PointCloud(points).export(str(path), file_type="ply")
-    else:
-        trimesh.Trimesh(points, faces, process=False).export(str(path), file_type=suffix_of(path)[1:])
-
-
-def _write_vtk(points: np.ndarray, faces, path: Path) -> None:
-    import pyvista as pv
-
-    if points.shape[1] == 2:
-        points = np.c_[points, np.zeros(len(points))]
-    if faces is None:
-        poly = pv.PolyData(points)
-    else:
-        poly = pv.PolyData(points, np.c_[np.full(len(faces), 3), faces].ravel())
-    poly.save(str(path))
-
-
-def _write_table(points: np.ndarray, faces, path: Path) -> None:
-    np.savetxt(path, points, delimiter="," if suffix_of(path) == ".csv" else " ", fmt="%.9g")
-
-
-def _write_npy(points: np.ndarray, faces, path: Path) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, points)
-
-
-WRITERS: dict[str, Callable] = {**{s: _write_trimesh for s in _TRIMESH}, **{s: _write_vtk for s in _VTK},
-                                **{s: _write_table for s in _TABLE}, ".npy": _write_npy}
 
 
 def write(shape: PointCloud | Image, path: str | os.PathLike) -> Path:

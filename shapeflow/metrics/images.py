@@ -1,97 +1,24 @@
-"""Accuracy figures of a registration, in the shapes' own units.
+"""Figures reported after an image registration: intensity error, label overlap (Dice, HD95),
+landmark error (TRE), and Jacobian-determinant statistics of the map on the fixed grid.
 
-Point sets: `points: (N, d)`. Everything returns plain Python floats for reports.
-Images: integer label maps `(*S)` (0 = background) with `spacing` in mm per axis of S, and
-displacement fields `(d, *S)`; per-label figures come as `{label: float}`.
+Integer label maps `(*S)` (0 = background) with `spacing` in mm per axis of S, displacement
+fields `(d, *S)`; per-label figures come as `{label: float}`; everything else as Python floats.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
-from scipy.spatial import cKDTree
 
-from .errors import ShapeflowError
-from .regularizers import folding_statistics, jacobian_determinant
+from ..errors import ShapeflowError
+from ..grids import Grid, sample
+from ..regularizers import folding_statistics, jacobian_determinant
+from ..shapes import Image
 
-__all__ = ["chamfer_distance", "hausdorff_distance", "rmse", "jacobian_determinants",
-           "min_jacobian_determinant", "flipped_triangles_percent",
-           "dice_per_label", "hausdorff95_per_label", "target_registration_error", "jacobian_statistics"]
-
-
-def _nn_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    a_np, b_np = a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()
-    workers = torch.get_num_threads()
-    return cKDTree(b_np).query(a_np, workers=workers)[0], cKDTree(a_np).query(b_np, workers=workers)[0]
-
-
-def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Symmetric mean nearest-neighbour distance `(mean_a d(a, B) + mean_b d(b, A)) / 2`."""
-    d_ab, d_ba = _nn_distances(a, b)
-    return float((d_ab.mean() + d_ba.mean()) / 2)
-
-
-def hausdorff_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """`max(max_a d(a, B), max_b d(b, A))`."""
-    d_ab, d_ba = _nn_distances(a, b)
-    return float(max(d_ab.max(), d_ba.max()))
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean squared distance between corresponding points `a, b: (N, d)`."""
-    return float((a - b).pow(2).sum(1).mean().sqrt())
-
-
-def jacobian_determinants(phi: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor) -> torch.Tensor:
-    """`det D phi(x)` at each of `points: (N, d)` -> `(N,)`, by automatic differentiation."""
-    x = points.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = phi(x)
-        rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=i < y.shape[1] - 1)[0]
-                for i in range(y.shape[1])]
-    return torch.linalg.det(torch.stack(rows, dim=1)).detach()   # (N, d, d) -> (N,)
-
-
-def bounding_box_grid(points: torch.Tensor, per_axis: int = 12, margin: float = 0.05) -> torch.Tensor:
-    """A regular grid `(per_axis**d, d)` over the bounding box of `points`, grown by `margin`."""
-    lo, hi = points.min(0).values, points.max(0).values
-    pad = margin * (hi - lo)
-    axes = [torch.linspace(float(l - p), float(h + p), per_axis, dtype=points.dtype, device=points.device)
-            for l, h, p in zip(lo, hi, pad)]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, points.shape[1])
-
-
-def min_jacobian_determinant(phi, points: torch.Tensor, per_axis: int = 12) -> float:
-    """The smallest `det D phi` over a grid on the bounding box of `points` and the points themselves."""
-    grid = torch.cat([bounding_box_grid(points, per_axis), points.detach()])
-    return float(jacobian_determinants(phi, grid).min())
-
-
-def flipped_triangles_percent(phi, vertices: torch.Tensor, faces: torch.Tensor) -> float:
-    """Percentage of triangles whose orientation the map reverses.
-
-    An orientation-preserving map sends a small triangle's normal `n` to a positive multiple of
-    `J^{-T} n` (J at the triangle's centroid). A warped triangle whose normal points against that
-    direction has flipped: where the map folds (det J < 0), or where it bends a triangle so much
-    between its vertices that the triangle turns over. A mirror flips every triangle.
-    """
-    def normals(v):
-        tri = v[faces]                                                   # (F, 3, 3)
-        return torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-
-    warped = phi(vertices).detach()
-    centroids = vertices[faces].mean(1).detach().requires_grad_(True)
-    with torch.enable_grad():
-        y = phi(centroids)
-        jac = torch.stack([torch.autograd.grad(y[:, i].sum(), centroids, retain_graph=i < 2)[0]
-                           for i in range(3)], dim=1)                  # (F, 3, 3)
-    expected = (torch.linalg.inv(jac).transpose(1, 2) @ normals(vertices.detach())[..., None])[..., 0]
-    return float(((normals(warped) * expected).sum(1) < 0).double().mean() * 100)
-
-
-# ----------------------------------------------------------------------------- images
+__all__ = ["image_registration_metrics", "moving_on_fixed_grid", "dice_per_label", "hausdorff95_per_label",
+           "target_registration_error", "jacobian_statistics"]
 
 
 def _label_array(who: str, name: str, labels) -> np.ndarray:
@@ -198,3 +125,40 @@ def jacobian_statistics(displacement: torch.Tensor, spacing: float | Sequence[fl
         raise ShapeflowError("jacobian_statistics(): displacement must be a field (d, *S) with "
                              f"d = len(S) in {{2, 3}}, got {got}")
     return folding_statistics(jacobian_determinant(displacement.detach(), spacing))
+
+
+def moving_on_fixed_grid(moving: Image, fixed: Image, device, dtype) -> torch.Tensor:
+    """The moving image resampled on the fixed grid by the identity map (world to world): (C, *S)."""
+    points = Grid.of(fixed).points(dtype, device)
+    return sample(moving.data.to(device, dtype), Grid.of(moving), points).cpu()
+
+
+def image_registration_metrics(moving: Image, fixed: Image, warped: Image, deformation, device, dtype,
+                               moving_marks: torch.Tensor | None = None, fixed_marks: torch.Tensor | None = None) -> dict:
+    """MSE before/after, Jacobian statistics of the map on the fixed grid, Dice/HD95 per label when
+    both images carry labels, TRE when landmarks `(K, d)` (world, moving and fixed) are given."""
+    before = moving_on_fixed_grid(moving, fixed, device, dtype)
+    out: dict[str, Any] = {}
+    if before.shape[0] == fixed.data.shape[0]:
+        out["mse_before"] = float((before - fixed.data).pow(2).mean())
+        out["mse_after"] = float((warped.data - fixed.data).pow(2).mean())
+    grid = Grid.of(fixed)
+    with torch.no_grad():
+        points = grid.points(dtype, device)
+        displacement = deformation(points.reshape(-1, grid.dim)).reshape(points.shape) - points   # (*S, d) world
+        # components along the grid axes, so finite differences along the axes give det(D psi)
+        local = (displacement.double() @ grid.direction.to(device)).movedim(-1, 0).cpu()
+    stats = jacobian_statistics(local, grid.spacing.tolist())
+    out.update({f"jacobian_{k}": v for k, v in stats.items()})
+    if moving.labels is not None and fixed.labels is not None:
+        identity = sample(moving.labels[None].to(device, dtype), Grid.of(moving), points, mode="nearest")[0].round().long().cpu()
+        out["dice_before"] = dice_per_label(identity, fixed.labels)
+        out["dice"] = dice_per_label(warped.labels, fixed.labels)
+        out["dice_mean"] = float(np.mean(list(out["dice"].values()))) if out["dice"] else None
+        out["hd95"] = hausdorff95_per_label(warped.labels, fixed.labels, grid.spacing.tolist())
+    if moving_marks is not None:
+        with torch.no_grad():
+            mapped = deformation(fixed_marks.to(device, dtype)).double().cpu()
+        out["tre_before"] = target_registration_error(fixed_marks, moving_marks)
+        out["tre"] = target_registration_error(mapped, moving_marks)
+    return out

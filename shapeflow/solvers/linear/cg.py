@@ -9,7 +9,7 @@ place, `resolve_backend`.
 Without autograd the torch loop works in place and fuses its vector updates into cache-sized
 chunks (three passes over memory per iteration besides `A p`). A callable operator may offer
 `apply_dot(v) -> (A v, v . A v)` (one pass instead of two) and `diagonal() -> (n,)` (for
-`M="jacobi"`), as `shapeflow.solvers._operators.GridNormalOperator` does.
+`M="jacobi"`), as `shapeflow.solvers.linear.operators.GridNormalOperator` does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.solvers._operators import (
+from shapeflow.solvers.linear.operators import (
     Matvec,
     Operator,
     accepts_out,
@@ -30,7 +30,7 @@ from shapeflow.solvers._operators import (
     diagonal,
     is_sparse,
 )
-from shapeflow.solvers._optional import is_available
+from shapeflow._optional import is_available
 
 Preconditioner = Union[None, str, Tensor, Callable[[Tensor], Tensor]]
 
@@ -84,7 +84,7 @@ class Diagonal:
 
 def _amg(A: Operator, M: Optional[Tensor] = None) -> Matvec:
     """One smoothed-aggregation AMG V-cycle (pyamg, CPU) as an SPD preconditioner on (n, k) blocks."""
-    from shapeflow.solvers._amg import amg_preconditioner
+    from shapeflow.solvers.linear._amg import amg_preconditioner
 
     if not isinstance(A, Tensor):
         raise ShapeflowError("conjugate_gradient(): M='amg' needs A as a sparse or dense CPU tensor")
@@ -336,14 +336,14 @@ def _cg_torch(A, B, M, X0, tol, maxiter, vector):
 
 
 def _cg_cupy(A, B, M, X0, tol, maxiter, vector):
-    from shapeflow.solvers._cupy import cg_cupy
+    from shapeflow.solvers.linear._cupy import cg_cupy
 
     X, iterations = cg_cupy(A, B, M, X0, tol, maxiter)
     return X, _info(block_matvec(A, vector), B, X, iterations, tol, vector, "cupy")
 
 
 def _cg_amg(A, B, M, X0, tol, maxiter, vector):
-    from shapeflow.solvers._amg import amg_solve
+    from shapeflow.solvers.linear._amg import amg_solve
 
     if M is not None:
         raise ShapeflowError("conjugate_gradient(): backend='amg' brings its own preconditioner; leave M=None")

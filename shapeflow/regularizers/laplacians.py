@@ -1,4 +1,4 @@
-"""Shared regularisers and the Laplacians they are built on.
+"""The Laplacians every regulariser is built on: grid, mesh and kNN graph.
 
 Convention: every Laplacian here is the positive semi-definite `L = -Delta` (stiffness form, no
 mass matrix), so the diffusion energy is `u^T L u >= 0` and constants are in the null space.
@@ -9,9 +9,6 @@ mass matrix), so the diffusion energy is `u^T L u >= 0` and constants are in the
 * Meshes: `mesh_laplacian(vertices, faces, kind)` with kinds in `LAPLACIANS` (cotangent weights
   `(cot a + cot b) / 2`, or the uniform graph Laplacian), `mesh_mass` (lumped barycentric areas).
 * Point clouds: `knn_laplacian(points, k, sigma)`, symmetrised kNN graph with Gaussian weights.
-* Energies: `diffusion(u, L) = sum_c u_c^T L u_c`, `bending(u, L) = sum_c |L u_c|^2`, and
-  `grid_diffusion` / `grid_bending` on `(d, *S)` displacement fields.
-* Jacobians: `jacobian_determinant(u, spacing)` of `x -> x + u(x)` and `folding_statistics`.
 
 Displacement fields are `(d, *S)` with `d = len(S)`; component `i` moves along spatial axis `i`
 of `S` (array index order), in the physical units of `spacing`.
@@ -28,10 +25,9 @@ from torch import Tensor
 from shapeflow.errors import ShapeflowError
 
 Spacing = Optional[Union[float, Sequence[float]]]
-LinearMap = Union[Tensor, Callable[[Tensor], Tensor]]
 
 
-def _spacing(func: str, spacing: Spacing, ndim: int) -> list[float]:
+def as_spacing(func: str, spacing: Spacing, ndim: int) -> list[float]:
     if spacing is None:
         return [1.0] * ndim
     if isinstance(spacing, (int, float)):
@@ -45,7 +41,7 @@ def _spacing(func: str, spacing: Spacing, ndim: int) -> list[float]:
     return values
 
 
-def _check_grid_field(func: str, u: Tensor, components: Optional[bool] = None) -> None:
+def check_grid_field(func: str, u: Tensor, components: Optional[bool] = None) -> None:
     if not isinstance(u, Tensor) or u.dim() not in (3, 4):
         raise ShapeflowError(
             f"{func}(): expected a field of shape (C, H, W) or (C, D, H, W), got "
@@ -68,8 +64,8 @@ def grid_laplacian_apply(u: Tensor, spacing: Spacing = None) -> Tensor:
     at the border replaced by `u_i` itself. Differentiable; matches `grid_laplacian(S, spacing)`.
     Without autograd the field is processed in cache-sized slabs (see `grid_laplacian_slab`).
     """
-    _check_grid_field("grid_laplacian_apply", u)
-    weights = [1.0 / h**2 for h in _spacing("grid_laplacian_apply", spacing, u.dim() - 1)]
+    check_grid_field("grid_laplacian_apply", u)
+    weights = [1.0 / h**2 for h in as_spacing("grid_laplacian_apply", spacing, u.dim() - 1)]
     if torch.is_grad_enabled() and u.requires_grad:
         return grid_laplacian_slab(u, weights, 0, u.shape[1])
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -151,7 +147,7 @@ def grid_laplacian(
         raise ShapeflowError(f"grid_laplacian(): shape must be 2 or 3 positive sizes, got {shape}")
     if components < 1:
         raise ShapeflowError(f"grid_laplacian(): components must be >= 1, got {components}")
-    weights = [1.0 / h**2 for h in _spacing("grid_laplacian", spacing, len(shape))]
+    weights = [1.0 / h**2 for h in as_spacing("grid_laplacian", spacing, len(shape))]
     n = math.prod(shape)
     index = torch.arange(n, device=device).reshape(shape)
     rows, cols, vals = [], [], []
@@ -282,77 +278,3 @@ def knn_laplacian(points: Tensor, k: int, sigma: Optional[float] = None) -> Tens
     d2 = ((points[pairs[:, 0]] - points[pairs[:, 1]]) ** 2).sum(1)
     w = torch.exp(-d2 / (2.0 * sigma**2))
     return _from_weights(pairs[:, 0], pairs[:, 1], w, n)
-
-
-# ----------------------------------------------------------------------------- energies
-
-
-def _apply(L: LinearMap, u: Tensor) -> Tensor:
-    return L(u) if callable(L) and not isinstance(L, Tensor) else L @ u
-
-
-def diffusion(u: Tensor, L: LinearMap) -> Tensor:
-    """Diffusion energy `sum_c u_c^T L u_c`. u: (N,) or (N, d); L: (N, N) sparse/dense or callable."""
-    if u.dim() not in (1, 2):
-        raise ShapeflowError(f"diffusion(): u must be (N,) or (N, d), got {tuple(u.shape)}")
-    return (u * _apply(L, u)).sum()
-
-
-def bending(u: Tensor, L: LinearMap) -> Tensor:
-    """Bending energy `sum_c |L u_c|^2`. u: (N,) or (N, d); L: (N, N) sparse/dense or callable."""
-    if u.dim() not in (1, 2):
-        raise ShapeflowError(f"bending(): u must be (N,) or (N, d), got {tuple(u.shape)}")
-    return (_apply(L, u) ** 2).sum()
-
-
-def grid_diffusion(u: Tensor, spacing: Spacing = None) -> Tensor:
-    """`sum_c u_c^T L u_c` for a grid field u: (C, *S) = sum of squared forward differences / h^2."""
-    return (u * grid_laplacian_apply(u, spacing)).sum()
-
-
-def grid_bending(u: Tensor, spacing: Spacing = None) -> Tensor:
-    """`sum_c |L u_c|^2` for a grid field u: (C, *S) with the Neumann grid Laplacian."""
-    return (grid_laplacian_apply(u, spacing) ** 2).sum()
-
-
-# ----------------------------------------------------------------------------- Jacobians
-
-
-def jacobian_determinant(u: Tensor, spacing: Spacing = None) -> Tensor:
-    """Determinant of the Jacobian of `x -> x + u(x)`, `det(I + grad u)`, at every voxel.
-
-    u: (d, *S) displacement field, d = len(S) in {2, 3}, in the units of `spacing`.
-    Derivatives by central differences (one-sided at the borders, `torch.gradient`), exact for
-    affine fields. Returns (*S).
-    """
-    _check_grid_field("jacobian_determinant", u, components=True)
-    d = u.shape[0]
-    h = _spacing("jacobian_determinant", spacing, d)
-    J = [[None] * d for _ in range(d)]
-    for i in range(d):
-        grads = torch.gradient(u[i], spacing=h, dim=list(range(d)))
-        for j in range(d):
-            J[i][j] = grads[j] + (1.0 if i == j else 0.0)
-    if d == 2:
-        return J[0][0] * J[1][1] - J[0][1] * J[1][0]
-    return (
-        J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
-        - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
-        + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0])
-    )
-
-
-def folding_statistics(detJ: Tensor, eps: float = 1e-9) -> dict[str, float]:
-    """Folding summary of a Jacobian-determinant map detJ: (*S).
-
-    Returns {"percent_negative": 100 * fraction of voxels with detJ <= 0, "min": min detJ,
-    "std_log": standard deviation of log(clip(detJ, eps))}.
-    """
-    flat = detJ.detach().reshape(-1).double()
-    if flat.numel() == 0:
-        raise ShapeflowError("folding_statistics(): detJ is empty")
-    return {
-        "percent_negative": float((flat <= 0).double().mean() * 100.0),
-        "min": float(flat.min()),
-        "std_log": float(torch.log(flat.clamp_min(eps)).std(unbiased=False)),
-    }

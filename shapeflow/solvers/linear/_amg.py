@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shapeflow.solvers._operators import Matvec, to_scipy_csr
-from shapeflow.solvers._optional import import_optional
+from shapeflow.solvers.linear.operators import Matvec, to_scipy_csr
+from shapeflow._optional import import_optional
 
 
 def amg_hierarchy(A: Tensor):

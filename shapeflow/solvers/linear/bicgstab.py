@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.solvers._operators import Operator, block_matvec, check_operator
-from shapeflow.solvers.cg import CGInfo, Preconditioner, _info, default_maxiter, make_preconditioner
+from shapeflow.solvers.linear.operators import Operator, block_matvec, check_operator
+from shapeflow.solvers.linear.cg import CGInfo, Preconditioner, _info, default_maxiter, make_preconditioner
 
 
 def _safe_div(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:

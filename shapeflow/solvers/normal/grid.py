@@ -1,166 +1,31 @@
-"""Linear operators as the solvers see them: a sparse/dense tensor or a callable `v -> A v`.
+"""The Gauss-Newton normal operator of a field on a grid: `J^T J + damping I + lam L`.
 
-Internal helpers shared by `cg.py`, `bicgstab.py` and `linear_solve.py`. Vectors are handled as
-`(n, k)` blocks of `k` right-hand sides; a callable given by the user receives the same shape as
-the right-hand side it was called for (`(n,)` or `(n, k)`).
+Dense image registration linearises a per-voxel residual; its normal matrix couples the d
+components of one voxel (the `J_v^T J_v` blocks) and neighbouring voxels of one component (the
+grid Laplacian). `grid_normal_operator` applies it matrix free, cache blocked, and on the CPU with
+numba in one compiled pass (`_fused.py`); `assemble_grid_normal_matrix` gives the same matrix as a
+sparse CSR tensor for matrix-based solvers (AMG). `solve_grid_normal` solves the system with an
+inner solver from `GRID_SOLVERS` ("cg": matrix-free Jacobi CG, "amg": pyamg-preconditioned CG).
 """
-
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from shapeflow._optional import import_optional
+from shapeflow._registry import Registry
 from shapeflow.errors import ShapeflowError
+from shapeflow.regularizers.laplacians import (as_spacing, grid_laplacian, grid_laplacian_apply, grid_laplacian_slab,
+                                                 grid_slabs)
+from shapeflow.solvers.linear.cg import CGInfo, conjugate_gradient
+from shapeflow.solvers.normal import _fused
 
-Operator = Union[Tensor, Callable[[Tensor], Tensor]]
-Matvec = Callable[[Tensor], Tensor]
-
-SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
-
-
-def is_sparse(A: object) -> bool:
-    """True for a torch sparse COO or CSR tensor."""
-    return isinstance(A, Tensor) and A.layout in SPARSE_LAYOUTS
-
-
-def check_operator(func: str, A: Operator, n: int) -> None:
-    """Raise a ShapeflowError unless `A` is an (n, n) tensor (sparse or dense) or a callable."""
-    if callable(A) and not isinstance(A, Tensor):
-        return
-    if not isinstance(A, Tensor):
-        raise ShapeflowError(
-            f"{func}(): A must be a torch sparse/dense (n, n) tensor or a callable v -> A v, "
-            f"got {type(A).__name__}"
-        )
-    if A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape[0] != n:
-        raise ShapeflowError(
-            f"{func}(): A has shape {tuple(A.shape)} but b has {n} rows; A must be ({n}, {n})"
-        )
-    if A.layout not in SPARSE_LAYOUTS + (torch.strided,):
-        raise ShapeflowError(f"{func}(): A has unsupported layout {A.layout}; use COO, CSR or dense")
-
-
-def block_matvec(A: Operator, vector_rhs: bool) -> Matvec:
-    """Return `V -> A V` on `(n, k)` blocks.
-
-    A: sparse/dense (n, n) tensor or a callable; for a callable and `vector_rhs=True` the callable
-    is applied to the single column `(n,)`, else to the `(n, k)` block.
-    """
-    if isinstance(A, Tensor):
-        return lambda V: A @ V
-    if vector_rhs:
-        def column(V: Tensor) -> Tensor:
-            return A(V[:, 0]).reshape(-1, 1)
-
-        if hasattr(A, "apply_dot"):  # optional fused `v -> (A v, v . A v)`, used by CG
-            pass_out = accepts_out(A.apply_dot)
-
-            def column_dot(V: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-                if pass_out and out is not None:
-                    AV, dot = A.apply_dot(V[:, 0], out=out[:, 0])
-                else:
-                    AV, dot = A.apply_dot(V[:, 0])
-                return AV.reshape(-1, 1), dot
-
-            column.apply_dot = column_dot
-        return column
-    return A
-
-
-def accepts_out(apply_dot: Callable) -> bool:
-    """True when an operator's `apply_dot` takes an `out=` buffer to write `A v` into.
-
-    The CG loop then reuses one buffer for every `A p` instead of allocating a fresh vector per
-    iteration (for large fields the page faults of a fresh allocation cost as much as the matvec).
-    """
-    try:
-        return "out" in inspect.signature(apply_dot).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def diagonal(A: Tensor) -> Tensor:
-    """Diagonal of a sparse (COO/CSR) or dense square tensor. A: (n, n) -> (n,)."""
-    if A.layout == torch.strided:
-        return A.diagonal()
-    coo = (A.to_sparse_coo() if A.layout == torch.sparse_csr else A).coalesce()
-    rows, cols = coo.indices()
-    on_diag = rows == cols
-    out = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device)
-    return out.index_add(0, rows[on_diag], coo.values()[on_diag])
-
-
-def transpose(A: Tensor) -> Tensor:
-    """Transpose of a sparse or dense (n, n) tensor, in the same layout."""
-    if A.layout == torch.sparse_csr:
-        return A.to_sparse_coo().t().coalesce().to_sparse_csr()
-    if A.layout == torch.sparse_coo:
-        return A.t().coalesce()
-    return A.mT
-
-
-def adjoint_matvec(A: Operator, n: int, like: Tensor) -> Matvec:
-    """Return `W -> A^T W` on `(n, k)` blocks.
-
-    For a tensor the transpose is formed; for a callable linear `A` it is the vector-Jacobian
-    product of `v -> A v` (exact because `A` is linear), so any differentiable callable works.
-    """
-    if isinstance(A, Tensor):
-        At = transpose(A)
-        return lambda W: At @ W
-
-    def apply(W: Tensor) -> Tensor:
-        cols = []
-        with torch.enable_grad():
-            for j in range(W.shape[1]):
-                _, pullback = torch.func.vjp(A, torch.zeros(n, dtype=like.dtype, device=like.device))
-                cols.append(pullback(W[:, j])[0])
-        return torch.stack(cols, dim=1)
-
-    return apply
-
-
-def with_diagonal(A: Tensor, d: Tensor) -> Tensor:
-    """Assemble `A + diag(d)` in A's layout. A: (n, n) sparse or dense, d: (n,)."""
-    n = A.shape[0]
-    if A.layout == torch.strided:
-        return A + torch.diag(d)
-    idx = torch.arange(n, device=A.device).expand(2, n)
-    coo = A.to_sparse_coo() if A.layout == torch.sparse_csr else A
-    out = (coo + torch.sparse_coo_tensor(idx, d.to(A.dtype), (n, n), check_invariants=False)).coalesce()
-    return out.to_sparse_csr() if A.layout == torch.sparse_csr else out
-
-
-def sparse_pattern(A: Tensor) -> tuple[Tensor, Tensor]:
-    """Row and column indices of A's stored entries, in the order of `A.values()` (coalesced COO)."""
-    if A.layout == torch.sparse_csr:
-        crow = A.crow_indices()
-        rows = torch.repeat_interleave(
-            torch.arange(A.shape[0], device=A.device), crow[1:] - crow[:-1]
-        )
-        return rows, A.col_indices()
-    rows, cols = A.indices()
-    return rows, cols
-
-
-def to_scipy_csr(A: Tensor):
-    """A torch sparse/dense (n, n) CPU tensor as a `scipy.sparse.csr_matrix` (shares memory where it can)."""
-    import scipy.sparse as sp
-
-    if A.device.type != "cpu":
-        raise ShapeflowError(f"to_scipy_csr(): A is on {A.device}; the SciPy/pyamg path is CPU only")
-    A = A.detach()
-    if A.layout == torch.strided:
-        return sp.csr_matrix(A.numpy())
-    csr = A if A.layout == torch.sparse_csr else A.coalesce().to_sparse_csr()
-    return sp.csr_matrix(
-        (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
-        shape=tuple(A.shape),
-    )
+__all__ = ["GridNormalOperator", "grid_normal_operator", "assemble_grid_normal_matrix", "solve_grid_normal",
+           "gauss_newton_step",
+           "GRID_SOLVERS"]
 
 
 class GridNormalOperator:
@@ -171,7 +36,7 @@ class GridNormalOperator:
     (`shapeflow.regularizers.grid_laplacian_slab`, Neumann) of every component. The stencil and
     the block product run slab by slab along the first spatial axis, so every slab is read from
     memory once and all the elementwise passes over it hit the cache. On the CPU with numba
-    installed, a compiled kernel (`shapeflow.solvers._fused`) does the whole product in one pass.
+    installed, a compiled kernel (`shapeflow.solvers.normal._fused`) does the whole product in one pass.
 
     Build it with `grid_normal_operator`. Call it on `(C, *S)`, `(n,)` or `(n, k)` tensors
     (n = C prod(S), rows in `v.reshape(C, -1)` order); `diagonal()` gives `(n,)` for Jacobi;
@@ -180,13 +45,11 @@ class GridNormalOperator:
     """
 
     def __init__(self, jac: Tensor, lam: float, spacing, damping: float):
-        from shapeflow.regularizers import _spacing
-
         self.jac = jac if jac.is_contiguous() else jac.contiguous()  # (K, C, *S)
         self.field_shape = tuple(jac.shape[1:])
         self.n = math.prod(self.field_shape)
         self.lam, self.damping = float(lam), float(damping)
-        self.weights = [self.lam / h**2 for h in _spacing("grid_normal_operator", spacing, jac.dim() - 2)]
+        self.weights = [self.lam / h**2 for h in as_spacing("grid_normal_operator", spacing, jac.dim() - 2)]
 
     def __call__(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """`A v`; out: optional contiguous buffer for one vector's result (no autograd)."""
@@ -206,8 +69,6 @@ class GridNormalOperator:
             raise ShapeflowError(
                 f"GridNormalOperator: expected a field {self.field_shape} or ({self.n},) vectors, got {tuple(v.shape)}"
             )
-        from shapeflow.regularizers import grid_laplacian_slab, grid_slabs
-
         u = v.reshape(self.field_shape)  # (C, *S)
         if torch.is_grad_enabled() and (v.requires_grad or self.jac.requires_grad):
             out = grid_laplacian_slab(u, self.weights, 0, u.shape[1], center=self.damping)
@@ -223,8 +84,6 @@ class GridNormalOperator:
             )
         else:
             out = out.view(self.field_shape)
-        from shapeflow.solvers import _fused
-
         if _fused.available(u, self.jac):  # one pass over memory (numba)
             dot = _fused.normal_matvec(u.contiguous(), self.jac, self.weights, self.damping, out, with_dot)
             return out.reshape(v.shape), dot
@@ -297,8 +156,6 @@ def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, dampin
     for matrix-based solvers such as algebraic multigrid (`conjugate_gradient(A, b,
     backend="amg")`), which need the entries rather than a matvec. Not differentiable.
     """
-    from shapeflow.regularizers import grid_laplacian
-
     _check_normal_args("assemble_grid_normal_matrix", jac, lam, damping)
     jac = jac.detach()
     K, C = jac.shape[:2]
@@ -319,3 +176,76 @@ def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, dampin
     n = C * N
     A = torch.sparse_coo_tensor(torch.cat(index, 1), torch.cat(values), (n, n), check_invariants=False)
     return A.coalesce().to_sparse_csr()
+
+
+def _solve_cg(jac: Tensor, rhs: Tensor, lam: float, spacing: list[float], damping: float, tol: float,
+              maxiter: int) -> tuple[Tensor, CGInfo]:
+    """Jacobi-preconditioned CG with the fused matrix-free operator (any device)."""
+    operator = grid_normal_operator(jac, lam=lam, spacing=spacing, damping=damping)
+    return conjugate_gradient(operator, rhs, M=operator.diagonal(), tol=tol, maxiter=maxiter)
+
+
+def _solve_amg(jac: Tensor, rhs: Tensor, lam: float, spacing: list[float], damping: float, tol: float,
+               maxiter: int) -> tuple[Tensor, CGInfo]:
+    """AMG-preconditioned CG (pyamg smoothed aggregation) on the assembled sparse matrix (CPU)."""
+    if rhs.device.type != "cpu":
+        raise ShapeflowError(f"gauss_newton_step(): solver='amg' runs on the CPU (pyamg) but the tensors are on "
+                             f"{rhs.device}; use solver='cg' or device='cpu'")
+    import_optional("pyamg", "solver='amg'")
+    # float64 throughout: pyamg needs the matrix and the vectors in one dtype, and its hierarchy is
+    # more robust in double precision; the step comes back in the caller's dtype
+    A = assemble_grid_normal_matrix(jac.double(), lam=lam, spacing=spacing, damping=damping)
+    x, info = conjugate_gradient(A, rhs.double(), tol=tol, maxiter=maxiter, backend="amg")
+    return x.to(rhs.dtype), info
+
+
+#: inner solvers of `(J^T J + damping I + lam L) x = rhs` on a grid: `(jac (K, d, *S), rhs (d prod S,), lam,
+#: spacing, damping, tol, maxiter) -> (x (d prod S,), CGInfo)`
+GRID_SOLVERS: Registry[Callable[..., tuple[Tensor, CGInfo]]] = Registry("solver", {"cg": _solve_cg, "amg": _solve_amg})
+
+
+def solve_grid_normal(jac: Tensor, rhs: Tensor, *, lam: float, spacing=None, damping: float = 0.0,
+                      solver: str = "cg", tol: float = 1e-3, maxiter: int = 60) -> tuple[Tensor, CGInfo]:
+    """Solve `(J^T J + damping I + lam L) x = rhs` for a field on a grid.
+
+    jac: (K, d, *S) per-voxel Jacobian of K residuals; rhs: (d prod S,) in `v.reshape(d, -1)`
+    order; solver: a name in `GRID_SOLVERS`. Returns `(x (d prod S,), CGInfo)`.
+    """
+    spacing = as_spacing("solve_grid_normal", spacing, jac.dim() - 2)
+    return GRID_SOLVERS.lookup(solver, "gauss_newton_step()")(jac, rhs, lam, spacing, damping, tol, maxiter)
+
+
+def gauss_newton_step(residual: Tensor, gradient: Tensor, u: Tensor, grid, lam: float,
+                      project: Optional[tuple[Callable, Callable]] = None, cg_iterations: int = 60,
+                      cg_tol: float = 1e-3, solver: str = "cg", damping: float = 0.0) -> tuple[Tensor, CGInfo]:
+    """One regularised Gauss-Newton update for a displacement `u: (d, *S)` on `grid` (a `shapeflow.grids.Grid`).
+
+    residual: (C, *S) warped minus fixed; gradient: (C, d, *S) world gradient of the warped image.
+    Solves `(sum_c g g^T / C + lam L + damping I) du = -sum_c r g / C - lam L u` (with `project` =
+    (P, P^T) for a control grid: unknowns z, du = P z) to relative residual `cg_tol` in at most
+    `cg_iterations` iterations. solver: a name in `GRID_SOLVERS`: "cg" (matrix-free operator,
+    Jacobi preconditioner) or "amg" (the matrix assembled by `assemble_grid_normal_matrix`,
+    AMG-preconditioned CG through pyamg: CPU tensors, `pip install "shapeflow[amg]"`, no control
+    grid). Returns `(du (d, *S), CGInfo)`.
+    """
+    GRID_SOLVERS.lookup(solver, "gauss_newton_step()")
+    if solver != "cg" and project is not None:
+        raise ShapeflowError(f"gauss_newton_step(): solver={solver!r} needs a dense field (stride=1); "
+                             "use solver='cg' with a control grid")
+    C = gradient.shape[0]
+    spacing = grid.spacing.tolist()
+    rhs = -(residual[:, None] * gradient).sum(0) / C - lam * grid_laplacian_apply(u, spacing)   # (d, *S)
+    if project is None:  # per-voxel blocks and the stencil: fused operator (cg) or assembled matrix (amg)
+        x, info = solve_grid_normal(gradient / math.sqrt(C), rhs.reshape(-1), lam=lam, spacing=spacing,
+                                    damping=damping, solver=solver, tol=cg_tol, maxiter=cg_iterations)
+        return x.view(u.shape), info
+    blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / C          # (d, d, *S)
+
+    def hessian(z: Tensor) -> Tensor:                                           # (d, *S) -> (d, *S)
+        return torch.einsum("ij...,j...->i...", blocks, z) + lam * grid_laplacian_apply(z, spacing) + damping * z
+
+    up, down = project
+    z_shape = down(rhs).shape
+    x, info = conjugate_gradient(lambda v: down(hessian(up(v.view(z_shape)))).reshape(-1), down(rhs).reshape(-1),
+                                 tol=cg_tol, maxiter=cg_iterations)
+    return up(x.view(z_shape)), info

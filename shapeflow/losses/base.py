@@ -1,0 +1,62 @@
+"""The base classes of data terms: one per role, with a fixed call signature.
+
+* `PointLoss`: `(source (N, d), target (M, d)) -> 0-d`, between point sets. It brings its own
+  keyword options (`Options`, a dataclass of `register()` options only it reads) and its fitting
+  plan (`stages`): the shape pipeline needs no case per loss.
+* `ImageResidual` (`residuals.py`): what a Gauss-Newton image registration takes its residual on.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["PointLoss", "Stage"]
+
+
+@dataclass
+class Stage:
+    """One stage of a shape fit: `loss` on `points` points per shape (None: every point, in
+    order, as correspondence needs), for `iterations` Adam steps at `lr_scale` times the step size."""
+
+    name: str
+    loss: "PointLoss"
+    points: int | None
+    iterations: int
+    lr_scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.loss.name})"
+
+
+class PointLoss(nn.Module, abc.ABC):
+    """A data term between point sets; subclasses implement `forward` and may override `stages`."""
+
+    #: the registry name (set by `register`'s LOSSES)
+    name: ClassVar[str] = ""
+    #: True when the term needs point-to-point correspondence (source and target in order, N == M)
+    correspondence: ClassVar[bool] = False
+
+    @dataclass
+    class Options:
+        """The `register()` options this loss reads (none by default)."""
+
+    @abc.abstractmethod
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`source: (N, d)`, `target: (M, d)` -> 0-d tensor."""
+
+    @classmethod
+    def build(cls, options: Any) -> "PointLoss":
+        """An instance for `options` (this class's `Options`)."""
+        return cls()
+
+    @classmethod
+    def stages(cls, options: Any, iterations: int, n_source: int, n_target: int) -> list[Stage]:
+        """The fitting plan: by default one stage on every point (correspondence) or on a subsample
+        of `options.subsample` points per shape when the options have one."""
+        points = None if cls.correspondence else getattr(options, "subsample", None)
+        return [Stage("fine", cls.build(options), points, iterations)]

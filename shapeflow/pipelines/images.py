@@ -1,0 +1,397 @@
+"""Dense image registration by Gauss-Newton with a diffusion regulariser (Brox / SUITS / LearnGN).
+
+The moving image is resampled through a map `psi` from the fixed grid's world points into the
+moving image: `warped(x) = moving(psi(x))` with `psi(x) = A(x + u(x))` (A: optional affine
+pre-alignment, `image_affine.py`; u: the displacement of the model: a `DisplacementField`, or
+`exp(v)` of a `StationaryVelocityField`). Each pyramid level is one least-squares problem
+(`GridProblem`) handed to the solver core's one Gauss-Newton loop
+(`shapeflow.solvers.minimize_least_squares`). Its linearisation takes the residual
+`r = F(warped) - F(fixed)` (per channel; F from the `loss=` residual in `RESIDUALS`) and solves
+
+    (sum_c g_c g_c^T / C + lam L) du = -sum_c r_c g_c / C - lam L u
+
+(`shapeflow.solvers.normal.grid.gauss_newton_step`: coupled d x d blocks per voxel, L the grid
+Laplacian, CG matrix free or AMG on the assembled matrix). A step is kept only if the objective
+`mean r^2 + lam u^T L u / N` decreases (else halved, at most 3 times; the level stops when no step
+helps). Coarse to fine over a pyramid, optionally on a B-spline control grid with a `stride`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .._optional import import_optional
+from .._options import CommonOptions, parse_options
+from .._registry import Registry
+from ..deform import IMAGE_MODELS, Compose, Deformation
+from ..errors import ShapeflowError
+from ..grids import Grid, bspline_upsample, control_shape, downsample, sample, spatial_gradient
+from ..losses import RESIDUALS, ImageResidual
+from ..metrics import image_registration_metrics, moving_on_fixed_grid
+from ..progress import progress_bar
+from ..regularizers import grid_diffusion
+from ..result import Result
+from ..shapes import Image, check_points
+from ..solvers import GaussNewtonStep, Linearization, minimize_least_squares
+from ..solvers.normal.grid import GRID_SOLVERS, gauss_newton_step
+from .image_affine import fit_affine
+
+__all__ = ["ImageOptions", "register_images", "GridProblem"]
+
+#: the solver names `register(solver=...)` accepts for images
+IMAGE_SOLVERS = Registry("image solver", GRID_SOLVERS)
+
+#: the smallest image side (voxels) that can be registered (gradients need two voxels per axis)
+MIN_SIDE = 2
+
+
+@dataclass
+class ImageOptions(CommonOptions):
+    """Keyword options of `register` for images; an unknown name is an error listing these.
+
+    Per-level values (`iterations`, `regularization` as lists) hold one value per requested
+    level, coarsest first; when an image is too small for every level (a level needs at least 16
+    voxels along each axis to be halved), the coarsest levels are dropped together with their
+    values, so the finest level always gets the last value.
+    """
+
+    levels: int = 3                      # pyramid levels (each halves the grid)
+    iterations: int | list[int] | None = None   # Gauss-Newton steps per level, or a list (coarse first);
+                                                # default 8 on the coarsest level, halved on each finer one
+    regularization: float | list[float] = 0.003  # lam (intensities scaled to [0, 1]), or one per level
+    cg_iterations: int = 20              # non-linear models: inner CG iterations per Gauss-Newton step
+    cg_tol: float = 1e-3                 # non-linear models: inner relative residual
+    solver: str = "cg"                   # non-linear models: "cg" (matrix free, Jacobi) or "amg" (pyamg, CPU)
+    prealign: str | None = None          # "affine": fit an affine map first (non-linear models)
+    normalize: bool = True               # rescale intensities to [0, 1] (1st and 99th percentiles)
+    labels_moving: Any = None            # label maps (paths, Images or integer tensors) for Dice/HD95
+    labels_fixed: Any = None
+    landmarks_moving: Any = None         # (K, d) world points for TRE (paths or arrays)
+    landmarks_fixed: Any = None
+    snapshots: bool = True               # keep a 2D slice per step for the animation
+
+    _what = "image option"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.levels, int) or self.levels < 1:
+            raise ShapeflowError(f"register(): levels must be an int >= 1, got {self.levels!r}")
+        for name in ("iterations", "regularization"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) != self.levels:
+                raise ShapeflowError(f"register(): {name} has {len(value)} values but levels={self.levels}; "
+                                     "give one per level (coarsest first) or a single value")
+
+    def per_level(self, value, level: int, built: int):
+        """`value` (or its entry) for pyramid level `level` (0 = coarsest of the `built` levels)."""
+        index = self.levels - built + level          # the coarsest requested levels may be dropped
+        return value[index] if isinstance(value, (list, tuple)) else value
+
+    def steps(self, level: int, built: int) -> int:
+        """Gauss-Newton steps on `level` (0 = coarsest of the `built` levels)."""
+        if self.iterations is None:
+            return max(8 >> (self.levels - built + level), 1)
+        return int(self.per_level(self.iterations, level, built))
+
+
+@dataclass
+class _Level:
+    fixed: torch.Tensor           # (C, *S) residual features of the fixed image on the level grid
+    moving: torch.Tensor          # (C, *S_m) features on the moving level grid (before warping)
+    grid: Grid
+    moving_grid: Grid
+    fixed_features: torch.Tensor  # (C, *S) the fixed features before `after_warp` (for scores)
+    after_warp: Callable[[torch.Tensor], torch.Tensor] | None = None   # (C, *S) -> (C, *S), see `ImageResidual`
+
+
+class GridProblem:
+    """One pyramid level as a least-squares problem in the parameter field x: (d, *S).
+
+    cost: `mean (F(warped) - F(fixed))^2 + lam u^T L u / N`; state: (raw warped features,
+    residual features, data term). linearize: the symmetric (ESM) gradient, the mean of the
+    warped and fixed gradients, which converges in fewer steps than the warped one alone
+    (Vercauteren et al. 2009), and `gauss_newton_step` as the normal-equation solve.
+    """
+
+    def __init__(self, model: Deformation, level: _Level, affine: Deformation | None, lam: float,
+                 opts: ImageOptions, stride: int):
+        self.model, self.level, self.affine, self.lam, self.opts = model, level, affine, lam, opts
+        self.points = level.grid.points(opts.torch_dtype, opts.torch_device)            # (*S, d)
+        self.spacing = level.grid.spacing.tolist()
+        self.project = _projection(level.grid, stride, self.points) if stride > 1 else None
+        self.fixed_gradient = spatial_gradient(level.fixed, level.grid)
+
+    def where(self, x: torch.Tensor) -> torch.Tensor:
+        """World points (*S, d) of the moving image that the fixed grid's voxels sample."""
+        where = self.points + self.model.field_of(x).movedim(0, -1)
+        if self.affine is not None:
+            where = self.affine(where.reshape(-1, where.shape[-1])).reshape(where.shape)
+        return where
+
+    def cost(self, x: torch.Tensor) -> tuple[float, tuple]:
+        raw = sample(self.level.moving, self.level.moving_grid, self.where(x))           # (C, *S)
+        warped = raw if self.level.after_warp is None else self.level.after_warp(raw)
+        data = float((warped - self.level.fixed).pow(2).mean())
+        reg = float(grid_diffusion(x, self.spacing)) / x[0].numel()
+        return data + self.lam * reg, (raw, warped, data)
+
+    def linearize(self, x: torch.Tensor, state: tuple) -> Linearization:
+        warped = state[1]
+        gradient = (spatial_gradient(warped, self.level.grid) + self.fixed_gradient) / 2   # (C, d, *S)
+        residual = warped - self.level.fixed
+
+        def solve(mu: float) -> tuple[torch.Tensor, int]:
+            du, info = gauss_newton_step(residual, gradient, x, self.level.grid, self.lam, self.project,
+                                         self.opts.cg_iterations, self.opts.cg_tol, self.opts.solver, damping=mu)
+            return du, int(info.iterations.max())
+
+        g = (residual[:, None] * gradient).sum(0) / gradient.shape[0]                      # (d, *S)
+        return Linearization(g, solve)
+
+
+def _projection(grid: Grid, stride: int, like: torch.Tensor):
+    """(P, P^T) for a B-spline control grid of `stride` on `grid`: P maps control values
+    `(d, *Sc)` to the dense field `(d, *S)`; P^T is its adjoint (a vector-Jacobian product)."""
+    shape = (grid.dim, *control_shape(grid.shape, stride))
+    up = lambda z: bspline_upsample(z, stride, grid.shape)
+    _, transpose = torch.func.vjp(up, torch.zeros(shape, dtype=like.dtype, device=like.device))
+    return up, lambda w: transpose(w)[0]
+
+
+def _normalise(data: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.quantile(data.flatten()[:: max(1, data.numel() // 200_000)].float(), torch.tensor([0.01, 0.99]))
+    return ((data - lo) / (hi - lo).clamp_min(1e-8)).clamp(-0.5, 1.5)
+
+
+def _pyramid(data: torch.Tensor, grid: Grid, levels: int) -> list[tuple[torch.Tensor, Grid]]:
+    out = [(data, grid)]
+    for _ in range(levels - 1):
+        if min(out[-1][1].shape) < 16:
+            break
+        out.append(downsample(*out[-1]))
+    return out[::-1]                                                   # coarse first
+
+
+def _level(term: ImageResidual, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, moving_grid: Grid) -> _Level:
+    """One pyramid level: fixed (C, *S) and moving (C, *S_m) intensities turned into `term`'s features."""
+    fixed_features, moving_features = term.features(fixed), term.features(moving)
+    after_warp = term.after_warp(fixed_features)
+    if after_warp is None:
+        return _Level(fixed_features, moving_features, grid, moving_grid, fixed_features)
+    return _Level(after_warp(fixed_features), moving_features, grid, moving_grid, fixed_features, after_warp)
+
+
+def _names(moving: Image, fixed: Image) -> str:
+    return f" ({moving.source} -> {fixed.source})" if moving.source or fixed.source else ""
+
+
+def _check_image(image: Image, role: str) -> None:
+    """A one-line error naming the file for an image that cannot be registered."""
+    where = image.source or f"{role} image"
+    if min(image.shape) < MIN_SIDE:
+        raise ShapeflowError(f"{where}: image is {'x'.join(map(str, image.shape))} voxels; registration needs at "
+                             f"least {MIN_SIDE} along each axis")
+    lo, hi = float(image.data.min()), float(image.data.max())
+    if hi - lo <= 1e-12 * max(abs(lo), abs(hi), 1e-30):
+        raise ShapeflowError(f"{where}: the image is constant (every voxel is {lo:g}); there is nothing to register")
+
+
+def attach_labels(image: Image, labels: Any, name: str) -> Image:
+    """`image` with the label map `labels` (a path, an `Image` or an integer array on the same grid)."""
+    if labels is None:
+        return image
+    from ..io import read
+
+    if not isinstance(labels, (Image, torch.Tensor, np.ndarray)):
+        labels = read(labels, kind="image")
+    if isinstance(labels, Image):
+        same = labels.shape == image.shape and torch.allclose(labels.index_to_world, image.index_to_world, atol=1e-3)
+        if not same:
+            raise ShapeflowError(f"{labels.source or name}: label map grid {labels.shape} (spacing "
+                                 f"{[round(s, 4) for s in labels.spacing.tolist()]}) does not match its image "
+                                 f"{image.shape} (spacing {[round(s, 4) for s in image.spacing.tolist()]})")
+        labels = labels.data[0]
+    labels = torch.as_tensor(np.asarray(labels)).round().long()
+    return Image(image.data, image.spacing, image.origin, image.direction, labels=labels, source=image.source)
+
+
+def _landmarks(opts: ImageOptions, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(K, d) world landmarks of the moving and fixed images (paths or arrays), or (None, None)."""
+    from ..io import read
+
+    def load(points: Any, name: str) -> torch.Tensor | None:
+        if points is None:
+            return None
+        if not isinstance(points, (torch.Tensor, np.ndarray, list)):
+            return read(points, kind="landmarks").points.double()
+        return check_points(points, name, min_points=1, dims=(dim,)).double()
+
+    moving, fixed = load(opts.landmarks_moving, "landmarks_moving"), load(opts.landmarks_fixed, "landmarks_fixed")
+    if (moving is None) != (fixed is None):
+        raise ShapeflowError("register(): give both landmarks_moving and landmarks_fixed, or neither")
+    if moving is not None and moving.shape != fixed.shape:
+        raise ShapeflowError(f"register(): {len(moving)} moving landmarks but {len(fixed)} fixed ones")
+    return moving, fixed
+
+
+def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str], model_opts) -> None:
+    """Options that do not apply to the chosen model are errors, not silently ignored."""
+    if model_cls.linear:
+        unused = sorted(given & {"solver", "cg_iterations", "cg_tol", "prealign"})
+        if unused:
+            raise ShapeflowError(f"register(): {', '.join(unused)} apply to the non-linear image models "
+                                 f"({', '.join(k for k, v in IMAGE_MODELS.items() if not v.linear)}), "
+                                 f"not to model {model!r}")
+        return
+    if opts.prealign not in (None, "affine"):
+        raise ShapeflowError(f"register(): image prealign must be None or 'affine', got {opts.prealign!r}")
+    if opts.solver == "amg":
+        if getattr(model_opts, "stride", 1) != 1:
+            raise ShapeflowError(f"register(): solver='amg' needs stride=1 (a dense field), got stride={model_opts.stride}")
+        if opts.torch_device.type != "cpu":
+            raise ShapeflowError(f"register(): solver='amg' runs on the CPU (pyamg), got device "
+                                 f"{str(opts.torch_device)!r}; use device='cpu' or solver='cg'")
+        import_optional("pyamg", "register(): solver='amg'")
+
+
+def register_images(moving: Image, fixed: Image, model: str = "displacement", loss: str = "ssd",
+                    **options: Any) -> Result:
+    """Register `moving` onto `fixed` (both `Image`s of the same dimension). See the module docstring.
+
+    Returns a `Result` whose `warped` is an `Image` on the fixed grid and whose `deformation`
+    maps fixed-space world points into the moving image (the resampling convention of ITK/ANTs).
+    """
+    opts, parts = parse_options(ImageOptions, options, {"model": (model, IMAGE_MODELS), "loss": (loss, RESIDUALS)})
+    model_cls, residual_cls = IMAGE_MODELS[model], RESIDUALS[loss]
+    IMAGE_SOLVERS.lookup(opts.solver)
+    _check_combination(model_cls, model, opts, set(options), parts["model"])
+    term = residual_cls(parts["loss"])
+    moving = attach_labels(moving, opts.labels_moving, "labels_moving")
+    fixed = attach_labels(fixed, opts.labels_fixed, "labels_fixed")
+    if moving.dim != fixed.dim:
+        raise ShapeflowError(f"register(): moving image is {moving.dim}D but fixed image is {fixed.dim}D"
+                             f"{_names(moving, fixed)}")
+    if moving.data.shape[0] != fixed.data.shape[0] and term.same_channels:
+        raise ShapeflowError(f"register(): moving has {moving.data.shape[0]} channels, fixed {fixed.data.shape[0]}; "
+                             f"loss={loss!r} needs the same (or use loss='mind')")
+    _check_image(moving, "moving")
+    _check_image(fixed, "fixed")
+    moving_marks, fixed_marks = _landmarks(opts, fixed.dim)
+    device, dtype = opts.torch_device, opts.torch_dtype
+    start = time.perf_counter()
+    fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
+    prep = _normalise if opts.normalize else (lambda x: x)
+    f_data, m_data = prep(fixed.data.to(device, dtype)), prep(moving.data.to(device, dtype))
+    fixed_levels = _pyramid(f_data, fixed_grid, opts.levels)
+    moving_levels = _pyramid(m_data, moving_grid, len(fixed_levels))
+    levels = [_level(term, f, m, g, mg) for (f, g), (m, mg) in zip(fixed_levels, moving_levels)]
+
+    history: list[dict] = []
+    snapshots: list[torch.Tensor] = []
+    affine, core, interrupted = None, None, False
+    if opts.prealign == "affine" or model_cls.linear:
+        affine, interrupted = fit_affine([(lv.moving, lv.moving_grid, lv.fixed_features, lv.grid) for lv in levels],
+                                         history)
+    if not model_cls.linear and not interrupted:
+        slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
+        params, params_grid, interrupted = _fit_levels(model_cls, parts["model"], levels, term, affine, opts, history,
+                                                       snapshots, slicer, f"{model} ({loss})")
+        if params_grid.shape != fixed_grid.shape:   # interrupted on a coarse level: bring it to full resolution
+            params = sample(params, params_grid, fixed_grid.points(dtype, device))
+        core = model_cls(fixed_grid).to(device, dtype)
+        core.set_dense(params)
+    deformation = _assemble(core, affine)
+    warped = _warp(moving, moving_grid, fixed, deformation, device, dtype)
+    seconds = time.perf_counter() - start
+    metrics = image_registration_metrics(moving, fixed, warped, deformation, device, dtype, moving_marks, fixed_marks)
+    if term.score_name is not None:
+        before = moving_on_fixed_grid(moving, fixed, device, dtype)
+        metrics[f"{term.score_name}_before"] = term.score(before, fixed.data.to(before))
+        metrics[f"{term.score_name}_after"] = term.score(warped.data.to(before), fixed.data.to(before))
+    metrics["seconds"] = seconds
+    metrics["interrupted"] = interrupted
+    record = {"model": model, "loss": loss,
+              **{k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith(("labels_", "landmarks_"))},
+              **dataclasses.asdict(parts["model"]), **dataclasses.asdict(parts["loss"]),
+              "source": moving.source, "target": fixed.source}
+    return Result(warped=warped, deformation=deformation, history=history, metrics=metrics, source=moving,
+                  target=fixed, options=record, snapshots=snapshots)
+
+
+def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual, affine, opts: ImageOptions,
+                history: list, snapshots: list, slicer, description: str):
+    """Gauss-Newton coarse to fine. Returns (parameters on the last grid used, that grid, interrupted)."""
+    params, grid = None, None
+    built = len(levels)
+    total_steps = sum(opts.steps(k, built) for k in range(built))
+    dtype, device = opts.torch_dtype, opts.torch_device
+    with progress_bar(opts.progress, description, total_steps) as advance:
+        for number, level in enumerate(levels):
+            if params is None:
+                params = torch.zeros(level.grid.dim, *level.grid.shape, dtype=dtype, device=device)
+            else:                           # carry the coarser solution to this grid (world units)
+                params = sample(params, grid, level.grid.points(dtype, device))
+            grid = level.grid
+            model = model_cls.build(level.grid, model_opts).to(device, dtype)
+            lam = float(opts.per_level(opts.regularization, number, built))
+            problem = GridProblem(model, level, affine, lam, opts, getattr(model_opts, "stride", 1))
+
+            def record(step: GaussNewtonStep, number=number, problem=problem) -> None:
+                raw, _, data = step.state
+                history.append({"stage": f"level{number}", "phase": "gauss-newton", "iteration": step.iteration,
+                                "total": step.cost, "data": data, "cg_iterations": step.inner_iterations,
+                                "accepted": step.accepted})
+                if term.score_name is not None:
+                    history[-1][term.score_name] = term.score(raw, problem.level.fixed_features)
+                advance(history[-1])
+                if slicer is not None:
+                    snapshots.append(slicer(problem, step.x))
+
+            fit = minimize_least_squares(problem, params, maxiter=opts.steps(number, built), damping=0.0,
+                                         line_search="decrease", max_halvings=3, gtol=0.0, xtol=0.0, ftol=-1.0,
+                                         callback=record)
+            params = fit.x
+            if fit.interrupted:
+                return params, grid, True
+    return params, grid, False
+
+
+def _assemble(core, affine):
+    parts = [p for p in (core, affine) if p is not None]
+    return parts[0] if len(parts) == 1 else Compose(parts)
+
+
+def _warp(moving: Image, moving_grid: Grid, fixed: Image, deformation, device, dtype) -> Image:
+    """The moving image (and its labels, by nearest neighbour) resampled on the fixed grid."""
+    with torch.no_grad():
+        points = Grid.of(fixed).points(dtype, device)
+        where = deformation(points.reshape(-1, fixed.dim)).reshape(points.shape)
+        data = sample(moving.data.to(device, dtype), moving_grid, where).cpu()
+        labels = None
+        if moving.labels is not None:
+            labels = sample(moving.labels[None].to(device, dtype), moving_grid, where, mode="nearest")[0].round().long().cpu()
+    return dataclasses.replace(fixed, data=data, labels=labels, source=None)
+
+
+def _middle_slice(grid: Grid, device, dtype):
+    """A function giving the sampling positions of the middle slice of the full-resolution fixed
+    grid for a level's problem and parameters (for the animation)."""
+    points = grid.points(dtype, device)
+    if grid.dim == 3:
+        points = points[:, :, grid.shape[2] // 2]
+    flat = points.reshape(-1, grid.dim)
+
+    def snapshot(problem: GridProblem, params: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            displacement = problem.model.field_of(params)
+            where = flat + sample(displacement, problem.level.grid, flat).T
+            if problem.affine is not None:
+                where = problem.affine(where)
+        return where.reshape(*points.shape).cpu()
+
+    return snapshot

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeflowError
-from .base import Deformation, _as_tensor, build_deformation, register_deformation
+from .base import Deformation, build_deformation, register_deformation
 
 __all__ = ["Compose", "Normalized"]
 
@@ -41,7 +41,7 @@ class Compose(Deformation):
         return points
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        x = _as_tensor(points, self)
+        x = points
         k = len(self.parts)
         frames = [x[None]]
         for i, part in enumerate(self.parts):
@@ -102,14 +102,14 @@ class Normalized(Deformation):
         return self.scale * self.inner(self.to_inner(points)) + self.target_center
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        x = _as_tensor(points, self)
+        x = points
         path = self.inner.trajectory(self.to_inner(x), steps)
         t = torch.linspace(0, 1, path.shape[0], dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return self.scale * path + self.source_center + t * (self.target_center - self.source_center)
 
     def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner.energy(None if points is None else self.to_inner(_as_tensor(points, self)))
+        return self.inner.energy(None if points is None else self.to_inner(points))
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
-        y = _as_tensor(points, self)
+        y = points
         return self.scale * self.inner.inverse((y - self.target_center) / self.scale) + self.source_center

@@ -77,19 +77,19 @@ def points_io(method: Callable) -> Callable:
     def wrapper(self, *args, **kwargs):
         in_args = index < len(args)
         points = args[index] if in_args else kwargs.get(name, params[index].default)
-        where = f"{type(self).__name__}" + ("()" if method.__name__ == "__call__" else f".{method.__name__}()")
         if points is None and optional:
             with torch.no_grad():
                 return method(self, *args, **kwargs)
         if isinstance(points, torch.Tensor):
-            _check_points(points, self, where, name)
+            _check_points(points, self, method, name)
             return method(self, *args, **kwargs)
+        where = _where(self, method)
         if not isinstance(points, np.ndarray):
             raise ShapeflowError(f"{where}: {name} must be a NumPy array or a torch tensor, "
                                  f"got {type(points).__name__}")
         if points.dtype.kind not in "biuf":
             raise ShapeflowError(f"{where}: {name} must hold real numbers, got dtype {points.dtype}")
-        _check_points(points, self, where, name)
+        _check_points(points, self, method, name)
         dtype = points.dtype if points.dtype.kind == "f" else np.dtype(np.float64)
         x = torch.as_tensor(points, dtype=self._dtype(), device=self._device())
         if in_args:
@@ -103,10 +103,16 @@ def points_io(method: Callable) -> Callable:
     return wrapper
 
 
-def _check_points(points, module: "Deformation", where: str, name: str) -> None:
+def _where(module: "Deformation", method: Callable) -> str:
+    """How an error names the call: `Rigid()` or `Rigid.inverse()`."""
+    return type(module).__name__ + ("()" if method.__name__ == "__call__" else f".{method.__name__}()")
+
+
+def _check_points(points, module: "Deformation", method: Callable, name: str) -> None:
     dim = getattr(module, "dim", None)
     if points.ndim < 1 or (dim is not None and points.shape[-1] != dim):
-        raise ShapeflowError(f"{where}: {name} must have shape (N, {dim}), got {tuple(points.shape)}")
+        raise ShapeflowError(f"{_where(module, method)}: {name} must have shape (N, {dim}), "
+                             f"got {tuple(points.shape)}")
 
 
 def _to_numpy(value, dtype: np.dtype):

@@ -120,9 +120,11 @@ class StationaryVelocityField(_GridDeformation):
         return spatial_gradient(self.dense(), self.grid).pow(2).sum(1).mean()
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
+        """`exp(-v)(points)`: `(N, d) -> (N, d)`."""
         return self._displace(self.exponential(-self.dense()), points)
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        x = points
+        """`exp(t v)(points)` for t = 0, 1/steps, ..., 1: `(N, d)` -> `(steps + 1, N, d)`."""
         v = self.dense()
-        return torch.stack([self._displace(self.exponential(t * v), x) for t in torch.linspace(0, 1, steps + 1).tolist()])
+        return torch.stack([self._displace(self.exponential(t * v), points)
+                            for t in torch.linspace(0, 1, steps + 1).tolist()])

@@ -67,6 +67,7 @@ class Rigid(Deformation):
     """Rotation and translation. `rotation: (d, d)`, `translation: (d,)`, `scale` = 1."""
 
     linear = True
+    translation = _DetachedParameter("The translation `(d,)` (detached).")
 
     def __init__(self, dim: int = 3):
         super().__init__()
@@ -77,8 +78,6 @@ class Rigid(Deformation):
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim}
 
-    translation = _DetachedParameter("The translation `(d,)` (detached).")
-
     def _translation(self) -> torch.Tensor:
         """The translation parameter `(d,)` itself (differentiable)."""
         return self._parameters["translation"]
@@ -86,16 +85,16 @@ class Rigid(Deformation):
     def _log_scale(self) -> torch.Tensor:
         return self._translation().new_zeros(())
 
-    def _rotation(self) -> torch.Tensor:
+    def _rotation_matrix(self) -> torch.Tensor:
         return _rotation(self.rotation_params, self.dim)
 
     def _matrix(self) -> torch.Tensor:
-        return self._log_scale().exp() * self._rotation()
+        return self._log_scale().exp() * self._rotation_matrix()
 
     @property
     def rotation(self) -> torch.Tensor:
         """The rotation matrix `(d, d)` (detached)."""
-        return self._rotation().detach()
+        return self._rotation_matrix().detach()
 
     @property
     def scale(self) -> torch.Tensor:
@@ -165,7 +164,7 @@ class Affine(Rigid):
     def _matrix(self) -> torch.Tensor:
         return self._parameters["linear_part"]
 
-    def _rotation(self) -> torch.Tensor:
+    def _rotation_matrix(self) -> torch.Tensor:
         """The rotation of the polar decomposition `matrix = rotation @ stretch`."""
         u, _, vh = torch.linalg.svd(self._matrix())
         d = torch.sign(torch.linalg.det(u @ vh))
@@ -175,7 +174,7 @@ class Affine(Rigid):
     @property
     def rotation(self) -> torch.Tensor:
         """The rotation `(d, d)` of the polar decomposition `matrix = rotation @ stretch` (detached)."""
-        return self._rotation().detach()
+        return self._rotation_matrix().detach()
 
     @property
     def scale(self) -> torch.Tensor:

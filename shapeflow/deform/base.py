@@ -1,17 +1,32 @@
 """The deformation interface shared by every model, and its safe save/load.
 
 A `Deformation` maps points `(N, d) -> (N, d)`. Every model also gives its trajectory over
-t in [0, 1], its own energy (a regulariser), and where one exists, its inverse. A NumPy array in
-gives a NumPy array out. `save(path)` stores a JSON config plus tensors (loaded with
-`torch.load(weights_only=True)`, so no arbitrary object is unpickled).
+t in [0, 1], its own energy (a regulariser), and where one exists, its inverse. `save(path)` stores
+a JSON config plus tensors (loaded with `torch.load(weights_only=True)`, so no arbitrary object is
+unpickled).
+
+The points decide what comes back (`points_io`, applied to every model by
+`Deformation.__init_subclass__`): every public method that takes points (`__call__`/`forward`,
+`trajectory`, `inverse`, `energy`, and any other public method with a `points` argument)
+
+* given a NumPy array, computes without autograd in the model's dtype and device and returns
+  NumPy arrays in the input's float dtype (float64 for integer input);
+* given a tensor, returns tensors and stays differentiable;
+* given no points (only `energy()`), returns a read-out: a detached 0-d tensor, so `float()` takes
+  it. Pass the points as a tensor for a differentiable energy.
+
+Parameter read-outs (`rotation`, `translation`, `scale`, `matrix`, `linear_part` of the linear
+models) are detached as well; fitting works on `parameters()`, which are unchanged.
 """
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -20,7 +35,7 @@ from torch import nn
 from .._files import atomic_write
 from ..errors import ShapeflowError
 
-__all__ = ["Deformation", "load_deformation", "register_deformation", "DEFORMATIONS"]
+__all__ = ["Deformation", "load_deformation", "register_deformation", "points_io", "DEFORMATIONS"]
 
 #: every concrete deformation class by name, for loading saved files
 DEFORMATIONS: dict[str, type["Deformation"]] = {}
@@ -34,16 +49,100 @@ def register_deformation(cls: type["Deformation"]) -> type["Deformation"]:
     return cls
 
 
+#: the interface methods whose first argument is the points, whatever it is called
+_POINT_METHODS = ("forward", "trajectory", "inverse", "energy")
+
+
+def points_io(method: Callable) -> Callable:
+    """Make a method taking `points` follow the module's rule (see the module docstring).
+
+    `points` is the method's parameter of that name, else its first one after `self`. A NumPy
+    array is converted to a tensor in the model's dtype and device and the method runs under
+    `torch.no_grad()`; every tensor in the result (nested in tuples and lists too) comes back as
+    a NumPy array of the input's float dtype. A tensor passes through untouched. `None` (only
+    where the parameter defaults to `None`) runs under `torch.no_grad()`: a detached read-out.
+    Idempotent; `Deformation` subclasses get it automatically.
+    """
+    if getattr(method, "_points_io", False):
+        return method
+    params = list(inspect.signature(method).parameters.values())[1:]      # without self
+    named = [i for i, p in enumerate(params) if p.name == "points"]
+    index = named[0] if named else 0
+    if not params or params[index].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                 inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"points_io: {method.__qualname__} takes no positional points argument")
+    name, optional = params[index].name, params[index].default is None
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        in_args = index < len(args)
+        points = args[index] if in_args else kwargs.get(name, params[index].default)
+        if points is None and optional:
+            with torch.no_grad():
+                return method(self, *args, **kwargs)
+        if isinstance(points, torch.Tensor):
+            _check_points(points, self, method, name)
+            return method(self, *args, **kwargs)
+        where = _where(self, method)
+        if not isinstance(points, np.ndarray):
+            raise ShapeflowError(f"{where}: {name} must be a NumPy array or a torch tensor, "
+                                 f"got {type(points).__name__}")
+        if points.dtype.kind not in "biuf":
+            raise ShapeflowError(f"{where}: {name} must hold real numbers, got dtype {points.dtype}")
+        _check_points(points, self, method, name)
+        dtype = points.dtype if points.dtype.kind == "f" else np.dtype(np.float64)
+        x = torch.as_tensor(points, dtype=self._dtype(), device=self._device())
+        if in_args:
+            args = args[:index] + (x,) + args[index + 1:]
+        else:
+            kwargs[name] = x
+        with torch.no_grad():
+            return _to_numpy(method(self, *args, **kwargs), dtype)
+
+    wrapper._points_io = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _where(module: "Deformation", method: Callable) -> str:
+    """How an error names the call: `Rigid()` or `Rigid.inverse()`."""
+    return type(module).__name__ + ("()" if method.__name__ == "__call__" else f".{method.__name__}()")
+
+
+def _check_points(points, module: "Deformation", method: Callable, name: str) -> None:
+    dim = getattr(module, "dim", None)
+    if points.ndim < 1 or (dim is not None and points.shape[-1] != dim):
+        raise ShapeflowError(f"{_where(module, method)}: {name} must have shape (N, {dim}), "
+                             f"got {tuple(points.shape)}")
+
+
+def _to_numpy(value, dtype: np.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().astype(dtype, copy=False)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_numpy(v, dtype) for v in value)
+    return value
+
+
 class Deformation(nn.Module, abc.ABC):
     """A map of points `x: (N, d) -> phi(x): (N, d)`.
 
     Subclasses implement `forward` and `config` (the JSON-able constructor arguments) and, where
-    they can, `trajectory`, `energy` and `inverse`.
+    they can, `trajectory`, `energy` and `inverse`, all on tensors: the NumPy handling (`points_io`)
+    is added to them, and to every other public method with a `points` argument, when the class
+    is defined.
     """
 
     dim: int
     #: True for maps with a closed-form parameterised inverse (rigid, affine)
     linear: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr, value in list(vars(cls).items()):
+            if not inspect.isfunction(value) or (attr.startswith("_") and attr != "__call__"):
+                continue
+            if attr in _POINT_METHODS or "points" in inspect.signature(value).parameters:
+                setattr(cls, attr, points_io(value))
 
     @abc.abstractmethod
     def forward(self, points: torch.Tensor) -> torch.Tensor:
@@ -53,28 +152,31 @@ class Deformation(nn.Module, abc.ABC):
     def config(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this deformation (before its state is loaded)."""
 
-    def __call__(self, points):  # NumPy in, NumPy out
-        if isinstance(points, np.ndarray):
-            with torch.no_grad():
-                x = torch.as_tensor(points, dtype=self._dtype(), device=self._device())
-                return super().__call__(x).cpu().numpy().astype(points.dtype, copy=False)
+    @points_io
+    def __call__(self, points):
+        """`phi(points)`: `(N, d) -> (N, d)`; a NumPy array in gives a NumPy array out."""
         return super().__call__(points)
 
+    @points_io
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        """Positions at t = 0, 1/steps, ..., 1: `(steps + 1, N, d)`.
+        """Positions of `points: (N, d)` at t = 0, 1/steps, ..., 1: `(steps + 1, N, d)`.
 
         The default is the straight path from `x` to `phi(x)`; flows override it with their own.
         """
-        x = _as_tensor(points, self)
-        t = torch.linspace(0, 1, steps + 1, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return x + t * (self.forward(x) - x)
+        t = torch.linspace(0, 1, steps + 1, dtype=points.dtype, device=points.device).view(-1, 1, 1)
+        return points + t * (self.forward(points) - points)
 
+    @points_io
     def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's own regulariser (kinetic energy for flows); 0 for models without one."""
+        """The model's own regulariser (kinetic energy for flows), a 0-d value; 0 for models
+        without one. `points: (N, d)` as a tensor gives a differentiable tensor, as an array a 0-d
+        array; without points it is a detached read-out."""
         return torch.zeros((), dtype=self._dtype(), device=self._device())
 
+    @points_io
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
-        """`phi^{-1}(points)`; raises `InverseError` if it cannot be computed reliably."""
+        """`phi^{-1}(points)`: `(N, d) -> (N, d)`; raises `InverseError` if it cannot be computed
+        reliably, `NotImplementedError` for models without an inverse."""
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
     # --- persistence -------------------------------------------------------------------
@@ -106,12 +208,6 @@ class Deformation(nn.Module, abc.ABC):
         for t in list(self.parameters()) + list(self.buffers()):
             return t.device
         return torch.device("cpu")
-
-
-def _as_tensor(points, module: Deformation) -> torch.Tensor:
-    if isinstance(points, np.ndarray):
-        return torch.as_tensor(points, dtype=module._dtype(), device=module._device())
-    return points
 
 
 def build_deformation(tree: dict[str, Any]) -> Deformation:

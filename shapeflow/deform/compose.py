@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeflowError
-from .base import Deformation, _as_tensor, build_deformation, register_deformation
+from .base import Deformation, build_deformation, register_deformation
 
 __all__ = ["Compose", "Normalized"]
 
@@ -41,7 +41,8 @@ class Compose(Deformation):
         return points
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        x = _as_tensor(points, self)
+        """`points: (N, d)` -> `(steps + 1, N, d)`, through the parts one after the other."""
+        x = points
         k = len(self.parts)
         frames = [x[None]]
         for i, part in enumerate(self.parts):
@@ -56,6 +57,7 @@ class Compose(Deformation):
         return torch.cat(frames)
 
     def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum of the parts' energies, each of `points: (N, d)` moved by the parts before it."""
         total = super().energy()
         for part in self.parts:
             total = total + part.energy(points)
@@ -64,6 +66,7 @@ class Compose(Deformation):
         return total
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
+        """`phi^{-1}(points)`: `(N, d) -> (N, d)`, the parts' inverses in reverse order."""
         for part in reversed(self.parts):
             points = part.inverse(points)
         return points
@@ -102,14 +105,15 @@ class Normalized(Deformation):
         return self.scale * self.inner(self.to_inner(points)) + self.target_center
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        x = _as_tensor(points, self)
-        path = self.inner.trajectory(self.to_inner(x), steps)
-        t = torch.linspace(0, 1, path.shape[0], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        """`points: (N, d)` -> `(steps + 1, N, d)`: `inner`'s path, with the centre moving linearly."""
+        path = self.inner.trajectory(self.to_inner(points), steps)
+        t = torch.linspace(0, 1, path.shape[0], dtype=points.dtype, device=points.device).view(-1, 1, 1)
         return self.scale * path + self.source_center + t * (self.target_center - self.source_center)
 
     def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner.energy(None if points is None else self.to_inner(_as_tensor(points, self)))
+        """`inner`'s energy of `points: (N, d)` taken to its normalised coordinates."""
+        return self.inner.energy(None if points is None else self.to_inner(points))
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
-        y = _as_tensor(points, self)
-        return self.scale * self.inner.inverse((y - self.target_center) / self.scale) + self.source_center
+        """`phi^{-1}(points)`: `(N, d) -> (N, d)`, by `inner`'s inverse."""
+        return self.scale * self.inner.inverse((points - self.target_center) / self.scale) + self.source_center

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InverseError
 from ..grids import Grid, bspline_upsample, control_shape, sample, scaling_and_squaring
-from .base import Deformation, _as_tensor, register_deformation
+from .base import Deformation, register_deformation
 
 __all__ = ["DisplacementField", "StationaryVelocityField"]
 
@@ -66,7 +66,7 @@ class DisplacementField(_GridDeformation):
     def inverse(self, points: torch.Tensor, tol: float = 1e-4, max_iter: int = 100) -> torch.Tensor:
         """Solve `x + u(x) = y` by the fixed-point iteration `x <- y - u(x)` (converges while the
         field is a contraction, |grad u| < 1); raises `InverseError` otherwise. `tol` in voxels."""
-        y = _as_tensor(points, self)
+        y = points
         u = self.field().detach()
         voxel = float(self.grid.spacing.min())
         with torch.no_grad():
@@ -120,9 +120,11 @@ class StationaryVelocityField(_GridDeformation):
         return spatial_gradient(self.dense(), self.grid).pow(2).sum(1).mean()
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
-        return self._displace(self.exponential(-self.dense()), _as_tensor(points, self))
+        """`exp(-v)(points)`: `(N, d) -> (N, d)`."""
+        return self._displace(self.exponential(-self.dense()), points)
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        x = _as_tensor(points, self)
+        """`exp(t v)(points)` for t = 0, 1/steps, ..., 1: `(N, d)` -> `(steps + 1, N, d)`."""
         v = self.dense()
-        return torch.stack([self._displace(self.exponential(t * v), x) for t in torch.linspace(0, 1, steps + 1).tolist()])
+        return torch.stack([self._displace(self.exponential(t * v), points)
+                            for t in torch.linspace(0, 1, steps + 1).tolist()])

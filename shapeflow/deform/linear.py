@@ -3,6 +3,12 @@
 Rotations are parameterised by the exponential of a skew-symmetric matrix (one angle in 2D,
 an axis-angle vector in 3D), so every parameter vector is a valid rotation and t * params gives
 the geodesic path used by `trajectory`.
+
+The read-outs `rotation`, `translation`, `scale`, `matrix` (and `linear_part` of `Affine`) are
+detached: `np.asarray` takes them. `translation` and `linear_part` are the fitted parameters
+themselves (`parameters()` and the state dict keep their names; the read-out is a detached view,
+so writing to it in place under `torch.no_grad()` still sets the parameter). The maps use the
+differentiable `_translation()`, `_matrix()` internally.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeflowError
-from .base import Deformation, _as_tensor, register_deformation
+from .base import Deformation, register_deformation
 
 __all__ = ["Rigid", "Similarity", "Affine"]
 
@@ -37,11 +43,31 @@ def _rotation(params: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.linalg.matrix_exp(_skew(params.double(), dim)).to(params.dtype)
 
 
+class _DetachedParameter:
+    """A class attribute that reads the registered parameter of the same name as a detached view
+    (the parameter itself stays in `parameters()` and the state dict under that name)."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        try:
+            return obj._parameters[self.name].detach()
+        except KeyError:  # not registered (yet): let nn.Module's lookup report it
+            raise AttributeError(self.name) from None
+
+
 @register_deformation
 class Rigid(Deformation):
     """Rotation and translation. `rotation: (d, d)`, `translation: (d,)`, `scale` = 1."""
 
     linear = True
+    translation = _DetachedParameter("The translation `(d,)` (detached).")
 
     def __init__(self, dim: int = 3):
         super().__init__()
@@ -52,48 +78,62 @@ class Rigid(Deformation):
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim}
 
+    def _translation(self) -> torch.Tensor:
+        """The translation parameter `(d,)` itself (differentiable)."""
+        return self._parameters["translation"]
+
     def _log_scale(self) -> torch.Tensor:
-        return self.translation.new_zeros(())
+        return self._translation().new_zeros(())
+
+    def _rotation_matrix(self) -> torch.Tensor:
+        return _rotation(self.rotation_params, self.dim)
+
+    def _matrix(self) -> torch.Tensor:
+        return self._log_scale().exp() * self._rotation_matrix()
 
     @property
     def rotation(self) -> torch.Tensor:
-        """The rotation matrix `(d, d)`."""
-        return _rotation(self.rotation_params, self.dim)
+        """The rotation matrix `(d, d)` (detached)."""
+        return self._rotation_matrix().detach()
 
     @property
     def scale(self) -> torch.Tensor:
-        """The isotropic scale factor (a 0-d tensor; 1 for `Rigid`)."""
-        return self._log_scale().exp()
+        """The isotropic scale factor (a detached 0-d tensor; 1 for `Rigid`)."""
+        return self._log_scale().detach().exp()
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The linear part `(d, d)`: scale * rotation."""
-        return self.scale * self.rotation
+        """The linear part `(d, d)`: scale * rotation (detached)."""
+        return self._matrix().detach()
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return points @ self.matrix.T + self.translation
+        """`points: (N, d) -> points @ matrix.T + translation: (N, d)`."""
+        return points @ self._matrix().T + self._translation()
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        """Along the geodesic: rotation angle, log-scale and translation grow linearly in t."""
-        x = _as_tensor(points, self)
+        """Along the geodesic: rotation angle, log-scale and translation grow linearly in t.
+        `points: (N, d)` -> `(steps + 1, N, d)`."""
         frames = []
         for t in torch.linspace(0, 1, steps + 1).tolist():
             rot = _rotation(t * self.rotation_params, self.dim)
-            frames.append(x @ (torch.exp(t * self._log_scale()) * rot).T + t * self.translation)
+            frames.append(points @ (torch.exp(t * self._log_scale()) * rot).T + t * self._translation())
         return torch.stack(frames)
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
-        x = _as_tensor(points, self)
-        return torch.linalg.solve(self.matrix, (x - self.translation).T).T
+        """`phi^{-1}(points)`: `(N, d) -> (N, d)`."""
+        return torch.linalg.solve(self._matrix(), (points - self._translation()).T).T
 
     def conjugated(self, source_center: torch.Tensor, target_center: torch.Tensor, scale: float):
         """The same map expressed in world units: `x -> scale * phi((x - c_s) / scale) + c_t`.
+        `source_center`, `target_center`: `(d,)` tensors or arrays.
 
         Used to undo the normalisation applied before fitting; the linear part is unchanged.
         """
+        source_center, target_center = (torch.as_tensor(c, dtype=self._dtype(), device=self._device())
+                                        for c in (source_center, target_center))
         out = copy.deepcopy(self)
         with torch.no_grad():
-            out.translation.copy_(target_center + scale * self.translation - source_center @ self.matrix.T)
+            out._translation().copy_(target_center + scale * self._translation() - source_center @ self._matrix().T)
         return out
 
 
@@ -119,22 +159,28 @@ class Affine(Rigid):
         self.linear_part = nn.Parameter(torch.eye(dim))
         self.translation = nn.Parameter(torch.zeros(dim))
 
-    @property
-    def matrix(self) -> torch.Tensor:
-        return self.linear_part
+    linear_part = _DetachedParameter("The linear part `(d, d)` (detached; the same as `matrix`).")
 
-    @property
-    def rotation(self) -> torch.Tensor:
+    def _matrix(self) -> torch.Tensor:
+        return self._parameters["linear_part"]
+
+    def _rotation_matrix(self) -> torch.Tensor:
         """The rotation of the polar decomposition `matrix = rotation @ stretch`."""
-        u, _, vh = torch.linalg.svd(self.linear_part)
+        u, _, vh = torch.linalg.svd(self._matrix())
         d = torch.sign(torch.linalg.det(u @ vh))
         u = torch.cat([u[:, :-1], u[:, -1:] * d], dim=1)
         return u @ vh
 
     @property
+    def rotation(self) -> torch.Tensor:
+        """The rotation `(d, d)` of the polar decomposition `matrix = rotation @ stretch` (detached)."""
+        return self._rotation_matrix().detach()
+
+    @property
     def scale(self) -> torch.Tensor:
-        """The geometric-mean scale `|det matrix|^(1/d)`."""
-        return torch.linalg.det(self.linear_part).abs() ** (1.0 / self.dim)
+        """The geometric-mean scale `|det matrix|^(1/d)` (a detached 0-d tensor)."""
+        return torch.linalg.det(self.matrix).abs() ** (1.0 / self.dim)
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
+        """The straight path from `x` to `phi(x)`: `points: (N, d)` -> `(steps + 1, N, d)`."""
         return Deformation.trajectory(self, points, steps)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InverseError, ShapeflowError
-from .base import Deformation, _as_tensor, register_deformation
+from .base import Deformation, register_deformation
 
 __all__ = ["ResNetFlow", "ACTIVATIONS"]
 
@@ -101,13 +101,13 @@ class ResNetFlow(Deformation):
             if self.reference_points.numel() == 0:
                 raise ShapeflowError("ResNetFlow.energy(): no points given and no reference points stored")
             points = self.reference_points
-        return self._kinetic(self.states(_as_tensor(points, self))[1])
+        return self._kinetic(self.states(points)[1])
 
     def trajectory(self, points: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """Positions at t = k / steps, `(steps + 1, N, d)`; exact for the Euler scheme, which is
         piecewise linear in time. `steps` defaults to the number of blocks."""
         steps = self.blocks if steps is None else steps
-        xs = torch.stack(self.states(_as_tensor(points, self))[0])      # (L+1, N, d)
+        xs = torch.stack(self.states(points)[0])      # (L+1, N, d)
         frames = []
         for t in torch.linspace(0, 1, steps + 1).tolist():
             s = t * self.blocks
@@ -120,7 +120,7 @@ class ResNetFlow(Deformation):
         """Undo the blocks in reverse order, each by the fixed-point iteration
         `x <- y - dt * v_l(x)`. Raises `InverseError` if a block does not converge to `tol`
         (relative to the points' extent), which happens when `dt * Lip(v_l) >= 1`."""
-        y = _as_tensor(points, self)
+        y = points
         extent = float((y.max(0).values - y.min(0).values).max().clamp_min(1e-12).detach())
         with torch.no_grad():
             for block in reversed(range(self.blocks)):

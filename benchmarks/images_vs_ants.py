@@ -126,9 +126,11 @@ def resolved(options: dict) -> str:
     two labels with the same key run the same registration."""
     import dataclasses
 
-    from shapeflow.register_images import ImageOptions
+    from shapeflow.deform import DisplacementField
+    from shapeflow.pipelines.images import ImageOptions
 
-    full = {f.name: f.default for f in dataclasses.fields(ImageOptions) if f.default is not dataclasses.MISSING}
+    full = {f.name: f.default for cls in (ImageOptions, DisplacementField.Options) for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
     full.update({"loss": "ssd"}, **options)
     if full.get("iterations") is None:
         full["iterations"] = [max(8 >> level, 1) for level in range(full["levels"])]

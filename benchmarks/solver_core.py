@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from shapeflow.regularizers import grid_laplacian_apply
 from shapeflow.solvers import conjugate_gradient, linear_solve
-from shapeflow.solvers._operators import grid_normal_operator
+from shapeflow.solvers.normal.grid import grid_normal_operator
 
 RESULTS = Path(__file__).parent / "results"
 LAM, EPS, TOL = 1.0, 0.05, 1e-4

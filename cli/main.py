@@ -93,19 +93,22 @@ def _summary(result, output: Path, gif: Optional[Path]) -> None:
 @app.command()
 def warp(
     deformation: Path = typer.Argument(..., help="A deformation.pt written by `shapeflow register`."),
-    shape: Path = typer.Argument(..., help="The shape to move (any supported format)."),
+    shape: Path = typer.Argument(..., help="The shape or image to move (any supported format)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output file; its extension picks the format."),
-    inverse: bool = typer.Option(False, "--inverse", help="Apply the inverse map instead (target -> source)."),
+    inverse: bool = typer.Option(False, "--inverse", help="Shapes: apply the inverse map instead (target -> source)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Images: the fixed image whose grid the result is resampled on (default: the deformation's own grid)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
-    """Apply a saved deformation to SHAPE (e.g. a full-resolution version of the source)."""
+    """Apply a saved deformation to SHAPE (e.g. a full-resolution version of the source), or to an
+    image in the moving image's space (resampled on the fixed grid)."""
     import shapeflow as sf
-    from shapeflow.apply import warp_shape
+    from shapeflow.apply import warp as apply_warp
 
     try:
         if output.exists() and not overwrite:
             _fail(f"{output}: exists; pass --overwrite to replace it")
-        moved = warp_shape(sf.load_deformation(deformation), sf.read(shape), inverse=inverse)
+        moved = apply_warp(sf.load_deformation(deformation), sf.read(shape), inverse=inverse,
+                           reference=None if reference is None else sf.read(reference))
         sf.write(moved, output)
     except _library_errors() as exc:
         _fail(str(exc))

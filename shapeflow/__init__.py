@@ -9,7 +9,8 @@ from .deform import (Affine, Compose, Deformation, DisplacementField, ResNetFlow
                      StationaryVelocityField, load_deformation)
 from .errors import InverseError, ShapeflowError
 from .io import read, write
-from .register import Result, register
+from .register import register
+from .result import Result
 from .shapes import Image, Landmarks, Mesh, PointCloud
 
 __all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Landmarks", "Image",

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import ShapeflowError
 from .shapes import Image
 
 __all__ = ["Grid", "sample", "spatial_gradient", "downsample", "bspline_upsample", "control_shape", "compose_displacements"]
@@ -60,18 +61,27 @@ class Grid:
         return cls(tuple(config["shape"]), as64(config["spacing"]), as64(config["origin"]), as64(config["direction"]))
 
 
+#: interpolation modes of `sample` (our names -> torch's), and its paddings
+SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}
+PADDINGS = ("border", "zeros")
+
+
 def sample(field: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "linear",
            padding: str = "border") -> torch.Tensor:
     """Values of `field: (C, *S)` on `grid` at world `points: (*P, d)` -> `(C, *P)`.
 
     mode: "linear" (bi/trilinear) or "nearest"; padding: "border" (clamp), "zeros".
     """
+    if mode not in SAMPLE_MODES:
+        raise ShapeflowError(f"sample(): unknown mode {mode!r}; choose from {', '.join(SAMPLE_MODES)}")
+    if padding not in PADDINGS:
+        raise ShapeflowError(f"sample(): unknown padding {padding!r}; choose from {', '.join(PADDINGS)}")
     d = grid.dim
     index = grid.to_index(points.to(field.dtype))
     size = torch.tensor(grid.shape, dtype=field.dtype, device=field.device)
     normalised = 2 * index / (size - 1).clamp_min(1) - 1
     flat = normalised.reshape(1, *([1] * (d - 1)), -1, d).flip(-1)     # grid_sample wants (x=W, y=H, z=D)
-    out = F.grid_sample(field[None], flat, mode="bilinear" if mode == "linear" else "nearest",
+    out = F.grid_sample(field[None], flat, mode=SAMPLE_MODES[mode],
                         padding_mode=padding, align_corners=True)
     return out.reshape(field.shape[0], *points.shape[:-1])
 

@@ -3,27 +3,34 @@ and convergence plots. PyVista renders 3D offscreen; matplotlib draws 2D."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .errors import ShapeflowError
 from ._files import atomic_write
+from ._optional import import_optional
+from .errors import ShapeflowError
 from .shapes import Image, Mesh, PointCloud
 
 __all__ = ["animate", "plot_history", "render_frames", "overlay", "checkerboard"]
 
 
-def _pyvista():
-    if not os.environ.get("DISPLAY"):  # headless: render through EGL (must be set before VTK loads)
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+@contextmanager
+def _headless_vtk() -> Iterator[None]:
+    """Without a display, VTK renders through EGL: `VTK_DEFAULT_OPENGL_WINDOW` is set for the
+    duration of our own rendering only (unless the user set it), then restored."""
+    name = "VTK_DEFAULT_OPENGL_WINDOW"
+    if os.environ.get("DISPLAY") or name in os.environ:
+        yield
+        return
+    os.environ[name] = "vtkEGLRenderWindow"
     try:
-        import pyvista
-    except ImportError:  # pragma: no cover - pyvista is a core dependency
-        raise ImportError('3D renderings need PyVista: pip install "shapeflow[viz]"') from None
-    return pyvista
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def render_frames(result: Any, frames: int = 24, size: tuple[int, int] = (480, 400)) -> list[np.ndarray]:
@@ -35,7 +42,7 @@ def render_frames(result: Any, frames: int = 24, size: tuple[int, int] = (480, 4
     source, target = result.source, result.target
     if not isinstance(source, PointCloud) or not isinstance(target, PointCloud):
         raise ShapeflowError("animate(): the result does not hold its source and target shapes")
-    points = source.points.to(_device(result.deformation), _dtype(result.deformation))
+    points = source.points.to(result.deformation.device, result.deformation.dtype)
     with torch.no_grad():
         path = result.deformation.trajectory(points, frames - 1).cpu().double().numpy()   # (T, N, d)
     if source.dim == 2:
@@ -62,17 +69,12 @@ def animate(result: Any, path: str | os.PathLike, frames: int = 24, fps: int = 1
     return path
 
 
-def _device(module) -> torch.device:
-    return next(iter(list(module.parameters()) + list(module.buffers())), torch.zeros(())).device
-
-
-def _dtype(module) -> torch.dtype:
-    floats = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-    return floats[0].dtype if floats else torch.float32
-
-
 def _frames_3d(path: np.ndarray, source: PointCloud, target: PointCloud, size) -> list[np.ndarray]:
-    pv = _pyvista()
+    with _headless_vtk():
+        return _render_3d(import_optional("pyvista", "3D renderings"), path, source, target, size)
+
+
+def _render_3d(pv, path: np.ndarray, source: PointCloud, target: PointCloud, size) -> list[np.ndarray]:
 
     def poly(points, shape):
         if isinstance(shape, Mesh):
@@ -115,9 +117,6 @@ def _view_direction(points: np.ndarray) -> np.ndarray:
 
 
 def _frames_2d(path: np.ndarray, target: np.ndarray, size) -> list[np.ndarray]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import shapeflow.solvers._optional as optional
+import shapeflow._optional as optional
 from shapeflow.errors import ShapeflowError
-from shapeflow.solvers import cg as cgmod
+from shapeflow.solvers.linear import cg as cgmod
 from shapeflow.solvers import bicgstab, conjugate_gradient
 
 
@@ -234,9 +234,9 @@ def assembled_normal_matrix(jac, lam, spacing, damping):
 )
 def test_grid_normal_operator_matches_the_assembled_matrix(monkeypatch, path, slab, jac_shape, spacing):
     """Both the slab-blocked torch path and the one-pass numba kernel equal the dense matrix."""
-    import shapeflow.regularizers as reg
-    from shapeflow.solvers import _fused
-    from shapeflow.solvers._operators import grid_normal_operator
+    import shapeflow.regularizers.laplacians as reg
+    from shapeflow.solvers.normal import _fused
+    from shapeflow.solvers.normal.grid import grid_normal_operator
 
     monkeypatch.setattr(reg, "SLAB_ELEMENTS", slab)
     if path == "torch":
@@ -286,7 +286,7 @@ def _counting(fn):
 
 
 def test_grid_normal_operator_is_differentiable_and_checked():
-    from shapeflow.solvers._operators import grid_normal_operator
+    from shapeflow.solvers.normal.grid import grid_normal_operator
 
     jac = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
     v = torch.randn(24, dtype=torch.float64, requires_grad=True)
@@ -300,7 +300,7 @@ def test_grid_normal_operator_is_differentiable_and_checked():
 
 
 def test_cg_with_the_grid_normal_operator_and_its_jacobi():
-    from shapeflow.solvers._operators import grid_normal_operator
+    from shapeflow.solvers.normal.grid import grid_normal_operator
 
     g = torch.Generator().manual_seed(4)
     jac = torch.randn(1, 3, 6, 5, 4, dtype=torch.float64, generator=g)

@@ -172,7 +172,7 @@ def test_linear_solve_validation():
 def test_linear_solve_keeps_the_fused_operator_path(zero_diag):
     """With a GridNormalOperator, the forward and adjoint CG use its fused `apply_dot` and its
     diagonal for Jacobi, and the result and gradients equal the dense solve."""
-    from shapeflow.solvers._operators import grid_normal_operator
+    from shapeflow.solvers.normal.grid import grid_normal_operator
 
     g = torch.Generator().manual_seed(5)
     jac = torch.randn(1, 2, 5, 4, dtype=D, generator=g)

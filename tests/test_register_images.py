@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 import shapeflow as sf
 from shapeflow.grids import Grid, sample, spatial_gradient
-from shapeflow.register_images import gauss_newton_layer, gauss_newton_step
+from shapeflow.learn import gauss_newton_layer
+from shapeflow.solvers import gauss_newton_step
 from shapeflow.synthetic import phantom_pair
 
 

@@ -10,12 +10,8 @@ from scipy import ndimage
 import shapeflow as sf
 from shapeflow.errors import ShapeflowError
 from shapeflow.grids import Grid, sample, spatial_gradient
-from shapeflow.register_images import (
-    FEATURES,
-    ImageOptions,
-    gauss_newton_step,
-    local_normalise,
-)
+from shapeflow.losses import RESIDUALS, local_normalise
+from shapeflow.solvers import gauss_newton_step
 from shapeflow.solvers import assemble_grid_normal_matrix, grid_normal_operator
 from shapeflow.synthetic import phantom_pair, smooth_field
 from test_register_images import endpoint_error  # mean |psi(x) - truth(x)| (mm), and for psi = id
@@ -52,8 +48,8 @@ def test_local_normalise_matches_scipy_uniform_filter(shape, radius):
     torch.testing.assert_close(local_normalise(0.2 * image - 7.0, radius, eps), out)
     # the registration's residual map: N scaled by the fixed image's standard deviation per channel
     fixed = torch.rand(shape, dtype=torch.float64, generator=g)
-    opts = ImageOptions(ncc_radius=radius, ncc_eps=eps)
-    residual = FEATURES["ncc"].after_warp(fixed, opts)
+    term = RESIDUALS["ncc"](RESIDUALS["ncc"].Options(ncc_radius=radius, ncc_eps=eps))
+    residual = term.after_warp(fixed)
     std = torch.tensor([float(np.std(f, ddof=1)) for f in fixed.numpy()], dtype=torch.float64)
     torch.testing.assert_close(residual(image), std.view(-1, *[1] * (image.dim() - 1)) * out)
 
@@ -215,7 +211,7 @@ def test_solver_option_errors(monkeypatch):
     residual, gradient, u, grid = _step_inputs()
     with pytest.raises(ShapeflowError, match=r"gauss_newton_step\(\): unknown solver 'lu'; choose from cg, amg"):
         gauss_newton_step(residual, gradient, u, grid, 0.01, solver="lu")
-    import shapeflow.solvers._optional as optional
+    import shapeflow._optional as optional
 
     def missing(name):
         raise ImportError(f"No module named {name!r}")
@@ -236,11 +232,11 @@ def test_amg_refuses_cuda_tensors():
         with pytest.raises(ShapeflowError, match="solver='amg' runs on the CPU"):
             sf.register(moving, fixed, solver="amg", device="cuda", progress=False)
     else:  # the check itself, on the solver registry's entry (no CUDA device here)
-        from shapeflow.register_images import SOLVERS
+        from shapeflow.solvers import GRID_SOLVERS
 
         meta = torch.zeros(4, device="meta")
         with pytest.raises(ShapeflowError, match="solver='amg' runs on the CPU"):
-            SOLVERS["amg"](gradient, meta, 0.01, grid.spacing.tolist(), 1e-3, 10)
+            GRID_SOLVERS["amg"](gradient, meta, 0.01, grid.spacing.tolist(), 0.0, 1e-3, 10)
 
 
 def test_cli_passes_loss_ncc_and_solver_amg(tmp_path):

@@ -1,13 +1,19 @@
-"""Deformation models behind one interface (`Deformation`), and the registry of model names."""
-from .base import DEFORMATIONS, Deformation, load_deformation, register_deformation
+"""Deformation models behind one interface (`Deformation`), and the registries of model names."""
+from .._registry import Registry
+from .base import DEFORMATIONS, Deformation, load_deformation, points_io, register_deformation
 from .compose import Compose, Normalized
 from .fields import DisplacementField, StationaryVelocityField
 from .linear import Affine, Rigid, Similarity
 from .resnet import ResNetFlow
 
-#: the names `register(model=...)` accepts
-MODELS = {"rigid": Rigid, "similarity": Similarity, "affine": Affine, "resnet": ResNetFlow}
+#: the names `register(model=...)` accepts for shapes
+MODELS: Registry[type[Deformation]] = Registry("model", {"rigid": Rigid, "similarity": Similarity, "affine": Affine,
+                                                         "resnet": ResNetFlow})
+#: the names `register(model=...)` accepts for images
+IMAGE_MODELS: Registry[type[Deformation]] = Registry("image model", {"displacement": DisplacementField,
+                                                                     "svf": StationaryVelocityField,
+                                                                     "affine": Affine})
 
 __all__ = ["Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "Compose", "Normalized",
            "DisplacementField", "StationaryVelocityField",
-           "MODELS", "DEFORMATIONS", "load_deformation", "register_deformation"]
+           "MODELS", "IMAGE_MODELS", "DEFORMATIONS", "load_deformation", "register_deformation", "points_io"]

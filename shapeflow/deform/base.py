@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import functools
+from dataclasses import dataclass
 import inspect
 import json
 import os
@@ -91,7 +92,7 @@ def points_io(method: Callable) -> Callable:
             raise ShapeflowError(f"{where}: {name} must hold real numbers, got dtype {points.dtype}")
         _check_points(points, self, method, name)
         dtype = points.dtype if points.dtype.kind == "f" else np.dtype(np.float64)
-        x = torch.as_tensor(points, dtype=self._dtype(), device=self._device())
+        x = torch.as_tensor(points, dtype=self.dtype, device=self.device)
         if in_args:
             args = args[:index] + (x,) + args[index + 1:]
         else:
@@ -144,9 +145,29 @@ class Deformation(nn.Module, abc.ABC):
             if attr in _POINT_METHODS or "points" in inspect.signature(value).parameters:
                 setattr(cls, attr, points_io(value))
 
+    @dataclass
+    class Options:
+        """The `register()` options this model reads (none by default); a model with options of
+        its own (`ResNetFlow`: blocks, width, activation) defines its own `Options` dataclass."""
+
+    @classmethod
+    def build(cls, domain: Any, options: Any = None, seed: int = 0) -> "Deformation":
+        """A new model (the identity map) for `register`: `domain` is the dimension d for shape
+        models, the fixed image's `Grid` for grid models; `options` an instance of `cls.Options`."""
+        return cls(domain)
+
     @abc.abstractmethod
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """Map `points: (N, d)` to `(N, d)`."""
+
+    def forward_with_energy(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`phi(points)` and the energy along the way, `points: (N, d)` -> `((N, d), 0-d)`; models
+        whose energy comes with the forward pass (flows) compute both at once."""
+        return self.forward(points), self.energy(points)
+
+    def fitted_on(self, points: torch.Tensor) -> None:
+        """Told the points `(N, d)` it was fitted on (in its own coordinates); a model whose
+        `energy()` without points needs them keeps them. Nothing by default."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -171,7 +192,7 @@ class Deformation(nn.Module, abc.ABC):
         """The model's own regulariser (kinetic energy for flows), a 0-d value; 0 for models
         without one. `points: (N, d)` as a tensor gives a differentiable tensor, as an array a 0-d
         array; without points it is a detached read-out."""
-        return torch.zeros((), dtype=self._dtype(), device=self._device())
+        return torch.zeros((), dtype=self.dtype, device=self.device)
 
     @points_io
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
@@ -197,14 +218,18 @@ class Deformation(nn.Module, abc.ABC):
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return path
 
-    # --- helpers -----------------------------------------------------------------------
-    def _dtype(self) -> torch.dtype:
+    # --- where the model lives ---------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the parameters (the default dtype for a model without any)."""
         for t in list(self.parameters()) + list(self.buffers()):
             if t.is_floating_point():
                 return t.dtype
         return torch.get_default_dtype()
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (the CPU for a model without any)."""
         for t in list(self.parameters()) + list(self.buffers()):
             return t.device
         return torch.device("cpu")

@@ -8,13 +8,15 @@ is its cubic B-spline interpolation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import InverseError
-from ..grids import Grid, bspline_upsample, control_shape, sample, scaling_and_squaring
+from ..errors import InverseError, ShapeflowError
+from ..grids import Grid, bspline_upsample, control_shape, sample, scaling_and_squaring, spatial_gradient
+from ..regularizers import grid_diffusion
 from .base import Deformation, register_deformation
 
 __all__ = ["DisplacementField", "StationaryVelocityField"]
@@ -30,8 +32,39 @@ class _GridDeformation(Deformation):
         self.stride = int(stride)
         self.control = nn.Parameter(torch.zeros(self.dim, *control_shape(self.grid.shape, self.stride)))
 
+    @dataclass
+    class Options:
+        """`register()` options of the grid models."""
+
+        stride: int = 1                 # control-grid stride (1: one vector per voxel)
+
+        def __post_init__(self):
+            if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 1:
+                raise ShapeflowError(f"register(): stride must be an int >= 1, got {self.stride!r}")
+
+    @classmethod
+    def build(cls, domain: Grid, options: Any = None, seed: int = 0) -> "_GridDeformation":
+        return cls(domain, stride=(options or cls.Options()).stride)
+
     def config(self) -> dict[str, Any]:
         return {"grid": self.grid.config(), "stride": self.stride}
+
+    def set_dense(self, field: torch.Tensor) -> None:
+        """Set the parameters from a dense parameter field `(d, *S)` (stride 1 only)."""
+        if self.stride != 1:
+            raise NotImplementedError("set_dense() needs stride=1")
+        with torch.no_grad():
+            self.control.zero_()
+            self.control[(slice(None),) + tuple(slice(1, 1 + n) for n in self.grid.shape)] = field
+
+    def field_of(self, parameters: torch.Tensor) -> torch.Tensor:
+        """The displacement `(d, *S)` this model gives for a dense parameter field `(d, *S)`."""
+        raise NotImplementedError
+
+    def energy(self, points=None) -> torch.Tensor:
+        """Diffusion energy `u^T L u / N` of the dense parameter field (L: the grid Laplacian)."""
+        dense = self.dense()
+        return grid_diffusion(dense, self.grid.spacing.tolist()) / dense[0].numel()
 
     def dense(self, control: torch.Tensor | None = None) -> torch.Tensor:
         """The parameter field interpolated to every voxel: `(d, *S)`."""
@@ -39,7 +72,7 @@ class _GridDeformation(Deformation):
 
     def field(self) -> torch.Tensor:
         """The displacement `phi(x) - x` at every voxel of the grid: `(d, *S)` in world units."""
-        raise NotImplementedError
+        return self.field_of(self.dense())
 
     def _displace(self, displacement: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         flat = points.reshape(-1, self.dim)
@@ -54,14 +87,8 @@ class DisplacementField(_GridDeformation):
     """`phi(x) = x + u(x)` with `u: (d, *S)` in world units, linearly interpolated between voxels
     (and clamped to the border value outside the grid)."""
 
-    def field(self) -> torch.Tensor:
-        return self.dense()
-
-    def energy(self, points=None) -> torch.Tensor:
-        """Diffusion energy `mean |grad u|^2` of the dense displacement."""
-        from ..grids import spatial_gradient
-
-        return spatial_gradient(self.field(), self.grid).pow(2).sum(1).mean()
+    def field_of(self, parameters: torch.Tensor) -> torch.Tensor:
+        return parameters
 
     def inverse(self, points: torch.Tensor, tol: float = 1e-4, max_iter: int = 100) -> torch.Tensor:
         """Solve `x + u(x) = y` by the fixed-point iteration `x <- y - u(x)` (converges while the
@@ -100,8 +127,6 @@ class StationaryVelocityField(_GridDeformation):
 
     def squarings(self, velocity: torch.Tensor) -> int:
         """N such that `max |v| / 2^N` is at most a quarter voxel and the step is a small perturbation."""
-        from ..grids import spatial_gradient
-
         speed = float(velocity.detach().norm(dim=0).max()) / float(self.grid.spacing.min())
         slope = float(spatial_gradient(velocity.detach(), self.grid).abs().amax()) if velocity.numel() else 0.0
         need = max(speed * 4, slope * 4 * self.dim, 1.0)
@@ -111,13 +136,8 @@ class StationaryVelocityField(_GridDeformation):
         """Displacement of `exp(velocity)` on the grid: `(d, *S)`."""
         return scaling_and_squaring(velocity, self.grid, self.squarings(velocity))
 
-    def field(self) -> torch.Tensor:
-        return self.exponential(self.dense())
-
-    def energy(self, points=None) -> torch.Tensor:
-        from ..grids import spatial_gradient
-
-        return spatial_gradient(self.dense(), self.grid).pow(2).sum(1).mean()
+    def field_of(self, parameters: torch.Tensor) -> torch.Tensor:
+        return self.exponential(parameters)
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
         """`exp(-v)(points)`: `(N, d) -> (N, d)`."""

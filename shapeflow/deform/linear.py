@@ -129,7 +129,7 @@ class Rigid(Deformation):
 
         Used to undo the normalisation applied before fitting; the linear part is unchanged.
         """
-        source_center, target_center = (torch.as_tensor(c, dtype=self._dtype(), device=self._device())
+        source_center, target_center = (torch.as_tensor(c, dtype=self.dtype, device=self.device)
                                         for c in (source_center, target_center))
         out = copy.deepcopy(self)
         with torch.no_grad():

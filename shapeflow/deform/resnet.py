@@ -9,12 +9,14 @@ smooth activations give a diffeomorphism.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InverseError, ShapeflowError
+from ..regularizers import kinetic_energy
 from .base import Deformation, register_deformation
 
 __all__ = ["ResNetFlow", "ACTIVATIONS"]
@@ -51,6 +53,23 @@ class ResNetFlow(Deformation):
         self.W3 = nn.Parameter(torch.zeros(blocks, dim, width))
         # points the kinetic energy is measured on when energy() gets none (set by register)
         self.register_buffer("reference_points", torch.zeros(0, dim))
+
+    @dataclass
+    class Options:
+        """`register()` options of `model="resnet"`."""
+
+        blocks: int = 10                # number of Euler steps L
+        width: int = 64                 # hidden width m
+        activation: str = "relu"        # relu (as the paper), tanh, softplus or silu
+
+    @classmethod
+    def build(cls, domain: int, options: "ResNetFlow.Options | None" = None, seed: int = 0) -> "ResNetFlow":
+        options = options or cls.Options()
+        return cls(domain, blocks=options.blocks, width=options.width, activation=options.activation, seed=seed)
+
+    def fitted_on(self, points: torch.Tensor) -> None:
+        """Keep `points: (N, d)` as the reference points `energy()` measures the flow on."""
+        self.reference_points = points.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "reference_points"
@@ -90,7 +109,7 @@ class ResNetFlow(Deformation):
         return xs[-1], self._kinetic(vs)
 
     def _kinetic(self, velocities: list[torch.Tensor]) -> torch.Tensor:
-        return self.dt * sum(v.pow(2).sum(dim=1).mean() for v in velocities)
+        return kinetic_energy(velocities, self.dt)
 
     def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
         """Kinetic energy `dt * sum_l mean_i |v_l(x_l,i)|^2` of the flow of `points: (N, d)`.

@@ -287,7 +287,7 @@ def read_dicom_series(directory: Path, series: str | None = None) -> Image:
     files = headers[series if series is not None else next(iter(headers))]
     multiframe = [path.name for path, ds in files if _frame_count(ds) > 1]
     if multiframe and len(files) == 1:
-        return _read_dicom(files[0][0])
+        return read_dicom_file(files[0][0])
     if multiframe:
         raise ShapeflowError(f"{directory}: the series mixes multi-frame files ({', '.join(multiframe)}) with other "
                              f"files; read the multi-frame files one by one")

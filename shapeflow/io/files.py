@@ -36,7 +36,7 @@ def read(path: str | os.PathLike, kind: str | None = None, *, series: str | None
     faces, else a `PointCloud`), "points", "mesh", "landmarks" or "image" (e.g. for a .npy volume).
     Shapes: .ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy.
     Images: .nii .nii.gz .png .jpg .jpeg .tif .tiff .mha .mhd .nrrd .dcm (and .npy with kind="image"),
-    and a folder: a DICOM series read as one 3D `Image` (see `image_io.read_dicom_series`);
+    and a folder: a DICOM series read as one 3D `Image` (see `shapeflow.io.dicom.read_dicom_series`);
     `series` picks one SeriesInstanceUID when the folder holds several.
     """
     path = Path(path)

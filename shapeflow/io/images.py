@@ -32,7 +32,7 @@ def _read_nifti(path: Path) -> Image:
         data = data[:, :, :, 0]
     if data.ndim == 4:                   # (X, Y, Z, C): channels (or time points) first
         channels = np.moveaxis(data, 3, 0)
-    elif data.ndim == 3 and data.shape[2] == 1:
+    elif data.ndim == 3 and data.shape[2] == 1 and min(data.shape[:2]) > 1:   # one slice: a 2D image
         channels, affine = data[None, :, :, 0], _drop_axis(affine)
     elif data.ndim == 3:
         channels = data[None]

@@ -66,6 +66,12 @@ BAD_CASES = {
                                                "vertex_indices\nend_header\n0 0 0\n1 0 0\n0 1 0\n3 0 1 9\n"), ASSETS / "ant.ply"],
                                       "f.ply: faces index vertex 9 but the mesh has only 3 vertices"),
     "unknown model": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--model", "bspline"], "unknown model 'bspline'"),
+    "identical source points": lambda d: ([_write(d / "same.csv", "1,2,3\n" * 30), ASSETS / "ant.ply"],
+                                          "same.csv: all 30 points coincide"),
+    "identical target points": lambda d: ([ASSETS / "ant.ply", _write(d / "same.xyz", "5 5 5\n" * 30)],
+                                          "same.xyz: all 30 points coincide"),
+    "nearly identical points": lambda d: ([_write(d / "near.csv", "1000,1000,1000\n1000,1000,1000.000001\n" * 5),
+                                           ASSETS / "ant.ply"], "near.csv: all 10 points coincide"),
 }
 
 

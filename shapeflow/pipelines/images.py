@@ -244,7 +244,8 @@ def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str
     if model_cls.linear:
         unused = sorted(given & {"solver", "cg_iterations", "cg_tol", "prealign"})
         if unused:
-            raise ShapeflowError(f"register(): {', '.join(unused)} apply to the non-linear image models "
+            raise ShapeflowError(f"register(): {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} "
+                                 f"to the non-linear image models "
                                  f"({', '.join(k for k, v in IMAGE_MODELS.items() if not v.linear)}), "
                                  f"not to model {model!r}")
         return

@@ -6,7 +6,7 @@ import torch
 
 from shapeflow.errors import ShapeflowError
 from shapeflow.regularizers import grid_laplacian
-from shapeflow.solvers import gauss_newton
+from shapeflow.solvers import Linearization, gauss_newton, minimize_least_squares
 
 D = torch.float64
 
@@ -79,3 +79,81 @@ def test_gauss_newton_validation():
         gauss_newton(rosenbrock, torch.zeros(2, dtype=D), jacobian="bfgs")
     with pytest.raises(ShapeflowError, match=r"regulariser L has shape \(3, 3\), expected \(2, 2\)"):
         gauss_newton(rosenbrock, torch.zeros(2, dtype=D), (torch.eye(3, dtype=D), 1.0))
+
+
+# --- the one loop, with an injected problem ------------------------------------------------
+
+
+class _LinearProblem:
+    """`1/2 |A x - b|^2` with the normal operator injected as a dense solve (counts the calls)."""
+
+    def __init__(self, A, b, scaling="identity"):
+        self.A, self.b, self.scaling, self.solves = A, b, scaling, 0
+
+    def cost(self, x):
+        r = self.A @ x - self.b
+        return float(0.5 * r @ r), r
+
+    def linearize(self, x, r):
+        H, g = self.A.T @ self.A, self.A.T @ r
+        D = torch.eye(len(x), dtype=x.dtype) if self.scaling == "identity" else torch.diag(torch.diagonal(H))
+
+        def solve(mu):
+            self.solves += 1
+            return torch.linalg.solve(H + mu * D, -g), 0
+
+        return Linearization(g, solve)
+
+
+@pytest.mark.parametrize("damping, line_search", [(0.0, "decrease"), (1e-3, "armijo"), (10.0, "decrease")])
+def test_minimize_least_squares_with_an_injected_normal_operator_matches_lstsq(damping, line_search):
+    g = torch.Generator().manual_seed(4)
+    A, b = torch.randn(30, 5, dtype=D, generator=g), torch.randn(30, dtype=D, generator=g)
+    steps = []
+    res = minimize_least_squares(_LinearProblem(A, b, "diagonal"), torch.zeros(5, dtype=D), damping=damping,
+                                 line_search=line_search, maxiter=200, callback=steps.append)
+    ref = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+    torch.testing.assert_close(res.x, ref, rtol=0, atol=1e-8)
+    assert all(b <= a for a, b in zip(res.history, res.history[1:]))
+    assert len(steps) == res.iterations and steps[0].iteration == 0
+    if damping == 0.0:      # plain Gauss-Newton solves a linear problem in one step
+        assert res.history[1] == pytest.approx(res.history[-1], rel=1e-12)
+
+
+def test_minimize_least_squares_stops_cleanly_on_ctrl_c_with_the_best_iterate():
+    g = torch.Generator().manual_seed(5)
+    A, b = torch.randn(20, 4, dtype=D, generator=g), torch.randn(20, dtype=D, generator=g)
+
+    def interrupt(step):
+        if step.iteration == 1:
+            raise KeyboardInterrupt
+
+    res = minimize_least_squares(_LinearProblem(A, b), torch.zeros(4, dtype=D), damping=100.0, callback=interrupt)
+    assert res.interrupted and res.iterations == 2
+    assert res.cost == pytest.approx(_LinearProblem(A, b).cost(res.x)[0]) and res.cost == min(res.history)
+
+
+def test_minimize_least_squares_validates_its_options():
+    with pytest.raises(ShapeflowError, match="unknown line search 'wolfe'; choose from armijo, decrease"):
+        minimize_least_squares(_LinearProblem(torch.eye(2, dtype=D), torch.ones(2, dtype=D)), torch.zeros(2, dtype=D),
+                               line_search="wolfe")
+
+
+def test_image_registration_and_affine_prealignment_run_the_one_loop(monkeypatch):
+    """Both image fits go through `minimize_least_squares` (no loop of their own)."""
+    import shapeflow as sf
+    from shapeflow.pipelines import image_affine, images
+    from shapeflow.synthetic import phantom_pair
+
+    calls = []
+    real = minimize_least_squares
+
+    def counting(problem, x0, **kwargs):
+        calls.append(type(problem).__name__)
+        return real(problem, x0, **kwargs)
+
+    monkeypatch.setattr(images, "minimize_least_squares", counting)
+    monkeypatch.setattr(image_affine, "minimize_least_squares", counting)
+    moving, fixed, _ = phantom_pair((24, 24), amplitude=1.0, seed=1)
+    sf.register(moving, fixed, prealign="affine", levels=2, progress=False)
+    assert calls.count("AffineProblem") == 2 and calls.count("GridProblem") == 2

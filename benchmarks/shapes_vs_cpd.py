@@ -68,7 +68,6 @@ SWEEP_CONFIGS = {
     "chamfer (default)": {"loss": "chamfer"},
     "chamfer, iterations=100": {"loss": "chamfer", "iterations": 100},
     "chamfer, iterations=300": {"loss": "chamfer", "iterations": 300},
-    "chamfer, no coarse stage": {"loss": "chamfer", "coarse_to_fine": False},
     "chamfer, subsample=1000": {"loss": "chamfer", "subsample": 1000},
     "chamfer, regularization=1e-4": {"loss": "chamfer", "regularization": 1e-4},
     "chamfer, lr=3e-2": {"loss": "chamfer", "lr": 3e-2},

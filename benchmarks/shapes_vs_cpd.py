@@ -73,11 +73,6 @@ SWEEP_CONFIGS = {
     "chamfer, lr=3e-2": {"loss": "chamfer", "lr": 3e-2},
     "chamfer, lr=3e-2, iterations=100": {"loss": "chamfer", "lr": 3e-2, "iterations": 100},
     "chamfer, regularization=1e-2": {"loss": "chamfer", "regularization": 1e-2},
-    "chamfer, no coarse stage, iterations=100": {"loss": "chamfer", "coarse_to_fine": False, "iterations": 100},
-    "chamfer, no coarse stage, regularization=1e-2": {"loss": "chamfer", "coarse_to_fine": False,
-                                                      "regularization": 1e-2},
-    "chamfer, no coarse stage, lr=3e-2, iterations=100": {"loss": "chamfer", "coarse_to_fine": False, "lr": 3e-2,
-                                                          "iterations": 100},
     "sinkhorn, no coarse stage, iterations=100": {"loss": "sinkhorn", "coarse_to_fine": False, "iterations": 100},
     "sinkhorn, no coarse stage, subsample=1024": {"loss": "sinkhorn", "coarse_to_fine": False, "subsample": 1024},
 }

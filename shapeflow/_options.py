@@ -76,12 +76,11 @@ def parse_options(cls: type[CommonOptions], options: Mapping[str, Any],
     mine = {role: set(_fields(entry.Options)) for role, entry in chosen.items()}
     valid = own.union(*mine.values())
     for name in sorted(set(options) - valid):
-        owners = [f"{registry.what} {entry_name!r}" for role, (_, registry) in parts.items()
-                  for entry_name, entry in registry.items() if name in _fields(entry.Options)]
-        if owners:
-            role = next(r for r, (_, registry) in parts.items() if any(name in _fields(e.Options) for e in registry.values()))
-            raise ShapeflowError(f"register(): option {name!r} applies to {' and '.join(owners)}, "
-                                 f"not to {parts[role][1].what} {parts[role][0]!r}")
+        for chosen_name, registry in parts.values():
+            owners = [f"{registry.what} {n!r}" for n, entry in registry.items() if name in _fields(entry.Options)]
+            if owners:
+                raise ShapeflowError(f"register(): option {name!r} applies to {' and '.join(owners)}, "
+                                     f"not to {registry.what} {chosen_name!r}")
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ShapeflowError(f"register(): unknown {cls._what}(s) {', '.join(unknown)}; "

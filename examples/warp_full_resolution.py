@@ -4,7 +4,6 @@
 """
 from pathlib import Path
 
-import torch
 
 import shapeflow as sf
 from shapeflow.synthetic import smooth_deformation

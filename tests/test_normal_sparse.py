@@ -1,5 +1,4 @@
 """The sparse Gauss-Newton normal operator of per-point fields (meshes, clouds) against a dense reference."""
-import numpy as np
 import pytest
 import torch
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError

@@ -8,7 +8,6 @@ the right-hand side it was called for (`(n,)` or `(n, k)`).
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable, Optional, Union
 
 import torch

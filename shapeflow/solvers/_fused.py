@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shapeflow.solvers._optional import numba_threads
+
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
@@ -95,13 +97,11 @@ def normal_matvec(
     u, out: (C, *S) contiguous; jac: (K, C, *S) contiguous; weights: lam / h^2 per spatial axis
     (2 or 3 of them); center: the extra diagonal (damping). S is 2D or 3D.
     """
-    import numba
-
     kernel = _kernel()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     w = list(weights) + [0.0] * (3 - len(weights))
     if u.dim() == 3:  # 2D field: one plane along a third axis
         u, out, jac = u.unsqueeze(-1), out.unsqueeze(-1), jac.unsqueeze(-1)
-    dot = kernel(u.detach().numpy(), jac.detach().numpy(), out.detach().numpy(),
-                 float(w[0]), float(w[1]), float(w[2]), float(center), bool(with_dot))
+    with numba_threads():  # torch's thread count, numba's restored after
+        dot = kernel(u.detach().numpy(), jac.detach().numpy(), out.detach().numpy(),
+                     float(w[0]), float(w[1]), float(w[2]), float(center), bool(with_dot))
     return torch.tensor(dot, dtype=u.dtype) if with_dot else None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from types import ModuleType
+from typing import Iterator
+
+import torch
 
 # module name -> the shapeflow extra that installs it
 EXTRAS = {"cupy": "gpu", "cupyx": "gpu", "pyamg": "amg"}
@@ -28,3 +32,25 @@ def import_optional(module: str, feature: str) -> ModuleType:
         raise ImportError(
             f'{feature} needs {root}, which is not installed: pip install "shapeflow[{extra}]"'
         ) from exc
+
+
+@contextlib.contextmanager
+def numba_threads() -> Iterator[None]:
+    """Run numba's parallel kernels with `torch.get_num_threads()` threads, restoring numba's count.
+
+    numba's thread count is process state the user may have set (`numba.set_num_threads`); the
+    kernels of `shapeflow.solvers._fused` and `shapeflow.solvers._sparse` follow torch's count
+    (capped at `NUMBA_NUM_THREADS`) only inside this block. Needs numba to be importable.
+    """
+    import numba
+
+    old = numba.get_num_threads()
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if want == old:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)

@@ -31,6 +31,8 @@ from shapeflow.solvers._operators import (
     is_sparse,
 )
 from shapeflow.solvers._optional import is_available
+from shapeflow.solvers import _sparse
+from shapeflow.solvers._sparse import CsrOperator
 
 Preconditioner = Union[None, str, Tensor, Callable[[Tensor], Tensor]]
 
@@ -222,6 +224,8 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
     buf = torch.empty(chunks[0].stop, dtype=r.dtype, device=r.device)
     active = bool(s.active.any())
     its = 0
+    fused = (precond is None or inv is not None) and _sparse.fused_updates_available(
+        x, r, p, *([] if inv is None else [inv]))
     while active and its < steps:
         if apply_dot is not None:
             Ap, pAp = apply_dot(s.p) if ap_out is None else apply_dot(s.p, out=ap_out)
@@ -230,6 +234,16 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
             Ap = matvec(s.p).reshape(-1)
             pAp = float(sum(torch.dot(p[c], Ap[c]) for c in chunks))
         alpha = rz / pAp if pAp != 0 else 0.0
+        if fused:  # compiled passes (numba): r and its dots, then x and p
+            rr, rz_new = _sparse.cg_update_r(r, Ap.contiguous(), alpha, inv)
+            del Ap
+            its += 1
+            active = rr > stop2
+            rz_new = rr if precond is None else rz_new
+            beta = rz_new / rz if (active and rz != 0) else 0.0
+            _sparse.cg_update_xp(x, p, r, alpha, beta, inv)
+            rz = rz_new
+            continue
         rr_acc, rz_acc = [], []
         for c in chunks:
             rc = r[c].add_(Ap[c], alpha=-alpha)
@@ -325,14 +339,35 @@ def default_maxiter(n: int) -> int:
     return int(min(10 * n, 10_000))
 
 
+def records_graph(A: Operator, B: Tensor, M: Preconditioner, X0: Tensor) -> bool:
+    """True when the solve must be differentiable (unrolled CG through torch ops).
+
+    That is when autograd is recording and A is a callable or a callable M (either may capture
+    tensors that require grad), or any of the tensors A, b, x0, M requires grad.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    if not isinstance(A, Tensor) or (callable(M) and not isinstance(M, Tensor)):
+        return True
+    return any(isinstance(t, Tensor) and t.requires_grad for t in (A, B, X0, M))
+
+
 def _cg_torch(A, B, M, X0, tol, maxiter, vector):
     n = B.shape[0]
-    matvec = block_matvec(A, vector)
-    precond = make_preconditioner(A, M, n, vector)
-    inplace = not torch.is_grad_enabled()
-    state = cg_start(matvec, precond, B, X0.clone() if inplace else X0, tol)
-    state = cg_steps(state, matvec, precond, tol, maxiter, inplace)
-    return state.x, _info(matvec, B, state.x, state.iterations, tol, vector, "torch")
+    if records_graph(A, B, M, X0):  # unrolled: every iteration through differentiable torch ops
+        matvec = block_matvec(A, vector)
+        precond = make_preconditioner(A, M, n, vector)
+        state = cg_start(matvec, precond, B, X0, tol)
+        state = cg_steps(state, matvec, precond, tol, maxiter, inplace=False)
+        return state.x, _info(matvec, B, state.x, state.iterations, tol, vector, "torch")
+    with torch.no_grad():
+        # a sparse matrix is converted to CSR once here (numba SpMV on the CPU, `_sparse`)
+        op = CsrOperator(A) if is_sparse(A) else A
+        matvec = block_matvec(op, vector)
+        precond = make_preconditioner(op if isinstance(M, str) and M == "jacobi" else A, M, n, vector)
+        state = cg_start(matvec, precond, B, X0.clone(), tol)
+        state = cg_steps(state, matvec, precond, tol, maxiter, inplace=True)
+        return state.x, _info(matvec, B, state.x, state.iterations, tol, vector, "torch")
 
 
 def _cg_cupy(A, B, M, X0, tol, maxiter, vector):

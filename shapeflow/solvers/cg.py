@@ -10,6 +10,14 @@ Without autograd the torch loop works in place and fuses its vector updates into
 chunks (three passes over memory per iteration besides `A p`). A callable operator may offer
 `apply_dot(v) -> (A v, v . A v)` (one pass instead of two) and `diagonal() -> (n,)` (for
 `M="jacobi"`), as `shapeflow.solvers._operators.GridNormalOperator` does.
+
+A torch sparse matrix (COO or CSR) is wrapped once per graph-free solve in a
+`shapeflow.solvers._sparse.CsrOperator`: converted to CSR a single time (no per-iteration
+conversion or validation), Jacobi's diagonal read from the CSR arrays, and on the CPU with numba
+`A p` (+ `p . A p`) computed by a compiled CSR kernel, the vector updates of a single right-hand
+side by two compiled passes (torch's CSR matmul and the chunked torch updates elsewhere). When a
+gradient may be needed (`records_graph`), the user's tensor and its differentiable `A @ V` are
+used instead.
 """
 
 from __future__ import annotations
@@ -211,6 +219,8 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
 
     Per iteration, besides `Ap`: `p . Ap` (or from `A.apply_dot`), then a pass updating r with
     `r . r` and `r . z`, then a pass updating x and p (x's update waits until p is read anyway).
+    On the CPU with numba, and no or Jacobi preconditioning, those two passes are compiled
+    kernels (`_sparse.cg_update_r`, `_sparse.cg_update_xp`) instead of chunked torch ops.
     """
     chunks = _chunks(s.r.shape[0], 1)
     s.x, s.r, s.p = s.x.contiguous(), s.r.contiguous(), s.p.contiguous()  # flat views alias them
@@ -449,8 +459,9 @@ def conjugate_gradient(
     backend: "auto" | "torch" | "cupy" | "amg" (see `resolve_backend`).
 
     Returns (x, info): x with the shape of b, info a CGInfo. With autograd recording (and
-    backend "torch"), every iteration is differentiable (unrolled CG); under `torch.no_grad()`
-    the loop updates its vectors in place, which is faster.
+    backend "torch") and a gradient possibly needed (`records_graph`), every iteration is
+    differentiable (unrolled CG); otherwise the loop updates its vectors in place, which is
+    faster, and a sparse A is converted once to CSR for a fast SpMV (see the module docstring).
     """
     if not isinstance(b, Tensor) or b.dim() not in (1, 2):
         raise ShapeflowError(

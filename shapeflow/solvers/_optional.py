@@ -34,6 +34,14 @@ def import_optional(module: str, feature: str) -> ModuleType:
         ) from exc
 
 
+def target_threads() -> int:
+    """Threads for shapeflow's numba kernels: `torch.get_num_threads()`, capped at
+    `NUMBA_NUM_THREADS` (numba must be importable)."""
+    import numba
+
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
 @contextlib.contextmanager
 def numba_threads() -> Iterator[None]:
     """Run numba's parallel kernels with `torch.get_num_threads()` threads, restoring numba's count.
@@ -45,7 +53,7 @@ def numba_threads() -> Iterator[None]:
     import numba
 
     old = numba.get_num_threads()
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    want = target_threads()
     if want == old:
         yield
         return

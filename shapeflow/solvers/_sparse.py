@@ -21,24 +21,29 @@ differentiable `A @ V` instead (see `shapeflow.solvers.cg`).
 from __future__ import annotations
 
 import functools
+import types
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from shapeflow.solvers._optional import numba_threads
+from shapeflow.solvers._optional import numba_threads, target_threads
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels():
-    """Compile (or load from numba's cache) the CSR kernels; None when numba is not installed."""
+def _kernels() -> Optional[dict]:
+    """The kernels by name, each as (serial, parallel) numba dispatchers; None without numba.
+
+    Both variants come from one Python source (`prange` is `range` in the serial one) under
+    distinct qualified names, so numba's on-disk cache keeps them apart. They compile (or load
+    from that cache) on first call only.
+    """
     try:
         import numba
     except ImportError:
         return None
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
     def csr_matvec(crow, col, val, x, out):  # pragma: no cover - compiled
         """out = A x for one vector; returns x . out (accumulated in float64)."""
         n = crow.shape[0] - 1
@@ -51,7 +56,6 @@ def _kernels():
             dot += x[i] * s
         return dot
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
     def csr_matmat(crow, col, val, X, out):  # pragma: no cover - compiled
         """out = A X for an (n, k) C-contiguous block (each row of A read once for all k)."""
         n, k = X.shape
@@ -65,7 +69,6 @@ def _kernels():
                 for c in range(k):
                     o[c] += v * xr[c]
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
     def cg_update_r(r, Ap, alpha, inv):  # pragma: no cover - compiled
         """r -= alpha Ap; returns (r . r, r . (inv * r)) (inv empty: no preconditioner)."""
         has_inv = inv.shape[0] > 0
@@ -79,7 +82,6 @@ def _kernels():
                 rz += ri * ri * inv[i]
         return rr, rz
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
     def cg_update_xp(x, p, r, alpha, beta, inv):  # pragma: no cover - compiled
         """x += alpha p; p = inv * r + beta p (inv empty: p = r + beta p)."""
         has_inv = inv.shape[0] > 0
@@ -88,7 +90,6 @@ def _kernels():
             x[i] += alpha * pi
             p[i] = (inv[i] * r[i] if has_inv else r[i]) + beta * pi
 
-    @numba.njit(cache=True)
     def csr_diagonal(crow, col, val, out):  # pragma: no cover - compiled
         """out += diag(A) (duplicate diagonal entries summed)."""
         for i in range(out.shape[0]):
@@ -96,7 +97,24 @@ def _kernels():
                 if col[j] == i:
                     out[i] += val[j]
 
-    return csr_matvec, csr_matmat, cg_update_r, cg_update_xp, csr_diagonal
+    def variant(fn, parallel: bool):
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__qualname__ = f"{fn.__qualname__}_{'parallel' if parallel else 'serial'}"
+        return numba.njit(parallel=parallel, fastmath=True, cache=True)(copy)
+
+    kernels = (csr_matvec, csr_matmat, cg_update_r, cg_update_xp, csr_diagonal)
+    return {fn.__name__: (variant(fn, False), variant(fn, True)) for fn in kernels}
+
+
+def _run(name: str, *args):
+    """Run kernel `name` with torch's thread count: the serial variant at one thread (no numba
+    thread pool involved: on a busy machine each parallel launch could stall for a scheduler
+    tick, measured 8x slower), the parallel one in `numba_threads()` otherwise."""
+    serial, parallel = _kernels()[name]
+    if target_threads() == 1:
+        return serial(*args)
+    with numba_threads():
+        return parallel(*args)
 
 
 def numba_available() -> bool:
@@ -166,12 +184,7 @@ class CsrOperator:
         V = V if V.is_contiguous() else V.contiguous()
         if out is None:
             out = torch.empty_like(V, memory_format=torch.contiguous_format)
-        matvec, matmat = _kernels()[:2]
-        with numba_threads():
-            if V.dim() == 1:
-                matvec(*self._arrays, V.numpy(), out.numpy())
-            else:
-                matmat(*self._arrays, V.numpy(), out.numpy())
+        _run("csr_matvec" if V.dim() == 1 else "csr_matmat", *self._arrays, V.numpy(), out.numpy())
         return out
 
     def apply_dot(self, v: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -182,15 +195,14 @@ class CsrOperator:
         v = v if v.is_contiguous() else v.contiguous()
         if out is None:
             out = torch.empty_like(v, memory_format=torch.contiguous_format)
-        with numba_threads():
-            dot = _kernels()[0](*self._arrays, v.reshape(-1).numpy(), out.reshape(-1).numpy())
+        dot = _run("csr_matvec", *self._arrays, v.reshape(-1).numpy(), out.reshape(-1).numpy())
         return out, torch.tensor(dot, dtype=v.dtype)
 
     def diagonal(self) -> Tensor:
         """diag(A): (n,), from the CSR arrays (computed once)."""
         if self._diag is None and self.fast:
             d = torch.zeros(self.n, dtype=self.dtype)
-            _kernels()[4](*self._arrays, d.numpy())
+            _kernels()["csr_diagonal"][0](*self._arrays, d.numpy())
             self._diag = d
         if self._diag is None:
             crow, col = self.csr.crow_indices(), self.csr.col_indices()
@@ -222,13 +234,11 @@ def _inv_array(inv: Optional[Tensor], like: Tensor) -> np.ndarray:
 def cg_update_r(r: Tensor, Ap: Tensor, alpha: float, inv: Optional[Tensor]) -> tuple[float, float]:
     """In one pass: `r -= alpha Ap`, and return `(r . r, r . (inv * r))` (0.0 for the second
     when inv is None). r, Ap, inv: (n,) contiguous CPU tensors of one dtype."""
-    with numba_threads():
-        rr, rz = _kernels()[2](r.numpy(), Ap.numpy(), float(alpha), _inv_array(inv, r))
+    rr, rz = _run("cg_update_r", r.numpy(), Ap.numpy(), float(alpha), _inv_array(inv, r))
     return float(rr), float(rz)
 
 
 def cg_update_xp(x: Tensor, p: Tensor, r: Tensor, alpha: float, beta: float, inv: Optional[Tensor]) -> None:
     """In one pass: `x += alpha p` and `p = inv * r + beta p` (`r + beta p` when inv is None).
     All (n,) contiguous CPU tensors of one dtype."""
-    with numba_threads():
-        _kernels()[3](x.numpy(), p.numpy(), r.numpy(), float(alpha), float(beta), _inv_array(inv, r))
+    _run("cg_update_xp", x.numpy(), p.numpy(), r.numpy(), float(alpha), float(beta), _inv_array(inv, r))

@@ -350,7 +350,7 @@ def sparse_system(s: int = SPARSE_SIZE):
     return (L + diag).coalesce(), b
 
 
-def run_sparse_cg(threads: list[int], repeats: int = 5) -> list[dict]:
+def run_sparse_cg(threads: list[int], repeats: int = 7) -> list[dict]:
     """General sparse CG (COO input, converted to CSR inside each solve) against SciPy's CG."""
     from shapeflow.solvers._operators import to_scipy_csr
     from shapeflow.solvers._sparse import CsrOperator
@@ -417,7 +417,8 @@ def sparse_lines(sparse: list[dict], machine: dict) -> list[str]:
              "at least as fast as SciPy (goal 2x). `torch fallback`: our CG with numba disabled (torch CSR matmul, "
              "used on GPUs and without numba). SpMV in ms (ours: numba CSR kernel with `p . Ap`). 1-minute load "
              f"average {info.get('load_average', [float('nan')])[0]:.2f} at the start of this section"
-             + (", run alone with `--sparse-only`." if info.get("sparse_only") else "."), "",
+             + (", run alone with `--sparse-only` (the tables above are from an earlier full run; their "
+                "\"shapeflow CG sparse CSR\" rows predate the CSR kernels)." if info.get("sparse_only") else "."), "",
              "| case | M | threads | ours (s, its) | SciPy (s, its) | SciPy / ours | target (>= 1x, goal 2x) | torch fallback (s) | SpMV numba | SpMV torch CSR | SpMV SciPy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sparse:

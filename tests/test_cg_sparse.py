@@ -213,3 +213,27 @@ def test_sparse_cg_on_cuda_uses_torch_ops():
     ref = torch.linalg.solve(A.to_dense(), b)
     assert info.converged and x.device.type == "cuda"
     torch.testing.assert_close(x, ref, rtol=1e-8, atol=1e-8)
+
+
+@needs_numba
+def test_serial_and_parallel_kernels_agree():
+    """One torch thread runs the serial variant of each sparse kernel, more the parallel one (the
+    grid-normal kernel always its parallel one); the numbers agree."""
+    op = _sparse.CsrOperator(random_sparse())
+    g = torch.Generator().manual_seed(4)
+    x, X = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
+    jac = torch.randn(2, 3, 5, 4, 3, generator=g, dtype=torch.float64)
+    u = torch.randn(3, 5, 4, 3, generator=g, dtype=torch.float64)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.empty_like(u)
+            dot = _fused.normal_matvec(u, jac, [1.0, 0.5, 2.0], 0.1, out, True)
+            results.append((op(x), op(X), op.apply_dot(x)[1], out, dot))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert _sparse._kernels()["csr_matvec"][0].signatures  # the serial build ran

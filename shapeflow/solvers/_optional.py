@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import types
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -62,3 +63,31 @@ def numba_threads() -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(old)
+
+
+def numba_variants(fn: Callable) -> tuple[Callable, Callable]:
+    """(serial, parallel) numba dispatchers (fastmath, cached) of one Python kernel using `prange`.
+
+    The two get distinct qualified names so numba's on-disk cache keeps them apart; each
+    compiles (or loads from that cache) on its first call only.
+    """
+    import numba
+
+    def variant(parallel: bool) -> Callable:
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__qualname__ = f"{fn.__qualname__}_{'parallel' if parallel else 'serial'}"
+        return numba.njit(parallel=parallel, fastmath=True, cache=True)(copy)
+
+    return variant(False), variant(True)
+
+
+def run_numba(variants: tuple[Callable, Callable], *args, serial_at_one_thread: bool = True):
+    """Run a kernel from `numba_variants` with torch's thread count: the serial variant at one
+    thread (no numba thread pool involved: on a busy machine each parallel launch could stall for
+    a scheduler tick, measured 8x slower on the sparse CG), the parallel one inside
+    `numba_threads()` otherwise (always with `serial_at_one_thread=False`)."""
+    serial, parallel = variants
+    if serial_at_one_thread and target_threads() == 1:
+        return serial(*args)
+    with numba_threads():
+        return parallel(*args)

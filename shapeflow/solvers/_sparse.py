@@ -21,14 +21,13 @@ differentiable `A @ V` instead (see `shapeflow.solvers.cg`).
 from __future__ import annotations
 
 import functools
-import types
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from shapeflow.solvers._optional import numba_threads, target_threads
+from shapeflow.solvers._optional import numba_variants, run_numba
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,24 +96,13 @@ def _kernels() -> Optional[dict]:
                 if col[j] == i:
                     out[i] += val[j]
 
-    def variant(fn, parallel: bool):
-        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        copy.__qualname__ = f"{fn.__qualname__}_{'parallel' if parallel else 'serial'}"
-        return numba.njit(parallel=parallel, fastmath=True, cache=True)(copy)
-
     kernels = (csr_matvec, csr_matmat, cg_update_r, cg_update_xp, csr_diagonal)
-    return {fn.__name__: (variant(fn, False), variant(fn, True)) for fn in kernels}
+    return {fn.__name__: numba_variants(fn) for fn in kernels}
 
 
 def _run(name: str, *args):
-    """Run kernel `name` with torch's thread count: the serial variant at one thread (no numba
-    thread pool involved: on a busy machine each parallel launch could stall for a scheduler
-    tick, measured 8x slower), the parallel one in `numba_threads()` otherwise."""
-    serial, parallel = _kernels()[name]
-    if target_threads() == 1:
-        return serial(*args)
-    with numba_threads():
-        return parallel(*args)
+    """Run kernel `name` (serial at one torch thread, else parallel; see `run_numba`)."""
+    return run_numba(_kernels()[name], *args)
 
 
 def numba_available() -> bool:

@@ -530,16 +530,17 @@ def main() -> None:
                "bandwidth_GBps": bw / 1e9, "bandwidth_by_threads_GBps": {k: round(v / 1e9, 1) for k, v in bws.items()}}
     print(f"bandwidth {bw/1e9:.1f} GB/s {machine['bandwidth_by_threads_GBps']}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, load {load[0]:.2f}", flush=True)
+    # the general sparse section first: after the large CSR assemblies of the sizes below, kernels
+    # run 1.3-1.6x slower for the rest of the process on this VM (see run_size)
+    machine["sparse_cg"] = {"load_average": os.getloadavg(), "threads": sparse_threads, "sparse_only": False}
+    print("general sparse CG", flush=True)
+    sparse = run_sparse_cg(sparse_threads)
     rows = []
     for s in sizes:
         print(f"size {s}^3", flush=True)
         rows += run_size(s, bw, with_amg=not args.no_amg, repeats=5 if s <= 64 else 3, threads=args.threads)
         machine["load_average_end"] = os.getloadavg()
-        write(rows, machine, args.quick)
-    machine["sparse_cg"] = {"load_average": os.getloadavg(), "threads": sparse_threads, "sparse_only": False}
-    print("general sparse CG", flush=True)
-    sparse = run_sparse_cg(sparse_threads)
-    write(rows, machine, args.quick, sparse)
+        write(rows, machine, args.quick, sparse)
 
 
 if __name__ == "__main__":

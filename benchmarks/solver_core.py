@@ -16,13 +16,20 @@ relative residual with Jacobi preconditioning (pyamg: its own V-cycle):
 * pyamg smoothed aggregation + CG (setup time reported apart);
 * `linear_solve` (implicit mode): backward (one adjoint CG) against its forward.
 
+A separate section, "general sparse CG vs scipy.sparse.linalg.cg", times `conjugate_gradient`
+on a user's sparse matrix (the 64^3 7-point `grid_laplacian` plus a positive diagonal, float64
+COO input, tol 1e-6, without and with Jacobi; the CSR conversion counted in our time) against
+SciPy's CG on the same matrix in the same run, at 1 and 2 torch threads, with its SpMV (numba
+CSR kernel, torch CSR matmul, SciPy) and our torch fallback (numba disabled).
+`--sparse-only` runs that section alone and keeps the other rows of the results.
+
 Also measures memory bandwidth (a large tensor copy, the best over the thread counts) and
 compares the stencil matvec with the bandwidth bound `bytes / bandwidth` (the copy timed again
 next to the matvecs of each size), bytes = read u, read
 g, write A u (9 floats per voxel). Times are medians of repeats. Torch threads are set only
 inside `torch_threads` (restored after); the load average is recorded before and after.
 
-    python benchmarks/solver_core.py [--quick] [--sizes 64 128] [--threads 1 2]
+    python benchmarks/solver_core.py [--quick] [--sizes 64 128] [--threads 1 2] [--sparse-only]
 
 Writes benchmarks/results/solver_core.json and .md.
 """
@@ -37,6 +44,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import scipy
@@ -67,7 +75,7 @@ def timed(fn, repeats=1):
 @contextlib.contextmanager
 def without_numba():
     """Run `grid_normal_operator` on its torch fallback (as without numba)."""
-    from shapeflow.solvers import _fused
+    from shapeflow.solvers.normal import _fused
 
     available = _fused.available
     _fused.available = lambda u, jac: False
@@ -299,9 +307,138 @@ def run_size(s: int, bw: float, with_amg: bool, repeats: int, threads: list[int]
     return rows
 
 
-def write(rows: list[dict], machine: dict, quick: bool) -> None:
+SPARSE_SIZE, SPARSE_TOL = 64, 1e-6
+
+
+@contextlib.contextmanager
+def without_sparse_numba():
+    """Run the general sparse CG on its torch fallback (torch CSR matmul, torch vector updates)."""
+    from shapeflow.solvers.linear import _sparse
+
+    available = _sparse.numba_available
+    _sparse.numba_available = lambda: False
+    try:
+        yield
+    finally:
+        _sparse.numba_available = available
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """NumPy's BLAS (SciPy CG's dots and axpys) at `n` threads, restored after (threadpoolctl if
+    installed). On this 2-CPU VM OpenBLAS's default 2 threads, next to the idle thread pools of
+    torch and numba, made SciPy's CG up to 5x slower than run alone, which would flatter us."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def sparse_system(s: int = SPARSE_SIZE):
+    """The 3D 7-point grid Laplacian (Neumann) of s^3 voxels plus a positive diagonal in [0.01, 1],
+    float64 COO (coalesced), and a random right-hand side (n,)."""
+    from shapeflow.regularizers import grid_laplacian
+
+    n = s**3
+    L = grid_laplacian((s, s, s), dtype=torch.float64)
+    d = torch.linspace(0.01, 1.0, n, dtype=torch.float64)
+    diag = torch.sparse_coo_tensor(torch.arange(n).expand(2, n), d, (n, n), check_invariants=False)
+    b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return (L + diag).coalesce(), b
+
+
+def run_sparse_cg(threads: list[int], repeats: int = 7) -> list[dict]:
+    """General sparse CG (COO input, converted to CSR inside each solve) against SciPy's CG."""
+    from shapeflow.solvers.linear.operators import to_scipy_csr
+    from shapeflow.solvers.linear._sparse import CsrOperator
+
+    A, b = sparse_system()
+    As, b_np = to_scipy_csr(A), b.numpy()
+    n = b.shape[0]
+    op, out = CsrOperator(A), torch.empty_like(b)
+    rows = []
+    with torch.no_grad():
+        conjugate_gradient(A, b, M="jacobi", tol=SPARSE_TOL)  # compile / load the kernels
+        for precond in (None, "jacobi"):
+            Mj = None if precond is None else sp.diags(1.0 / As.diagonal())
+            its = [0]
+
+            def scipy_cg():
+                its[0] = 0
+                return spla.cg(As, b_np, rtol=SPARSE_TOL, atol=0.0, M=Mj,
+                               callback=lambda _: its.__setitem__(0, its[0] + 1))[0]
+
+            for nt in threads:
+                with torch_threads(nt):
+                    times = []
+                    for _ in range(repeats):  # ours and SciPy alternate, sharing the machine's state
+                        t, (x, info) = timed(lambda: conjugate_gradient(A, b, M=precond, tol=SPARSE_TOL))
+                        with blas_threads(nt):
+                            t_sp, x_sp = timed(scipy_cg)
+                        times.append((t, t_sp))
+                    with without_sparse_numba():
+                        t_fb, _ = timed(lambda: conjugate_gradient(A, b, M=precond, tol=SPARSE_TOL), max(1, repeats // 2))
+                    t_spmv, _ = timed(lambda: op.apply_dot(b, out=out), 20)
+                    t_torch_spmv, _ = timed(lambda: op.csr @ b, 20)
+                    with blas_threads(nt):
+                        t_scipy_spmv, _ = timed(lambda: As @ b_np, 20)
+                ours = statistics.median(t for t, _ in times)
+                theirs = statistics.median(t for _, t in times)
+                r = {"tool": "general sparse CG", "case": f"7-point Laplacian + diag {SPARSE_SIZE}^3", "unknowns": n,
+                     "threads": nt, "M": precond or "none", "seconds": ours, "seconds_all": [t for t, _ in times],
+                     "scipy_seconds": theirs, "scipy_seconds_all": [t for _, t in times], "speedup_vs_scipy": theirs / ours,
+                     "iterations": int(info.iterations), "scipy_iterations": its[0],
+                     "residual": rel_residual(As, x.numpy(), b_np), "scipy_residual": rel_residual(As, x_sp, b_np),
+                     "torch_fallback_seconds": t_fb, "numba_spmv_dot_s": t_spmv, "torch_csr_spmv_s": t_torch_spmv,
+                     "scipy_spmv_s": t_scipy_spmv}
+                r["target_met"] = r["speedup_vs_scipy"] >= 1.0
+                rows.append(r)
+                print(f"  sparse CG M={r['M']:<6} {nt} thread(s): ours {ours:.3f} s ({r['iterations']} its), SciPy "
+                      f"{theirs:.3f} s ({its[0]} its), speed-up {r['speedup_vs_scipy']:.2f}; torch fallback {t_fb:.3f} s; "
+                      f"SpMV numba {t_spmv*1e3:.2f} ms, torch CSR {t_torch_spmv*1e3:.2f} ms, SciPy {t_scipy_spmv*1e3:.2f} ms",
+                      flush=True)
+    return rows
+
+
+def sparse_lines(sparse: list[dict], machine: dict) -> list[str]:
+    """The markdown section "general sparse CG vs scipy.sparse.linalg.cg"."""
+    if not sparse:
+        return []
+    info = machine.get("sparse_cg", {})
+    lines = ["", "## general sparse CG vs scipy.sparse.linalg.cg", "",
+             f"`conjugate_gradient(A, b, M, tol={SPARSE_TOL:g})` on a user's sparse matrix: the {SPARSE_SIZE}^3 "
+             "7-point `grid_laplacian` + a positive diagonal (float64 COO input; the one CSR conversion per solve and "
+             "the Jacobi diagonal are inside our time), against `scipy.sparse.linalg.cg` on the same CSR matrix, the "
+             "two alternating in the same run (median of "
+             f"{len(sparse[0]['seconds_all'])} each; SciPy with NumPy's BLAS limited to the row's thread count). Target: "
+             "at least as fast as SciPy (goal 2x). `torch fallback`: our CG with numba disabled (torch CSR matmul, "
+             "used on GPUs and without numba). SpMV in ms (ours: numba CSR kernel with `p . Ap`). 1-minute load "
+             f"average {info.get('load_average', [float('nan')])[0]:.2f} at the start of this section"
+             + (", run alone with `--sparse-only` (the tables above are from an earlier full run; their "
+                "\"shapeflow CG sparse CSR\" rows predate the CSR kernels)." if info.get("sparse_only") else "."), "",
+             "| case | M | threads | ours (s, its) | SciPy (s, its) | SciPy / ours | target (>= 1x, goal 2x) | torch fallback (s) | SpMV numba | SpMV torch CSR | SpMV SciPy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sparse:
+        ratio = r["speedup_vs_scipy"]
+        met = "met, goal 2x met" if ratio >= 2.0 else ("met (goal 2x not met)" if ratio >= 1.0 else "**not met**")
+        lines.append(f"| {r['case']} | {r['M']} | {r['threads']} | {r['seconds']:.3f} ({r['iterations']}) | "
+                     f"{r['scipy_seconds']:.3f} ({r['scipy_iterations']}) | {ratio:.2f} | {met} | "
+                     f"{r['torch_fallback_seconds']:.3f} | {r['numba_spmv_dot_s']*1e3:.2f} | {r['torch_csr_spmv_s']*1e3:.2f} | "
+                     f"{r['scipy_spmv_s']*1e3:.2f} |")
+    lines += ["", "Every repeat (s), ours / SciPy: " + "; ".join(
+        f"M={r['M']} {r['threads']}t: " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(r["seconds_all"], r["scipy_seconds_all"]))
+        for r in sparse)]
+    return lines
+
+
+def write(rows: list[dict], machine: dict, quick: bool, sparse: Optional[list[dict]] = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "solver_core.json").write_text(json.dumps({"machine": machine, "quick": quick, "rows": rows}, indent=2))
+    sparse = sparse or []
+    (RESULTS / "solver_core.json").write_text(
+        json.dumps({"machine": machine, "quick": quick, "rows": rows, "sparse_cg": sparse}, indent=2))
     load = machine["load_average"]
     lines = [
         "# Solver core benchmark",
@@ -348,6 +485,7 @@ def write(rows: list[dict], machine: dict, quick: bool) -> None:
         ls = [r for r in rows if r["tool"].startswith("linear_solve") and r["case"] == case]
         lines.append(f"| {case} | median | | | {statistics.median(r['ratio'] for r in ls):.2f} | "
                      f"{statistics.median(r['ratio_per_iteration'] for r in ls):.2f} |")
+    lines += sparse_lines(sparse, machine)
     (RESULTS / "solver_core.md").write_text("\n".join(lines) + "\n")
 
 
@@ -360,9 +498,25 @@ def main() -> None:
                         help="torch thread counts to time the matrix-free CG with (the first one also runs "
                              "the eager, CSR and linear_solve rows); default 1 and 2, or 1 alone when the "
                              "1-minute load average is 0.7 or more (2 threads under contention stall on OpenMP)")
+    parser.add_argument("--sparse-only", action="store_true",
+                        help="run only the section 'general sparse CG vs scipy.sparse.linalg.cg' (about a "
+                             "minute) and keep the other rows of the existing results")
     args = parser.parse_args()
     sizes = args.sizes or ([32] if args.quick else [64, 128])
     load = os.getloadavg()
+    sparse_threads = args.threads or [1, 2]
+    if args.sparse_only:
+        old = json.loads((RESULTS / "solver_core.json").read_text()) if (RESULTS / "solver_core.json").exists() else {}
+        machine = old.get("machine", {})
+        machine["sparse_cg"] = {"load_average": load, "threads": sparse_threads, "sparse_only": True}
+        print(f"general sparse CG, load {load[0]:.2f}", flush=True)
+        sparse = run_sparse_cg(sparse_threads)
+        machine["sparse_cg"]["load_average_end"] = os.getloadavg()
+        if old:
+            write(old["rows"], machine, old.get("quick", False), sparse)
+        else:
+            (RESULTS / "solver_core.md").write_text("\n".join(sparse_lines(sparse, machine)[1:]) + "\n")
+        return
     if args.threads is None:
         args.threads = [1, 2] if load[0] < 0.7 else [1]
     bws = {}
@@ -376,12 +530,17 @@ def main() -> None:
                "bandwidth_GBps": bw / 1e9, "bandwidth_by_threads_GBps": {k: round(v / 1e9, 1) for k, v in bws.items()}}
     print(f"bandwidth {bw/1e9:.1f} GB/s {machine['bandwidth_by_threads_GBps']}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, load {load[0]:.2f}", flush=True)
+    # the general sparse section first: after the large CSR assemblies of the sizes below, kernels
+    # run 1.3-1.6x slower for the rest of the process on this VM (see run_size)
+    machine["sparse_cg"] = {"load_average": os.getloadavg(), "threads": sparse_threads, "sparse_only": False}
+    print("general sparse CG", flush=True)
+    sparse = run_sparse_cg(sparse_threads)
     rows = []
     for s in sizes:
         print(f"size {s}^3", flush=True)
         rows += run_size(s, bw, with_amg=not args.no_amg, repeats=5 if s <= 64 else 3, threads=args.threads)
         machine["load_average_end"] = os.getloadavg()
-        write(rows, machine, args.quick)
+        write(rows, machine, args.quick, sparse)
 
 
 if __name__ == "__main__":

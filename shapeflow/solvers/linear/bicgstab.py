@@ -13,7 +13,7 @@ from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
 from shapeflow.solvers.linear.operators import Operator, block_matvec, check_operator
-from shapeflow.solvers.linear.cg import CGInfo, Preconditioner, _info, default_maxiter, make_preconditioner
+from shapeflow.solvers.linear.cg import CGInfo, Preconditioner, solve_info, default_maxiter, make_preconditioner
 
 
 def _safe_div(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
@@ -81,4 +81,4 @@ def bicgstab(
         rho = torch.where(active, rho_new, rho)
         iterations = iterations + active[0].to(torch.int64)
         active = active & (norm(R) / safe_b > tol)
-    return X.reshape(b.shape), _info(matvec, B, X, iterations, tol, vector, "torch")
+    return X.reshape(b.shape), solve_info(matvec, B, X, iterations, tol, vector, "torch")

@@ -9,7 +9,15 @@ place, `resolve_backend`.
 Without autograd the torch loop works in place and fuses its vector updates into cache-sized
 chunks (three passes over memory per iteration besides `A p`). A callable operator may offer
 `apply_dot(v) -> (A v, v . A v)` (one pass instead of two) and `diagonal() -> (n,)` (for
-`M="jacobi"`), as `shapeflow.solvers.linear.operators.GridNormalOperator` does.
+`M="jacobi"`), as `shapeflow.solvers.normal.grid.GridNormalOperator` does.
+
+A torch sparse matrix (COO or CSR) is wrapped once per graph-free solve in a
+`shapeflow.solvers.linear._sparse.CsrOperator`: converted to CSR a single time (no per-iteration
+conversion or validation), Jacobi's diagonal read from the CSR arrays, and on the CPU with numba
+`A p` (+ `p . A p`) computed by a compiled CSR kernel, the vector updates of a single right-hand
+side by two compiled passes (torch's CSR matmul and the chunked torch updates elsewhere). When a
+gradient may be needed (`records_graph`), the user's tensor and its differentiable `A @ V` are
+used instead.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from shapeflow.solvers.linear.operators import (
     is_sparse,
 )
 from shapeflow._optional import is_available
+from shapeflow.solvers.linear import _sparse
+from shapeflow.solvers.linear._sparse import CsrOperator
 
 Preconditioner = Union[None, str, Tensor, Callable[[Tensor], Tensor]]
 
@@ -209,6 +219,8 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
 
     Per iteration, besides `Ap`: `p . Ap` (or from `A.apply_dot`), then a pass updating r with
     `r . r` and `r . z`, then a pass updating x and p (x's update waits until p is read anyway).
+    On the CPU with numba, and no or Jacobi preconditioning, those two passes are compiled
+    kernels (`_sparse.cg_update_r`, `_sparse.cg_update_xp`) instead of chunked torch ops.
     """
     chunks = _chunks(s.r.shape[0], 1)
     s.x, s.r, s.p = s.x.contiguous(), s.r.contiguous(), s.p.contiguous()  # flat views alias them
@@ -222,6 +234,8 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
     buf = torch.empty(chunks[0].stop, dtype=r.dtype, device=r.device)
     active = bool(s.active.any())
     its = 0
+    fused = (precond is None or inv is not None) and _sparse.fused_updates_available(
+        x, r, p, *([] if inv is None else [inv]))
     while active and its < steps:
         if apply_dot is not None:
             Ap, pAp = apply_dot(s.p) if ap_out is None else apply_dot(s.p, out=ap_out)
@@ -230,6 +244,16 @@ def _steps_vector(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: fl
             Ap = matvec(s.p).reshape(-1)
             pAp = float(sum(torch.dot(p[c], Ap[c]) for c in chunks))
         alpha = rz / pAp if pAp != 0 else 0.0
+        if fused:  # compiled passes (numba): r and its dots, then x and p
+            rr, rz_new = _sparse.cg_update_r(r, Ap.contiguous(), alpha, inv)
+            del Ap
+            its += 1
+            active = rr > stop2
+            rz_new = rr if precond is None else rz_new
+            beta = rz_new / rz if (active and rz != 0) else 0.0
+            _sparse.cg_update_xp(x, p, r, alpha, beta, inv)
+            rz = rz_new
+            continue
         rr_acc, rz_acc = [], []
         for c in chunks:
             rc = r[c].add_(Ap[c], alpha=-alpha)
@@ -310,7 +334,7 @@ def _steps_inplace(s: CGState, matvec: Matvec, precond: Optional[Matvec], tol: f
     return s
 
 
-def _info(matvec: Matvec, B: Tensor, X: Tensor, iterations: Tensor, tol: float, vector: bool, backend: str) -> CGInfo:
+def solve_info(matvec: Matvec, B: Tensor, X: Tensor, iterations: Tensor, tol: float, vector: bool, backend: str) -> CGInfo:
     with torch.no_grad():
         bnorm = _norm(B)[0]
         res = _norm(B - matvec(X))[0] / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
@@ -325,21 +349,42 @@ def default_maxiter(n: int) -> int:
     return int(min(10 * n, 10_000))
 
 
+def records_graph(A: Operator, B: Tensor, M: Preconditioner, X0: Tensor) -> bool:
+    """True when the solve must be differentiable (unrolled CG through torch ops).
+
+    That is when autograd is recording and A is a callable or a callable M (either may capture
+    tensors that require grad), or any of the tensors A, b, x0, M requires grad.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    if not isinstance(A, Tensor) or (callable(M) and not isinstance(M, Tensor)):
+        return True
+    return any(isinstance(t, Tensor) and t.requires_grad for t in (A, B, X0, M))
+
+
 def _cg_torch(A, B, M, X0, tol, maxiter, vector):
     n = B.shape[0]
-    matvec = block_matvec(A, vector)
-    precond = make_preconditioner(A, M, n, vector)
-    inplace = not torch.is_grad_enabled()
-    state = cg_start(matvec, precond, B, X0.clone() if inplace else X0, tol)
-    state = cg_steps(state, matvec, precond, tol, maxiter, inplace)
-    return state.x, _info(matvec, B, state.x, state.iterations, tol, vector, "torch")
+    if records_graph(A, B, M, X0):  # unrolled: every iteration through differentiable torch ops
+        matvec = block_matvec(A, vector)
+        precond = make_preconditioner(A, M, n, vector)
+        state = cg_start(matvec, precond, B, X0, tol)
+        state = cg_steps(state, matvec, precond, tol, maxiter, inplace=False)
+        return state.x, solve_info(matvec, B, state.x, state.iterations, tol, vector, "torch")
+    with torch.no_grad():
+        # a sparse matrix is converted to CSR once here (numba SpMV on the CPU, `_sparse`)
+        op = CsrOperator(A) if is_sparse(A) else A
+        matvec = block_matvec(op, vector)
+        precond = make_preconditioner(op if isinstance(M, str) and M == "jacobi" else A, M, n, vector)
+        state = cg_start(matvec, precond, B, X0.clone(), tol)
+        state = cg_steps(state, matvec, precond, tol, maxiter, inplace=True)
+        return state.x, solve_info(matvec, B, state.x, state.iterations, tol, vector, "torch")
 
 
 def _cg_cupy(A, B, M, X0, tol, maxiter, vector):
     from shapeflow.solvers.linear._cupy import cg_cupy
 
     X, iterations = cg_cupy(A, B, M, X0, tol, maxiter)
-    return X, _info(block_matvec(A, vector), B, X, iterations, tol, vector, "cupy")
+    return X, solve_info(block_matvec(A, vector), B, X, iterations, tol, vector, "cupy")
 
 
 def _cg_amg(A, B, M, X0, tol, maxiter, vector):
@@ -348,7 +393,7 @@ def _cg_amg(A, B, M, X0, tol, maxiter, vector):
     if M is not None:
         raise ShapeflowError("conjugate_gradient(): backend='amg' brings its own preconditioner; leave M=None")
     X, iterations = amg_solve(A, B, X0, tol, maxiter)
-    return X, _info(block_matvec(A, vector), B, X, iterations, tol, vector, "amg")
+    return X, solve_info(block_matvec(A, vector), B, X, iterations, tol, vector, "amg")
 
 
 BACKENDS: dict[str, Callable] = {"torch": _cg_torch, "cupy": _cg_cupy, "amg": _cg_amg}
@@ -414,8 +459,9 @@ def conjugate_gradient(
     backend: "auto" | "torch" | "cupy" | "amg" (see `resolve_backend`).
 
     Returns (x, info): x with the shape of b, info a CGInfo. With autograd recording (and
-    backend "torch"), every iteration is differentiable (unrolled CG); under `torch.no_grad()`
-    the loop updates its vectors in place, which is faster.
+    backend "torch") and a gradient possibly needed (`records_graph`), every iteration is
+    differentiable (unrolled CG); otherwise the loop updates its vectors in place, which is
+    faster, and a sparse A is converted once to CSR for a fast SpMV (see the module docstring).
     """
     if not isinstance(b, Tensor) or b.dim() not in (1, 2):
         raise ShapeflowError(

@@ -165,9 +165,10 @@ class Deformation(nn.Module, abc.ABC):
         whose energy comes with the forward pass (flows) compute both at once."""
         return self.forward(points), self.energy(points)
 
-    def fitted_on(self, points: torch.Tensor) -> None:
-        """Told the points `(N, d)` it was fitted on (in its own coordinates); a model whose
-        `energy()` without points needs them keeps them. Nothing by default."""
+    def prepare(self, points: torch.Tensor) -> None:
+        """Called once before fitting with the source points `(N, d)` the model will be fitted on,
+        in its own coordinates (normalised, pre-aligned): a model that needs them (control points,
+        reference points for `energy()`) takes them here. Nothing by default."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import InverseError, ShapeflowError
 from ..regularizers import kinetic_energy
+from ..sampling import farthest_point_sample
 from .base import Deformation, register_deformation
 
 __all__ = ["ResNetFlow", "ACTIVATIONS"]
@@ -67,9 +68,14 @@ class ResNetFlow(Deformation):
         options = options or cls.Options()
         return cls(domain, blocks=options.blocks, width=options.width, activation=options.activation, seed=seed)
 
-    def fitted_on(self, points: torch.Tensor) -> None:
-        """Keep `points: (N, d)` as the reference points `energy()` measures the flow on."""
-        self.reference_points = points.detach().clone()
+    #: the most reference points kept (a farthest-point subsample of the source)
+    REFERENCE_POINTS = 2000
+
+    def prepare(self, points: torch.Tensor) -> None:
+        """Keep (a farthest-point subsample of) `points: (N, d)` as the reference points
+        `energy()` measures the flow on."""
+        keep = farthest_point_sample(points, self.REFERENCE_POINTS)
+        self.reference_points = points[keep].detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "reference_points"

@@ -104,10 +104,10 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
         with torch.no_grad():
             x = pre(x)
     core = model_cls.build(src.dim, parts["model"], seed=opts.seed).to(device, dtype)
+    core.prepare(x)
     if not interrupted:
         interrupted = _fit_stages(core, x, y, stages, opts, history, prefix="")
     fitted.append(core)
-    core.fitted_on(x[_sample(x, stages[-1].points, opts.seed)])
 
     deformation = _in_world_units(fitted, source_center, target_center, scale)
     with torch.no_grad():

@@ -37,6 +37,7 @@ def register(
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
     landmarks_moving: Optional[Path] = typer.Option(None, help="Images: landmarks (world mm) in the moving image, for TRE."),
     landmarks_fixed: Optional[Path] = typer.Option(None, help="Images: corresponding landmarks in the fixed image."),
+    option: list[str] = typer.Option([], "--set", metavar="NAME=VALUE", help="Any other register() option, repeatable: a model's or loss's own (e.g. --set blocks=20 --set blur=0.05 --set refine=null); VALUE is read as JSON (numbers, true/false, null, [lists]) or else as text."),
     gif: Optional[Path] = typer.Option(None, help="Write an animation of the flow (.gif or .mp4); a bare name goes into the output folder."),
     frames: int = typer.Option(24, help="Frames in the animation."),
     seed: int = typer.Option(0, help="Random seed (recorded in the report)."),
@@ -59,6 +60,11 @@ def register(
                      labels_moving=labels_moving, labels_fixed=labels_fixed,
                      landmarks_moving=landmarks_moving, landmarks_fixed=landmarks_fixed)
         options = {k: v for k, v in given.items() if v is not None}
+        for item in option:
+            name, value = _parse_set(item)
+            if name in options or name in ("seed", "device", "progress"):
+                _fail(f"--set {item}: {name} has its own option")
+            options[name] = value
         result = sf.register(sf.read(source), sf.read(target), model=model, loss=loss, seed=seed, device=device,
                              progress=not quiet, **options)
         inside = gif is not None and (gif.parent == Path(".") and not gif.is_absolute()
@@ -70,6 +76,19 @@ def register(
         _fail(str(exc))
     if not quiet:
         _summary(result, output, None if inside else gif)
+
+
+def _parse_set(item: str) -> tuple[str, object]:
+    """`NAME=VALUE` -> (NAME, VALUE as JSON, or the text itself)."""
+    import json
+
+    name, sep, text = item.partition("=")
+    if not sep or not name.strip().isidentifier():
+        _fail(f"--set {item}: expected NAME=VALUE, e.g. --set blocks=20")
+    try:
+        return name.strip(), json.loads(text)
+    except ValueError:
+        return name.strip(), text
 
 
 def _summary(result, output: Path, gif: Optional[Path]) -> None:

@@ -41,7 +41,7 @@ def test_help_is_complete():
     assert top.exit_code == 0 and "register" in top.output and "warp" in top.output
     for command, options in [("register", ["--output", "--model", "--loss", "--iterations", "--gif", "--seed",
                                            "--device", "--overwrite"]),
-                             ("warp", ["--output", "--inverse"])]:
+                             ("warp", ["--output", "--inverse", "--reference"])]:
         text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         for option in options:
             assert option in text, (command, option)
@@ -66,6 +66,11 @@ BAD_CASES = {
                                                "vertex_indices\nend_header\n0 0 0\n1 0 0\n0 1 0\n3 0 1 9\n"), ASSETS / "ant.ply"],
                                       "f.ply: faces index vertex 9 but the mesh has only 3 vertices"),
     "unknown model": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--model", "bspline"], "unknown model 'bspline'"),
+    "--set of another model": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--model", "rigid", "--set", "blocks=4"],
+                                         "option 'blocks' applies to model 'resnet', not to model 'rigid'"),
+    "--set without =": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--set", "blocks"], "expected NAME=VALUE"),
+    "--set twice": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--iterations", "3", "--set", "iterations=4"],
+                              "iterations has its own option"),
     "identical source points": lambda d: ([_write(d / "same.csv", "1,2,3\n" * 30), ASSETS / "ant.ply"],
                                           "same.csv: all 30 points coincide"),
     "identical target points": lambda d: ([ASSETS / "ant.ply", _write(d / "same.xyz", "5 5 5\n" * 30)],
@@ -107,3 +112,16 @@ def test_warp_refuses_a_wrong_dimension_and_existing_output(tmp_path):
     assert result.exit_code == 2 and "shape is 2D but the deformation is 3D" in result.stderr
     result = CliRunner().invoke(app, ["warp", str(deformation), str(ASSETS / "ant.ply"), "-o", str(ASSETS / "ant.ply")])
     assert result.exit_code == 2 and "exists" in result.stderr
+
+
+def test_set_passes_model_and_loss_options(tmp_path):
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q", "--iterations", "3", "--set", "blocks=3", "--set", "refine=null",
+                                   "--set", "activation=tanh", "--set", "blur=0.05"])
+    assert run.exit_code == 0, run.stderr
+    import json
+
+    options = json.loads((out / "report.json").read_text())["options"]
+    assert options["blocks"] == 3 and options["refine"] is None and options["activation"] == "tanh"
+    assert options["blur"] == 0.05

@@ -7,32 +7,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from ..errors import ShapeflowError
+from ..kernels import SINKHORN_BACKENDS, nearest_neighbors, sinkhorn_backend
+from ..kernels.backends import quiet_import
 from .base import PointLoss, Stage
 
 __all__ = ["chamfer_loss", "sinkhorn_loss", "l2_loss", "nearest_neighbors",
            "ChamferLoss", "SinkhornLoss", "L2Loss"]
 
 
-def nearest_neighbors(queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Index into `points: (M, d)` of the nearest neighbour of each of `queries: (N, d)` -> `(N,)`.
-
-    A KD-tree on the CPU: O((N + M) log M) time and linear memory, no autograd.
-    """
-    tree = cKDTree(points.detach().cpu().double().numpy())
-    _, index = tree.query(queries.detach().cpu().double().numpy(), k=1, workers=torch.get_num_threads())
-    return torch.as_tensor(np.asarray(index, dtype=np.int64), device=queries.device)
-
-
 def chamfer_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Symmetric squared Chamfer distance
     `mean_i min_j |x_i - y_j|^2 + mean_j min_i |x_i - y_j|^2`.
 
-    The nearest neighbours come from a KD-tree (no (N, M) matrix); the loss is then taken on
+    The nearest neighbours come from `nearest_neighbors` (a KD-tree on the CPU, a KeOps argmin
+    on CUDA; no (N, M) matrix either way); the loss is then taken on
     the gathered pairs, so its gradient is exact almost everywhere (away from ties).
     """
     _check_pair(source, target, "chamfer_loss")
@@ -44,21 +35,22 @@ def chamfer_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02,
                   reach: float | None = None, scaling: float = 0.5, backend: str = "auto") -> torch.Tensor:
-    """Debiased Sinkhorn divergence between the uniform measures on `source` and `target`
-    (geomloss, cost `|x - y|^2 / 2`). `blur` is the length scale of the entropic blur,
-    `reach` (optional) makes it unbalanced, tolerating outliers and missing parts."""
+    """Debiased Sinkhorn divergence between the uniform measures on `source: (N, d)` and
+    `target: (M, d)` (geomloss, cost `|x - y|^2 / 2`) -> 0-d tensor. `blur` is the length scale
+    of the entropic blur, `reach` (optional) makes it unbalanced, tolerating outliers and
+    missing parts. backend: "auto" (`shapeflow.kernels.sinkhorn_backend`: dense "tensorized"
+    below the KeOps threshold, KeOps "online"/"multiscale" above or on CUDA), or a geomloss
+    backend by name ("tensorized", "online", "multiscale")."""
     _check_pair(source, target, "sinkhorn_loss")
-    return _samples_loss(blur, reach, scaling, backend)(source, target)
+    return _samples_loss(source, target, blur, reach, scaling, backend)(source, target)
 
 
-def _samples_loss(blur: float, reach: float | None, scaling: float, backend: str):
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pykeops prints a CUDA notice on import
-        from geomloss import SamplesLoss
-
-    return SamplesLoss("sinkhorn", p=2, blur=blur, reach=reach, scaling=scaling, debias=True, backend=backend)
+def _samples_loss(source: torch.Tensor, target: torch.Tensor, blur: float, reach: float | None,
+                  scaling: float, backend: str):
+    """geomloss `SamplesLoss` for this pair, its backend resolved by `sinkhorn_backend`."""
+    chosen = sinkhorn_backend(backend, source.shape[0], target.shape[0], source.shape[1], source.device)
+    SamplesLoss = quiet_import("geomloss", "sinkhorn_loss()").SamplesLoss
+    return SamplesLoss("sinkhorn", p=2, blur=blur, reach=reach, scaling=scaling, debias=True, backend=chosen)
 
 
 def l2_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -115,12 +107,11 @@ class SinkhornLoss(PointLoss):
     def __init__(self, *, blur: float = 0.02, reach: float | None = None, scaling: float = 0.5,
                  backend: str = "auto"):
         super().__init__()
+        SINKHORN_BACKENDS.lookup(backend, "SinkhornLoss()")
         self.blur, self.reach, self.scaling, self.backend = blur, reach, scaling, backend
-        self._loss = _samples_loss(blur, reach, scaling, backend)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check_pair(source, target, "sinkhorn_loss")
-        return self._loss(source, target)
+        return sinkhorn_loss(source, target, self.blur, self.reach, self.scaling, self.backend)
 
     @classmethod
     def build(cls, options: "SinkhornLoss.Options", blur_scale: float = 1.0) -> "SinkhornLoss":

@@ -1,0 +1,103 @@
+"""The one place where a pairwise computation picks its engine: KeOps or dense torch.
+
+`resolve_backend(backend, n, m, device)` is the rule for every N x M reduction in shapeflow
+(Gaussian kernel sums, Sinkhorn through geomloss, nearest neighbours):
+
+* "auto" -> "keops" on a CUDA device, or when `n * m > keops_min_pairs`; "torch" below.
+* "keops" / "torch" are taken as given; any other name is a ShapeflowError listing the valid ones.
+
+`KEOPS_MIN_PAIRS` is measured on the CPU by `benchmarks/kernels.py` (the crossover of dense
+torch and KeOps for a Gaussian kernel sum, forward + backward, float32; see
+benchmarks/results/kernels.md). Operations with a better CPU path than KeOps pass their own
+`keops_min_pairs` (nearest neighbours: a KD-tree, so KeOps only on CUDA).
+
+pykeops is imported only when a KeOps path runs, through `import_keops`, silently: its CUDA
+notice and compilation messages are not printed (`pykeops.set_verbose(False)` once imported).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from types import ModuleType
+
+import torch
+
+from .._optional import import_optional
+from .._registry import Registry
+
+__all__ = ["BACKENDS", "SINKHORN_BACKENDS", "KEOPS_MIN_PAIRS", "MULTISCALE_MIN_PAIRS", "resolve_backend",
+           "sinkhorn_backend", "import_keops", "quiet_import"]
+
+BACKENDS = Registry("backend", {
+    "auto": "KeOps on CUDA or above KEOPS_MIN_PAIRS point pairs, dense torch below",
+    "keops": "pykeops LazyTensor reductions: O(N + M) memory, compiled once per formula",
+    "torch": "dense torch: an (N, M) matrix in memory",
+})
+
+#: N * M above which KeOps beats dense torch on the CPU (Gaussian kernel sum, forward + backward,
+#: float32, d = 3, k = 3, one torch thread): measured by benchmarks/kernels.py on the 2-core dev
+#: machine, where forward + backward times cross between N = M = 2000 (equal: 0.36 s each) and
+#: 2500 (KeOps ahead, 1.15-1.3x from 4000 up); KeOps forward alone wins from N = M = 2000
+#: (benchmarks/results/kernels.md).
+KEOPS_MIN_PAIRS = 2500 ** 2
+
+#: geomloss's Sinkhorn backends; "auto" goes through `resolve_backend`.
+SINKHORN_BACKENDS = Registry("Sinkhorn backend", {
+    "auto": "tensorized below the KeOps threshold, online or multiscale (KeOps) above",
+    "tensorized": "dense cost matrices in torch",
+    "online": "KeOps reductions, exact",
+    "multiscale": "KeOps block-sparse reductions on clustered points (d <= 3), truncated kernel",
+})
+
+#: N * M above which Sinkhorn on the KeOps side uses geomloss's multiscale scheme (d <= 3),
+#: geomloss's own heuristic.
+MULTISCALE_MIN_PAIRS = 10000 ** 2
+
+
+def resolve_backend(backend: str, n: int, m: int, device: torch.device | str,
+                    *, keops_min_pairs: float | None = None, who: str = "resolve_backend()") -> str:
+    """"keops" or "torch" for an N x M reduction on `device`.
+
+    backend: "auto", "keops" or "torch". "auto" is "keops" on CUDA or when `n * m >
+    keops_min_pairs` (None: `KEOPS_MIN_PAIRS`, measured; `math.inf`: KeOps only on CUDA).
+    """
+    BACKENDS.lookup(backend, who)
+    if backend != "auto":
+        return backend
+    if keops_min_pairs is None:
+        keops_min_pairs = KEOPS_MIN_PAIRS
+    return "keops" if torch.device(device).type == "cuda" or n * m > keops_min_pairs else "torch"
+
+
+def sinkhorn_backend(backend: str, n: int, m: int, d: int, device: torch.device | str,
+                     *, who: str = "sinkhorn_loss()") -> str:
+    """geomloss backend for Sinkhorn between (N, d) and (M, d) clouds on `device`.
+
+    backend: "auto", "tensorized", "online" or "multiscale". "auto": "tensorized" where
+    `resolve_backend` says "torch"; otherwise "multiscale" when d <= 3 and `n * m >
+    MULTISCALE_MIN_PAIRS`, else "online".
+    """
+    SINKHORN_BACKENDS.lookup(backend, who)
+    if backend != "auto":
+        return backend
+    if resolve_backend("auto", n, m, device, who=who) == "torch":
+        return "tensorized"
+    return "multiscale" if d <= 3 and n * m > MULTISCALE_MIN_PAIRS else "online"
+
+
+def quiet_import(module: str, feature: str) -> ModuleType:
+    """`import_optional(module, feature)` with stdout and stderr silenced (pykeops prints a CUDA
+    notice on import, also when geomloss imports it); pykeops messages stay off afterwards."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        imported = import_optional(module, feature)
+        pykeops = sys.modules.get("pykeops")
+        if pykeops is not None and getattr(pykeops, "verbose", False):
+            pykeops.set_verbose(False)
+    return imported
+
+
+def import_keops(feature: str) -> ModuleType:
+    """`pykeops.torch`, imported silently (an ImportError naming `feature` when missing)."""
+    return quiet_import("pykeops.torch", feature)
+

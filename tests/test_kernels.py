@@ -1,0 +1,114 @@
+"""shapeflow.kernels: KeOps against dense torch (values and gradients), the one backend rule,
+silent KeOps, Sinkhorn and nearest neighbours through the same rule."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shapeflow.errors import ShapeflowError
+from shapeflow.kernels import (KEOPS_MIN_PAIRS, gaussian_kernel_product, nearest_neighbors, resolve_backend,
+                               sinkhorn_backend)
+from shapeflow.kernels import backends
+
+
+def _clouds(dtype, n=120, m=90, d=3, k=2):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+            for shape in [(n, d), (m, d), (m, k)]]
+
+
+@pytest.mark.keops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_keops_matches_dense_in_values_and_gradients(dtype):
+    x, y, b = _clouds(dtype)
+    results = {}
+    for backend in ("torch", "keops"):
+        out = gaussian_kernel_product(x, y, b, 0.8, backend=backend)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        results[backend] = (out, *torch.autograd.grad((out * weights).sum(), (x, y, b)))
+    for name, dense, keops in zip(["value", "d/dx", "d/dy", "d/db"], results["torch"], results["keops"]):
+        assert keops.dtype == dtype and keops.shape == dense.shape, name
+        error = (keops - dense).norm() / dense.norm()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+
+
+def test_auto_picks_keops_above_the_threshold_or_on_cuda():
+    assert resolve_backend("auto", 10, 10, "cpu") == "torch"
+    assert resolve_backend("auto", 10, 10, "cuda") == "keops"
+    n = math.isqrt(KEOPS_MIN_PAIRS) + 1
+    assert resolve_backend("auto", n, n, "cpu") == "keops"
+    assert resolve_backend("keops", 10, 10, "cpu") == "keops"
+    assert resolve_backend("torch", 10**6, 10**6, "cuda") == "torch"
+    # nearest neighbours: the KD-tree stays on the CPU at any size
+    assert resolve_backend("auto", 10**6, 10**6, "cpu", keops_min_pairs=math.inf) == "torch"
+
+
+def test_auto_follows_the_measured_threshold_through_monkeypatch(monkeypatch):
+    """The functions read the threshold at call time, so patching the constant moves the rule."""
+    monkeypatch.setattr(backends, "KEOPS_MIN_PAIRS", 99)
+    assert resolve_backend("auto", 10, 10, "cpu") == "keops"
+    assert resolve_backend("auto", 9, 11, "cpu") == "torch"
+    assert sinkhorn_backend("auto", 10, 10, 3, "cpu") == "online"
+    assert sinkhorn_backend("auto", 9, 11, 3, "cpu") == "tensorized"
+    monkeypatch.setattr(backends, "MULTISCALE_MIN_PAIRS", 99)
+    assert sinkhorn_backend("auto", 10, 10, 3, "cpu") == "multiscale"
+    assert sinkhorn_backend("auto", 10, 10, 4, "cpu") == "online"
+    assert sinkhorn_backend("tensorized", 10**5, 10**5, 3, "cuda") == "tensorized"
+
+
+def test_unknown_backend_and_bad_inputs_are_errors_naming_the_argument():
+    x, y, b = (t.detach() for t in _clouds(torch.float32))
+    with pytest.raises(ShapeflowError, match=r"gaussian_kernel_product\(\): unknown backend 'cuda'; "
+                                             r"choose from auto, keops, torch"):
+        gaussian_kernel_product(x, y, b, 1.0, backend="cuda")
+    with pytest.raises(ShapeflowError, match="sigma must be > 0"):
+        gaussian_kernel_product(x, y, b, 0.0)
+    with pytest.raises(ShapeflowError, match=r"expected x \(N, d\), y \(M, d\), b \(M, k\)"):
+        gaussian_kernel_product(x, y[:, :2], b, 1.0)
+    with pytest.raises(ShapeflowError, match=r"nearest_neighbors\(\): unknown backend 'kdtree'"):
+        nearest_neighbors(x, y, backend="kdtree")
+    with pytest.raises(ShapeflowError, match=r"unknown Sinkhorn backend 'keops'; choose from auto, tensorized"):
+        sinkhorn_backend("keops", 10, 10, 3, "cpu")
+
+
+@pytest.mark.keops
+def test_import_loads_no_keops_and_a_first_keops_call_prints_nothing(tmp_path):
+    """A fresh cache folder forces a compilation: still nothing on stdout or stderr."""
+    code = ("import sys, torch, shapeflow\n"
+            "from shapeflow.kernels import gaussian_kernel_product\n"
+            "assert 'pykeops' not in sys.modules\n"
+            "x = torch.randn(5, 2)\n"
+            "gaussian_kernel_product(x, x, x[:, :1], 1.0, backend='keops')\n"
+            "assert 'pykeops' in sys.modules\n")
+    env = {**__import__("os").environ, "KEOPS_CACHE_FOLDER": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and out.stderr == ""
+
+
+@pytest.mark.keops
+def test_keops_argmin_matches_the_kd_tree():
+    g = torch.Generator().manual_seed(2)
+    queries, points = torch.randn(300, 3, generator=g), torch.randn(400, 3, generator=g)
+    assert torch.equal(nearest_neighbors(queries, points, backend="keops"),
+                       nearest_neighbors(queries, points, backend="torch"))
+
+
+@pytest.mark.keops
+def test_sinkhorn_on_a_large_cloud_goes_to_keops_and_keops_equals_tensorized(monkeypatch):
+    from shapeflow.losses import sinkhorn_loss
+
+    assert sinkhorn_backend("auto", 20000, 20000, 3, "cpu") == "multiscale"
+    n = math.isqrt(KEOPS_MIN_PAIRS) + 1
+    assert sinkhorn_backend("auto", n, n, 3, "cpu") == "online"
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(400, 3, generator=g, dtype=torch.float64), torch.rand(300, 3, generator=g, dtype=torch.float64)
+    dense = sinkhorn_loss(x, y, blur=0.05, backend="tensorized")
+    monkeypatch.setattr(backends, "KEOPS_MIN_PAIRS", 1000)          # "auto" now takes KeOps at this size
+    assert sinkhorn_backend("auto", 400, 300, 3, "cpu") == "online"
+    keops = sinkhorn_loss(x, y, blur=0.05)
+    assert abs(float(keops) - float(dense)) <= 1e-6 * abs(float(dense))

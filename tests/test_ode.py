@@ -89,7 +89,7 @@ def test_rk4_inverse_undoes_a_nontrivial_flow():
     y = flow(x).detach()
     diagonal = float((x.max(0).values - x.min(0).values).norm())
     assert float((y - x).norm(dim=1).max()) > 0.1 * diagonal          # it moves the points
-    error = float((flow.inverse(y) - x).norm(dim=1).max())
+    error = float((flow.inverse(y) - x).norm(dim=1).max().detach())
     assert error < 1e-4 * diagonal, error
 
 
@@ -189,20 +189,22 @@ def _diagonal(points):
 def test_register_recovers_a_smooth_deformation_of_the_shipped_contour(assets):
     contour = sf.read(assets / "horse_contour.csv").points
     target = smooth_deformation(contour, amplitude=0.04, seed=1)
-    result = sf.register(contour.numpy(), target.numpy(), model="node", progress=False)
+    result = sf.register(contour.numpy(), target.numpy(), model="node", progress=False, iterations=40, time_steps=5)
     rmse = float((torch.as_tensor(result.warped) - target).pow(2).sum(1).mean().sqrt())
     before = float((contour - target).pow(2).sum(1).mean().sqrt())
-    assert rmse < 0.01 * _diagonal(target), (rmse, before)
+    assert rmse < 0.01 * _diagonal(target), (rmse, before)       # 0.65% (2.0% before)
+    assert rmse < 0.5 * before
     assert result.metrics["min_jacobian_det"] > 0
     assert isinstance(result.deformation.inner, NeuralODEFlow)
 
 
 def test_register_recovers_a_smooth_deformation_of_the_shipped_mesh(ant):
     target = sf.Mesh(smooth_deformation(ant.points, amplitude=0.04, seed=1), faces=ant.faces)
-    result = sf.register(ant, target, model="node", progress=False)
+    result = sf.register(ant, target, model="node", progress=False, iterations=30, time_steps=5)
     m = result.metrics
     before = float((target.points - ant.points).pow(2).sum(1).mean().sqrt())
-    assert m["rmse"] < 0.01 * _diagonal(target.points), (m["rmse"], before)
+    assert m["rmse"] < 0.01 * _diagonal(target.points), (m["rmse"], before)     # 0.55% (5.1% before)
+    assert m["rmse"] < 0.2 * before
     assert m["min_jacobian_det"] > 0
     assert m["flipped_triangles_percent"] == 0.0
     # the inverse brings the warped mesh back
@@ -220,7 +222,7 @@ def test_cli_registers_and_warps_with_a_node_flow(tmp_path):
     sf.write(sf.Mesh(smooth_deformation(mesh.points, amplitude=0.03, seed=2), faces=mesh.faces), target)
     out = tmp_path / "out"
     run = shapeflow("register", source, target, "-o", out, "--model", "node", "--loss", "chamfer",
-                    "--iterations", "20")
+                    "--iterations", "10")
     assert run.returncode == 0, run.stderr
     warped = tmp_path / "w.ply"
     run = shapeflow("warp", out / "deformation.pt", source, "-o", warped)

@@ -164,7 +164,7 @@ def test_energy_without_points_uses_the_prepared_points():
         flow.energy()
     x = _points(50)
     flow.prepare(x)
-    assert float(flow.energy()) == pytest.approx(float(flow.energy(x)))
+    assert float(flow.energy()) == pytest.approx(float(flow.energy(x.numpy())))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -229,3 +229,14 @@ def test_cli_registers_and_warps_with_a_node_flow(tmp_path):
     assert run.returncode == 0, run.stderr
     np.testing.assert_allclose(sf.read(warped).points.numpy(), sf.read(out / "warped.ply").points.numpy(), atol=1e-4)
     assert isinstance(sf.load_deformation(out / "deformation.pt").inner, NeuralODEFlow)
+
+
+@pytest.mark.parametrize("options", [{"adjoint": True}, {"solver": "dopri5"}])
+def test_register_passes_the_options_to_the_flow(options):
+    x = np.random.default_rng(0).random((30, 2))
+    result = sf.register(x, x + 0.1 * np.sin(3 * x[:, ::-1]), model="node", loss="chamfer", iterations=3,
+                         width=16, progress=False, **options)
+    flow = result.deformation.inner
+    assert isinstance(flow, NeuralODEFlow) and flow.width == 16
+    assert all(flow.config()[k] == v for k, v in options.items()) and result.options["width"] == 16
+    assert result.metrics["chamfer"] < result.metrics["chamfer_before"]

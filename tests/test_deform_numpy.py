@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import shapeflow as sf
-from shapeflow.deform import (DEFORMATIONS, Affine, Compose, DisplacementField, Normalized, ResNetFlow, Rigid,
-                              Similarity, StationaryVelocityField)
+from shapeflow.deform import (DEFORMATIONS, Affine, Compose, DisplacementField, NeuralODEFlow, Normalized,
+                              ResNetFlow, Rigid, Similarity, StationaryVelocityField)
 from shapeflow.grids import Grid
 
 DIM = 2
@@ -29,6 +29,14 @@ def _flow(seed=0):
     flow = ResNetFlow(DIM, blocks=4, width=8, activation="tanh", seed=seed)
     with torch.no_grad():
         flow.W3.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+    flow.reference_points = torch.rand(30, DIM, generator=torch.Generator().manual_seed(seed + 1))
+    return flow
+
+
+def _node(seed=0):
+    flow = NeuralODEFlow(DIM, width=8, depth=1, activation="tanh", time_steps=10, seed=seed)
+    with torch.no_grad():
+        flow.field.weights[-1].normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
     flow.reference_points = torch.rand(30, DIM, generator=torch.Generator().manual_seed(seed + 1))
     return flow
 
@@ -52,6 +60,7 @@ CASES = {
     "Similarity": (lambda: _randomize(Similarity(DIM), 0.3), LINEAR_READOUTS, "grad", False),
     "Affine": (lambda: _randomize(Affine(DIM), 0.2), LINEAR_READOUTS + ["linear_part"], "grad", False),
     "ResNetFlow": (_flow, ["reference_points"], "nograd", True),
+    "NeuralODEFlow": (_node, ["reference_points"], "grad", True),
     "DisplacementField": (lambda: _grid_model(DisplacementField), [], "nograd", True),
     "StationaryVelocityField": (lambda: _grid_model(StationaryVelocityField), [], "grad", True),
     "Compose": (lambda: Compose([_randomize(Similarity(DIM), 0.2), _flow(1)]), [], "nograd", True),

@@ -97,7 +97,7 @@ def test_result_save_writes_everything_atomically(ant, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"model": "spline"}, "unknown model 'spline'; choose from rigid, similarity, affine, resnet"),
+    ({"model": "spline"}, "unknown model 'spline'; choose from rigid, similarity, affine, resnet, node"),
     ({"loss": "emd"}, "unknown loss 'emd'; choose from sinkhorn, chamfer, l2"),
     ({"learning_rate": 1}, "unknown option(s) learning_rate; valid:"),
     ({"prealign": "resnet"}, "unknown prealign model 'resnet'"),

@@ -3,17 +3,18 @@ from .._registry import Registry
 from .base import DEFORMATIONS, Deformation, load_deformation, points_io, register_deformation
 from .compose import Compose, Normalized
 from .fields import DisplacementField, StationaryVelocityField
+from .kernel import KernelLDDMM
 from .linear import Affine, Rigid, Similarity
 from .resnet import ResNetFlow
 
 #: the names `register(model=...)` accepts for shapes
 MODELS: Registry[type[Deformation]] = Registry("model", {"rigid": Rigid, "similarity": Similarity, "affine": Affine,
-                                                         "resnet": ResNetFlow})
+                                                         "resnet": ResNetFlow, "lddmm": KernelLDDMM})
 #: the names `register(model=...)` accepts for images
 IMAGE_MODELS: Registry[type[Deformation]] = Registry("image model", {"displacement": DisplacementField,
                                                                      "svf": StationaryVelocityField,
                                                                      "affine": Affine})
 
-__all__ = ["Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "Compose", "Normalized",
+__all__ = ["Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "KernelLDDMM", "Compose", "Normalized",
            "DisplacementField", "StationaryVelocityField",
            "MODELS", "IMAGE_MODELS", "DEFORMATIONS", "load_deformation", "register_deformation", "points_io"]

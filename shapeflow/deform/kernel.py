@@ -94,8 +94,8 @@ class KernelLDDMM(Deformation):
     `p0` starts at zero, so a new model is the identity.
     """
 
-    def __init__(self, dim: int = 3, kernel_width: float = 0.5, time_steps: int = 10, integrator: str = "rk4",
-                 control_points: int = 250, backend: str = BACKEND):
+    def __init__(self, dim: int = 3, kernel_width: float = 0.5, time_steps: int = 5, integrator: str = "rk4",
+                 control_points: int = 150, backend: str = BACKEND):
         super().__init__()
         if dim not in (2, 3):
             raise ShapeflowError(f"KernelLDDMM: dim must be 2 or 3, got {dim}")
@@ -118,8 +118,8 @@ class KernelLDDMM(Deformation):
         """`register()` options of `model="lddmm"`."""
 
         kernel_width: float = 0.5       # Gaussian width sigma, in units of the shape's RMS radius
-        control_points: int = 250       # farthest-point subsample of the source carrying momenta
-        time_steps: int = 10            # integrator steps from t = 0 to 1
+        control_points: int = 150       # farthest-point subsample of the source carrying momenta
+        time_steps: int = 5             # integrator steps from t = 0 to 1
         integrator: str = "rk4"         # rk4 (order 4) or rk2 (Heun, order 2; half the kernel sums)
 
     @classmethod

@@ -35,9 +35,11 @@ def test_closed_form_momentum_equation_is_minus_the_gradient_of_h():
     q = torch.randn(25, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     p = torch.randn(25, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     dh_dq, dh_dp = torch.autograd.grad(lddmm_hamiltonian(q, p, 0.7), (q, p))
-    dq, dp = lddmm_velocities(q, p, 0.7)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    dq, dp, v = lddmm_velocities(q, p, 0.7, points=x)
     torch.testing.assert_close(dq, dh_dp)
     torch.testing.assert_close(dp, -dh_dq)
+    torch.testing.assert_close(v, torch.exp(-torch.cdist(x, q) ** 2 / 0.49) @ p)
 
 
 @pytest.mark.parametrize("integrator, order", [("rk2", 2), ("rk4", 4)])

@@ -35,26 +35,31 @@ from .base import Deformation, register_deformation
 
 __all__ = ["KernelLDDMM", "INTEGRATORS", "BACKEND", "lddmm_hamiltonian", "lddmm_velocities"]
 
-#: the kernel backend a new model uses ("torch", dense; becomes "auto" once the kernels offer it)
+#: the kernel backend a new model uses: "torch" (dense) for now; to become "auto" (KeOps on CUDA or
+#: for large sums) once `gaussian_kernel_product` offers it
 BACKEND = "torch"
 
 State = tuple[Tensor, ...]
 Field = Callable[[State], State]
 
 
-def lddmm_velocities(q: Tensor, p: Tensor, sigma: float, backend: str = BACKEND) -> tuple[Tensor, Tensor]:
-    """Hamilton's equations of `H = 1/2 <p, K(q, q) p>` for the Gaussian kernel of width `sigma`.
+def lddmm_velocities(q: Tensor, p: Tensor, sigma: float, backend: str = BACKEND,
+                     points: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Hamilton's equations of `H = 1/2 <p, K(q, q) p>` for the Gaussian kernel of width `sigma`,
+    and the velocity `v(x) = K(x, q) p` of the points carried along.
 
-    q, p: (K, d). Returns `(dq/dt, dp/dt)`, each (K, d), from one kernel sum: with
-    `b_j = [p_j, p_j q_j^T]`, `K b` gives `(K p)_i` and `sum_j k_ij p_j q_j^T`, so
+    q, p: (K, d); points: (N, d) or None (N = 0). Returns `(dq/dt, dp/dt, v)`, (K, d), (K, d),
+    (N, d), from one kernel sum over the rows `[q; points]`: with `b_j = [p_j, p_j q_j^T]`,
+    `K b` gives `(K p)_i` and `sum_j k_ij p_j q_j^T`, so
     `dp_i/dt = (2 / sigma^2) (<p_i, (K p)_i> q_i - p_i^T sum_j k_ij p_j q_j^T)`.
     """
     n, d = p.shape
+    rows = q if points is None else torch.cat([q, points])                          # (K + N, d)
     b = torch.cat([p, (p[:, :, None] * q[:, None, :]).reshape(n, d * d)], dim=1)   # (K, d + d^2)
-    kb = gaussian_kernel_product(q, q, b, sigma, backend=backend)                   # (K, d + d^2)
-    kp, kpq = kb[:, :d], kb[:, d:].reshape(n, d, d)                                  # (K, d), (K, d, d)
+    kb = gaussian_kernel_product(rows, q, b, sigma, backend=backend)                # (K + N, d + d^2)
+    kp, kpq = kb[:n, :d], kb[:n, d:].reshape(n, d, d)                              # (K, d), (K, d, d)
     dp = (2.0 / sigma**2) * ((p * kp).sum(1, keepdim=True) * q - torch.einsum("ka,kab->kb", p, kpq))
-    return kp, dp
+    return kp, dp, kb[n:, :d]
 
 
 def lddmm_hamiltonian(q: Tensor, p: Tensor, sigma: float, backend: str = BACKEND) -> Tensor:
@@ -95,7 +100,7 @@ class KernelLDDMM(Deformation):
     """
 
     def __init__(self, dim: int = 3, kernel_width: float = 0.5, time_steps: int = 5, integrator: str = "rk4",
-                 control_points: int = 150, backend: str = BACKEND):
+                 control_points: int = 100, backend: str = BACKEND):
         super().__init__()
         if dim not in (2, 3):
             raise ShapeflowError(f"KernelLDDMM: dim must be 2 or 3, got {dim}")
@@ -115,10 +120,17 @@ class KernelLDDMM(Deformation):
 
     @dataclass
     class Options:
-        """`register()` options of `model="lddmm"`."""
+        """`register()` options of `model="lddmm"`.
+
+        Defaults, for shapes normalised to unit RMS radius (as `register` does): sigma = 0.5 bends
+        a limb without moving the whole shape; 100 control points space them about sigma apart on
+        a closed surface (the usual choice for kernel LDDMM; more cost more, fit no better on the
+        shipped shapes); RK4 in 5 steps costs as much as RK2 in 10 (20 kernel sums per shot) and is
+        about 100x more accurate (measured: 7e-6 vs 7e-4 of the RMS radius on a fitted flow).
+        """
 
         kernel_width: float = 0.5       # Gaussian width sigma, in units of the shape's RMS radius
-        control_points: int = 150       # farthest-point subsample of the source carrying momenta
+        control_points: int = 100       # farthest-point subsample of the source carrying momenta (spacing ~ sigma)
         time_steps: int = 5             # integrator steps from t = 0 to 1
         integrator: str = "rk4"         # rk4 (order 4) or rk2 (Heun, order 2; half the kernel sums)
 
@@ -167,8 +179,7 @@ class KernelLDDMM(Deformation):
     def _field(self, state: State) -> State:
         """The right-hand side of `(q, p, x)`: (K, d), (K, d), (N, d)."""
         q, p, x = state
-        dq, dp = lddmm_velocities(q, p, self.kernel_width, self.backend)
-        return dq, dp, self.velocity(x, q, p)
+        return lddmm_velocities(q, p, self.kernel_width, self.backend, points=x)
 
     def shoot(self, points: Tensor | None = None, time_steps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Integrate `(q, p, x)` from t = 0 to 1: control points `(T + 1, K, d)`, momenta

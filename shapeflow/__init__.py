@@ -5,7 +5,8 @@
     result.save("out/")
 """
 from . import viz
-from .deform import (Affine, Compose, Deformation, DisplacementField, NeuralODEFlow, ResNetFlow, Rigid, Similarity,
+from .deform import (Affine, Compose, Deformation, DisplacementField, KernelLDDMM, NeuralODEFlow, ResNetFlow, Rigid,
+                     Similarity,
                      StationaryVelocityField, load_deformation)
 from .errors import InverseError, ShapeflowError
 from .io import read, write
@@ -14,7 +15,8 @@ from .result import Result
 from .shapes import Image, Landmarks, Mesh, PointCloud
 
 __all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Landmarks", "Image",
-           "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "NeuralODEFlow", "Compose", "DisplacementField",
+           "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "NeuralODEFlow", "KernelLDDMM", "Compose",
+           "DisplacementField",
            "StationaryVelocityField",
            "ShapeflowError", "InverseError", "viz"]
 __version__ = "0.1.0"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import shapeflow as sf
-from shapeflow.deform import (DEFORMATIONS, Affine, Compose, DisplacementField, NeuralODEFlow, Normalized,
-                              ResNetFlow, Rigid, Similarity, StationaryVelocityField)
+from shapeflow.deform import (DEFORMATIONS, Affine, Compose, DisplacementField, KernelLDDMM, NeuralODEFlow,
+                              Normalized, ResNetFlow, Rigid, Similarity, StationaryVelocityField)
 from shapeflow.grids import Grid
 
 DIM = 2
@@ -41,6 +41,14 @@ def _node(seed=0):
     return flow
 
 
+def _lddmm(seed=0):
+    model = KernelLDDMM(DIM, kernel_width=2.0, time_steps=4, control_points=8)
+    model.prepare(torch.as_tensor(points(20, seed=seed + 5)))  # control points among the test points' box
+    with torch.no_grad():
+        model.p0.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
 def _grid():
     return Grid((9, 10), torch.tensor([1.0, 1.2], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
                 torch.eye(2, dtype=torch.float64))
@@ -61,6 +69,7 @@ CASES = {
     "Affine": (lambda: _randomize(Affine(DIM), 0.2), LINEAR_READOUTS + ["linear_part"], "grad", False),
     "ResNetFlow": (_flow, ["reference_points"], "nograd", True),
     "NeuralODEFlow": (_node, ["reference_points"], "grad", True),
+    "KernelLDDMM": (_lddmm, ["momenta", "q0"], "grad", True),
     "DisplacementField": (lambda: _grid_model(DisplacementField), [], "nograd", True),
     "StationaryVelocityField": (lambda: _grid_model(StationaryVelocityField), [], "grad", True),
     "Compose": (lambda: Compose([_randomize(Similarity(DIM), 0.2), _flow(1)]), [], "nograd", True),

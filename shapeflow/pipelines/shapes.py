@@ -36,7 +36,7 @@ class ShapeOptions(CommonOptions):
     `ResNetFlow.Options`, `SinkhornLoss.Options`, ...); an unknown name is an error listing these."""
 
     iterations: int | None = None       # Adam steps per stage (default 60)
-    lr: float | None = None             # Adam step size (default per model)
+    lr: float | None = None             # Adam step size (default: the model's `default_lr`)
     lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear, 0 flows)
     regularization: float = 1e-3        # weight of the model's energy (kinetic energy for flows)
     prealign: str | None = None         # "rigid", "similarity" or "affine" before a non-linear model
@@ -132,7 +132,7 @@ def _sample(points: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
 def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, stages: list[Stage], opts: ShapeOptions,
                 history: list[dict], prefix: str) -> bool:
     """Fit `model` through `stages`; append the history rows. Returns True if Ctrl-C stopped it."""
-    lr = opts.lr if opts.lr is not None else (2e-2 if model.linear else 3e-2)
+    lr = opts.lr if opts.lr is not None else model.default_lr
     lbfgs = opts.lbfgs_iterations if opts.lbfgs_iterations is not None else (60 if model.linear else 0)
     for number, stage in enumerate(stages):
         xs, ys = x[_sample(x, stage.points, opts.seed)], y[_sample(y, stage.points, opts.seed)]

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 

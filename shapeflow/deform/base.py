@@ -35,8 +35,9 @@ from torch import nn
 
 from .._files import atomic_write
 from ..errors import ShapeflowError
+from ..sampling import farthest_point_sample
 
-__all__ = ["Deformation", "load_deformation", "register_deformation", "points_io", "DEFORMATIONS"]
+__all__ = ["Deformation", "KineticFlow", "load_deformation", "register_deformation", "points_io", "DEFORMATIONS"]
 
 #: every concrete deformation class by name, for loading saved files
 DEFORMATIONS: dict[str, type["Deformation"]] = {}
@@ -138,6 +139,9 @@ class Deformation(nn.Module, abc.ABC):
     linear: ClassVar[bool] = False
     #: Adam's step size when `register` gets no `lr` (a property of the parameterisation)
     default_lr: ClassVar[float] = 3e-2
+    #: parameters and buffers whose size the data sets (in `prepare`): resized to the saved size
+    #: when a state is loaded
+    data_sized: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -221,6 +225,15 @@ class Deformation(nn.Module, abc.ABC):
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return path
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.data_sized:
+            key = prefix + name
+            if key in state_dict:
+                current = getattr(self, name)
+                empty = torch.empty(state_dict[key].shape, dtype=current.dtype, device=current.device)
+                setattr(self, name, nn.Parameter(empty) if isinstance(current, nn.Parameter) else empty)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # --- where the model lives ---------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
@@ -262,3 +275,30 @@ def load_deformation(path: str | os.PathLike) -> Deformation:
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not ours
         raise ShapeflowError(f"{path}: not a readable shapeflow deformation ({type(exc).__name__})") from None
     return model.eval()
+
+
+class KineticFlow(Deformation):
+    """A flow whose regulariser is its kinetic energy along the paths of points (`ResNetFlow`,
+    `NeuralODEFlow`): `prepare` keeps a farthest-point subsample of the source as the reference
+    points that `energy()` without points measures the flow on."""
+
+    #: the most reference points kept
+    REFERENCE_POINTS: ClassVar[int] = 2000
+    data_sized = ("reference_points",)
+
+    def _init_reference(self, dim: int) -> None:
+        """Call from `__init__`: an empty `reference_points: (0, d)` buffer."""
+        self.register_buffer("reference_points", torch.zeros(0, dim))
+
+    def prepare(self, points: torch.Tensor) -> None:
+        """Keep (a farthest-point subsample of) `points: (N, d)` as the reference points."""
+        keep = farthest_point_sample(points, self.REFERENCE_POINTS)
+        self.reference_points = points[keep].detach().clone()
+
+    def _points_for_energy(self, points: torch.Tensor | None) -> torch.Tensor:
+        """`points`, or the reference points when None (an error if there are none)."""
+        if points is not None:
+            return points
+        if self.reference_points.numel() == 0:
+            raise ShapeflowError(f"{type(self).__name__}.energy(): no points given and no reference points stored")
+        return self.reference_points

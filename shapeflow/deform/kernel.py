@@ -122,6 +122,8 @@ class KernelLDDMM(Deformation):
         self.register_buffer("q0", torch.zeros(0, dim))
         self.register_buffer("kernel_mass", torch.ones(()))
 
+    data_sized = ("p0", "q0")     # their size depends on the shape the model was fitted on
+
     @dataclass
     class Options:
         """`register()` options of `model="lddmm"`.
@@ -157,14 +159,6 @@ class KernelLDDMM(Deformation):
         ones = torch.ones(len(q0), 1, dtype=q0.dtype, device=q0.device)
         self.kernel_mass = gaussian_kernel_product(q0, q0, ones, self.kernel_width, backend=self.backend).mean()
         self.p0 = nn.Parameter(torch.zeros_like(q0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("p0", "q0"):  # their size depends on the shape the model was fitted on
-            key = prefix + name
-            if key in state_dict:
-                empty = torch.empty(state_dict[key].shape, dtype=self.q0.dtype, device=self.q0.device)
-                setattr(self, name, nn.Parameter(empty) if name == "p0" else empty)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "kernel_width": self.kernel_width, "time_steps": self.time_steps,

@@ -20,8 +20,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from .._registry import Registry
 from ..errors import ShapeflowError
-from ..sampling import farthest_point_sample
-from .base import Deformation, register_deformation
+from .base import KineticFlow, register_deformation
 
 __all__ = ["NeuralODEFlow", "VelocityNetwork", "SOLVERS", "SMOOTH_ACTIVATIONS"]
 
@@ -89,7 +88,7 @@ def _uniform_grid(per_unit: int) -> Callable:
 
 
 @register_deformation
-class NeuralODEFlow(Deformation):
+class NeuralODEFlow(KineticFlow):
     """`phi(x) = x(1)` with `dx/dt = v(x, t)`, `x(0) = x`; `v` a `VelocityNetwork` of `depth`
     hidden layers of `width` units, solved by torchdiffeq's `solver` (`euler`, `midpoint`, `rk4`
     in `time_steps` equal steps, or adaptive `dopri5` to `rtol`/`atol`).
@@ -141,7 +140,7 @@ class NeuralODEFlow(Deformation):
         self.adjoint, self.frequency = adjoint, float(frequency)
         self.field = VelocityNetwork(dim, width, depth, activation, self.frequency, seed)
         # points the kinetic energy is measured on when energy() gets none (set by prepare)
-        self.register_buffer("reference_points", torch.zeros(0, dim))
+        self._init_reference(dim)
 
     @dataclass
     class Options:
@@ -161,21 +160,6 @@ class NeuralODEFlow(Deformation):
         o = options or cls.Options()
         return cls(domain, width=o.width, depth=o.depth, activation=o.activation, solver=o.solver,
                    time_steps=o.time_steps, rtol=o.rtol, atol=o.atol, adjoint=o.adjoint, seed=seed)
-
-    #: the most reference points kept (a farthest-point subsample of the source)
-    REFERENCE_POINTS = 2000
-
-    def prepare(self, points: torch.Tensor) -> None:
-        """Keep (a farthest-point subsample of) `points: (N, d)` as the reference points
-        `energy()` measures the flow on."""
-        keep = farthest_point_sample(points, self.REFERENCE_POINTS)
-        self.reference_points = points[keep].detach().clone()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "reference_points"
-        if key in state_dict:  # its size depends on the shape the flow was fitted on
-            self.reference_points = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "width": self.width, "depth": self.depth, "activation": self.activation,
@@ -213,10 +197,7 @@ class NeuralODEFlow(Deformation):
 
         Without `points`, the points the flow was fitted on (`reference_points`) are used.
         """
-        if points is None:
-            if self.reference_points.numel() == 0:
-                raise ShapeflowError("NeuralODEFlow.energy(): no points given and no reference points stored")
-            points = self.reference_points
+        points = self._points_for_energy(points)
         return self.forward_with_energy(points)[1]
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:

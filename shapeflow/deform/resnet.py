@@ -17,8 +17,7 @@ from torch import nn
 
 from ..errors import InverseError, ShapeflowError
 from ..regularizers import kinetic_energy
-from ..sampling import farthest_point_sample
-from .base import Deformation, register_deformation
+from .base import KineticFlow, register_deformation
 
 __all__ = ["ResNetFlow", "ACTIVATIONS"]
 
@@ -27,7 +26,7 @@ ACTIVATIONS = {"relu": nn.functional.relu, "tanh": torch.tanh, "softplus": nn.fu
 
 
 @register_deformation
-class ResNetFlow(Deformation):
+class ResNetFlow(KineticFlow):
     """A time-dependent flow of `blocks` forward-Euler steps, each a 2-hidden-layer MLP of `width`.
 
     Parameters: `W1: (L, m, d)`, `b1: (L, m)`, `W2: (L, m, m)`, `b2: (L, m)`, `W3: (L, d, m)`.
@@ -53,7 +52,7 @@ class ResNetFlow(Deformation):
         self.b2 = nn.Parameter(torch.zeros(blocks, width))
         self.W3 = nn.Parameter(torch.zeros(blocks, dim, width))
         # points the kinetic energy is measured on when energy() gets none (set by register)
-        self.register_buffer("reference_points", torch.zeros(0, dim))
+        self._init_reference(dim)
 
     @dataclass
     class Options:
@@ -67,21 +66,6 @@ class ResNetFlow(Deformation):
     def build(cls, domain: int, options: "ResNetFlow.Options | None" = None, seed: int = 0) -> "ResNetFlow":
         options = options or cls.Options()
         return cls(domain, blocks=options.blocks, width=options.width, activation=options.activation, seed=seed)
-
-    #: the most reference points kept (a farthest-point subsample of the source)
-    REFERENCE_POINTS = 2000
-
-    def prepare(self, points: torch.Tensor) -> None:
-        """Keep (a farthest-point subsample of) `points: (N, d)` as the reference points
-        `energy()` measures the flow on."""
-        keep = farthest_point_sample(points, self.REFERENCE_POINTS)
-        self.reference_points = points[keep].detach().clone()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "reference_points"
-        if key in state_dict:  # its size depends on the shape the flow was fitted on
-            self.reference_points = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "blocks": self.blocks, "width": self.width,
@@ -122,10 +106,7 @@ class ResNetFlow(Deformation):
 
         Without `points`, the points the flow was fitted on (`reference_points`) are used.
         """
-        if points is None:
-            if self.reference_points.numel() == 0:
-                raise ShapeflowError("ResNetFlow.energy(): no points given and no reference points stored")
-            points = self.reference_points
+        points = self._points_for_energy(points)
         return self._kinetic(self.states(points)[1])
 
     def trajectory(self, points: torch.Tensor, steps: int | None = None) -> torch.Tensor:

@@ -45,6 +45,20 @@ NAME = "shape_models"
 AMPLITUDE = 0.05
 TARGET_RMSE_PCT, TARGET_NODE_RATIO, TARGET_LDDMM_10K = 1.0, 3.0, 20.0
 
+NOTES = """\
+* Where we look worst: pycpd is the most accurate on fsaverage 1k (0.05 % against 0.18-0.51 %) and
+  the fastest on the small shapes (0.1-0.3 s against 2-9 s); it scales as O(N^3) per EM iteration
+  (163 s at 4k, where it is also the least accurate). `node` is the slowest shapeflow model: 2.6x
+  resnet's time (median), 3.7x at 4k, so the 3x target is not met at 4k.
+* The two lddmm rows are the same computation: at these sizes the kernel sums are below the
+  `auto` rule's crossover (2500^2 point pairs on this CPU, `kernels.md`: the control points are 64,
+  so even 10k points make 0.66M pairs) and run dense; KeOps takes over above it and on a GPU.
+* `node` fits with Adam at lr 5e-3 (`NeuralODEFlow.default_lr`): at the flows' 3e-2 the coarse
+  Sinkhorn stage oscillated and the 4k fit stopped at 3.8 % RMSE (0.24 % at 5e-3).
+* One deformation (seed 0, amplitude 5 % of the RMS radius) per pair and one run per tool; run-to-run
+  time varies by about 20 % on this shared machine.
+"""
+
 
 def normalised_pair(points: np.ndarray, faces: np.ndarray | None, seed: int = 0) -> dict:
     centre = points.mean(0)
@@ -173,7 +187,7 @@ def write(rows: list[dict], quick: bool) -> None:
             f"Machine: {info['cpu_count']} CPUs, torch {info['torch']}, 1 thread, load {info['load_average_start']}, "
             f"{info['date']}. Written by `benchmarks/shape_models.py`{' --quick' if quick else ''}.", "",
             "## Targets", "", "| target | measured | verdict |", "|---|---|---|", *_targets(rows), "",
-            "## All runs", "", *table, "",
+            "## All runs", "", *table, "", "## Notes", "", NOTES,
             "KeOps against dense kernel sums (the crossover the `auto` rule switches at): "
             "[kernels.md](kernels.md).", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(text))

@@ -34,10 +34,9 @@ import numpy as np
 import torch
 
 import shapeflow as sf
-from shapeflow.synthetic import smooth_deformation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes_vs_cpd import machine_info, make_pair, score  # noqa: E402
+from shapes_vs_cpd import machine_info, make_pair, normalised_pair, score  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -58,15 +57,6 @@ NOTES = """\
 * One deformation (seed 0, amplitude 5 % of the RMS radius) per pair and one run per tool; run-to-run
   time varies by about 20 % on this shared machine.
 """
-
-
-def normalised_pair(points: np.ndarray, faces: np.ndarray | None, seed: int = 0) -> dict:
-    centre = points.mean(0)
-    scale = float(np.sqrt(((points - centre) ** 2).sum(1).mean()))
-    source = (points - centre) / scale
-    target = smooth_deformation(torch.from_numpy(source), amplitude=AMPLITUDE, seed=seed).numpy()
-    return {"source": source, "target": target, "faces": faces, "mm_per_unit": scale,
-            "diagonal": float(np.linalg.norm(target.max(0) - target.min(0)))}
 
 
 def pairs(quick: bool) -> dict[str, dict]:
@@ -183,7 +173,7 @@ def write(rows: list[dict], quick: bool) -> None:
         table.append(f"| {r['case']} | {r['points']} | {r['tool']} | {r['config']} | {r['seconds']:.2f} | "
                      f"{r['rmse_pct_diag']:.3f} | {fmt(r['min_jacobian_det'], '%.3f')} | "
                      f"{fmt(r['flipped_percent'], '%.2f')} | {fmt(r['energy'], '%.4g')} |")
-    text = [f"# Shape models: resnet, node, lddmm (and pycpd)", "",
+    text = ["# Shape models: resnet, node, lddmm (and pycpd)", "",
             f"Machine: {info['cpu_count']} CPUs, torch {info['torch']}, 1 thread, load {info['load_average_start']}, "
             f"{info['date']}. Written by `benchmarks/shape_models.py`{' --quick' if quick else ''}.", "",
             "## Targets", "", "| target | measured | verdict |", "|---|---|---|", *_targets(rows), "",

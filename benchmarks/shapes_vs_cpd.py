@@ -122,12 +122,16 @@ def make_pair(n: int, seed: int = 0) -> dict:
     full = pv.PolyData(vertices, np.hstack([np.full((len(faces), 1), 3), faces]).ravel())
     mesh = full.decimate(1.0 - n / len(vertices)) if n < len(vertices) else full
     points = np.asarray(mesh.points, dtype=np.float64)
-    tri = np.asarray(mesh.faces).reshape(-1, 4)[:, 1:]
+    return normalised_pair(points, np.asarray(mesh.faces).reshape(-1, 4)[:, 1:], seed)
+
+
+def normalised_pair(points: np.ndarray, faces: np.ndarray | None, seed: int = 0) -> dict:
+    """`points` centred and scaled to unit RMS radius, and its known smoothly deformed target."""
     centre = points.mean(0)
     scale = float(np.sqrt(((points - centre) ** 2).sum(1).mean()))
     source = (points - centre) / scale
     target = smooth_deformation(torch.from_numpy(source), amplitude=AMPLITUDE, seed=seed).numpy()
-    return {"source": source, "target": target, "faces": tri, "mm_per_unit": scale,
+    return {"source": source, "target": target, "faces": faces, "mm_per_unit": scale,
             "diagonal": float(np.linalg.norm(target.max(0) - target.min(0)))}
 
 

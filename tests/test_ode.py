@@ -84,7 +84,9 @@ def test_euler_energy_is_the_sum_over_the_steps_of_the_augmented_state():
 
 
 def test_rk4_inverse_undoes_a_nontrivial_flow():
-    flow = _flow(scale=0.5)
+    # a random flow far rougher than a fitted one: rk4 in 10 steps (in the default 5 its inverse is
+    # off by 5e-4 of the diagonal here; on a flow fitted to fsaverage 1k it is 6e-8 in 5 steps)
+    flow = _flow(scale=0.5, time_steps=10)
     x = _points(200)
     y = flow(x).detach()
     diagonal = float((x.max(0).values - x.min(0).values).norm())

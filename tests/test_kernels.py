@@ -104,7 +104,8 @@ def test_sinkhorn_on_a_large_cloud_goes_to_keops_and_keops_equals_tensorized(mon
 
     assert sinkhorn_backend("auto", 20000, 20000, 3, "cpu") == "multiscale"
     n = math.isqrt(KEOPS_MIN_PAIRS) + 1
-    assert sinkhorn_backend("auto", n, n, 3, "cpu") == "online"
+    assert sinkhorn_backend("auto", n, n, 4, "cpu") == "online"            # multiscale is for d <= 3
+    assert sinkhorn_backend("auto", n - 2, n - 2, 3, "cpu") == "tensorized"
     g = torch.Generator().manual_seed(3)
     x, y = torch.rand(400, 3, generator=g, dtype=torch.float64), torch.rand(300, 3, generator=g, dtype=torch.float64)
     dense = sinkhorn_loss(x, y, blur=0.05, backend="tensorized")

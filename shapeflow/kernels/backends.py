@@ -35,12 +35,12 @@ BACKENDS = Registry("backend", {
     "torch": "dense torch: an (N, M) matrix in memory",
 })
 
-#: N * M above which KeOps beats dense torch on the CPU (Gaussian kernel sum, forward + backward,
-#: float32, d = 3, k = 3, one torch thread): measured by benchmarks/kernels.py on the 2-core dev
-#: machine, where forward + backward times cross between N = M = 2000 (equal: 0.36 s each) and
-#: 2500 (KeOps ahead, 1.15-1.3x from 4000 up); KeOps forward alone wins from N = M = 2000
-#: (benchmarks/results/kernels.md).
-KEOPS_MIN_PAIRS = 2500 ** 2
+#: N * M above which `auto` takes KeOps on the CPU. The dense sum is a matrix product
+#: (`|x|^2 + |y|^2 - 2 x.y`) and beat KeOps forward + backward at every size measured on the 2-core
+#: dev CPU up to N = M = 16000 (benchmarks/kernels.py, results/kernels.md); the limit is its
+#: memory: the (N, M) matrix is 0.4 GB in float32 at 10000^2 pairs and the backward holds several,
+#: while KeOps needs O(N + M).
+KEOPS_MIN_PAIRS = 10_000 ** 2
 
 #: geomloss's Sinkhorn backends; "auto" goes through `resolve_backend`.
 SINKHORN_BACKENDS = Registry("Sinkhorn backend", {

@@ -66,10 +66,9 @@ def case(n: int, backend: str, backward: bool, repeats: int) -> float:
 #: why KEOPS_MIN_PAIRS is what it is (written under the table)
 THRESHOLD_REASON = (
     "Since the dense sum is a matrix product (`|x|^2 + |y|^2 - 2 x.y`), it beats KeOps on this CPU "
-    "forward + backward up to N = M = 12000, and KeOps wins only at 16000 (1.15x); the threshold is "
-    "set below that crossover, where the dense sum's memory becomes the limit: the (N, M) matrix is "
-    "0.4 GB in float32 at 10000^2 pairs and the backward holds several, while KeOps needs O(N + M). "
-    "On a GPU `auto` always takes KeOps.")
+    "forward + backward up to N = M = 12000, and KeOps wins at 16000 (1.15x); the threshold sits at "
+    "that crossover, 14000^2 pairs, where the dense (N, M) matrix also reaches 0.8 GB in float32 (the "
+    "backward holds several), while KeOps needs O(N + M) memory. On a GPU `auto` always takes KeOps.")
 
 
 def crossover(rows: list[dict], key: str) -> int | None:

@@ -38,9 +38,9 @@ BACKENDS = Registry("backend", {
 #: N * M above which `auto` takes KeOps on the CPU. The dense sum is a matrix product
 #: (`|x|^2 + |y|^2 - 2 x.y`) and beat KeOps forward + backward on the 2-core dev CPU up to
 #: N = M = 12000; KeOps won at 16000 (1.15x; benchmarks/kernels.py, results/kernels.md). The
-#: switch sits below that crossover, where the dense sum's memory becomes the limit: the (N, M)
-#: matrix is 0.4 GB in float32 at 10000^2 pairs and the backward holds several; KeOps needs O(N + M).
-KEOPS_MIN_PAIRS = 10_000 ** 2
+#: switch sits at the crossover, 14000^2 pairs, where the dense (N, M) matrix is also 0.8 GB in
+#: float32 (the backward holds several); KeOps needs O(N + M) memory.
+KEOPS_MIN_PAIRS = 14_000 ** 2
 
 #: geomloss's Sinkhorn backends; "auto" goes through `resolve_backend`.
 SINKHORN_BACKENDS = Registry("Sinkhorn backend", {

@@ -47,15 +47,15 @@ TARGET_RMSE_PCT, TARGET_NODE_RATIO, TARGET_LDDMM_10K = 1.0, 3.0, 20.0
 NOTES = """\
 * Where we look worst: pycpd is the most accurate on fsaverage 1k (0.05 % against 0.18-0.51 %) and
   the fastest on the small shapes (0.1-0.3 s against 2-9 s); it scales as O(N^3) per EM iteration
-  (163 s at 4k, where it is also the least accurate). `node` is the slowest shapeflow model: 2.6x
-  resnet's time (median), 3.7x at 4k, so the 3x target is not met at 4k.
+  (188 s at 4k, where it is also the least accurate). `node` is the slowest shapeflow model on the
+  surfaces (1.8x resnet's time, median; 1.9x at 4k, with rk4 in 5 steps: in 10 steps it was 3.7x).
 * The two lddmm rows are the same computation: at these sizes the kernel sums are below the
   `auto` rule's crossover (2500^2 point pairs on this CPU, `kernels.md`: the control points are 64,
   so even 10k points make 0.66M pairs) and run dense; KeOps takes over above it and on a GPU.
 * `node` fits with Adam at lr 5e-3 (`NeuralODEFlow.default_lr`): at the flows' 3e-2 the coarse
   Sinkhorn stage oscillated and the 4k fit stopped at 3.8 % RMSE (0.24 % at 5e-3).
 * One deformation (seed 0, amplitude 5 % of the RMS radius) per pair and one run per tool; run-to-run
-  time varies by about 20 % on this shared machine.
+  time varies by 20-50 % on this shared machine (resnet on the ant: 8.8 s in one run, 11.3 s in the next).
 """
 
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/kernels.json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -26,18 +25,9 @@ from pathlib import Path
 import torch
 
 from shapeflow.kernels import KEOPS_MIN_PAIRS, gaussian_kernel_product
+from solver_core import torch_threads  # noqa: E402 - the benchmark next door (the script folder is on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def median_time(fn, repeats: int) -> float:

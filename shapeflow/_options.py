@@ -46,10 +46,15 @@ class CommonOptions:
     device: str = "auto"                # "auto" (CUDA when available), "cpu", "cuda", ...
     dtype: str = "float32"              # "float32" or "float64"
     progress: bool = True
+    landmarks: Any = None               # (source_points, target_points): (K, d) arrays, Landmarks or files
+    landmark_weight: float | None = None  # weight of the landmark term in the fit (default: the pipeline's)
 
     def __post_init__(self) -> None:
         self.torch_dtype: torch.dtype = DTYPES.lookup(self.dtype, "register()")
         self.torch_device: torch.device = resolve_device(self.device)
+        if self.landmark_weight is not None and not (isinstance(self.landmark_weight, (int, float))
+                                                     and self.landmark_weight >= 0):
+            raise ShapeflowError(f"register(): landmark_weight must be a number >= 0, got {self.landmark_weight!r}")
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]):

@@ -45,4 +45,4 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     array_in = not isinstance(source, PointCloud)
     src = source if isinstance(source, PointCloud) else PointCloud(check_points(source, "source"))
     tgt = target if isinstance(target, PointCloud) else PointCloud(check_points(target, "target"))
-    return register_shapes(src, tgt, model or "resnet", loss or "sinkhorn", array_in=array_in, **options)
+    return register_shapes(src, tgt, model or "resnet", loss, array_in=array_in, **options)

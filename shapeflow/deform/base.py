@@ -142,6 +142,13 @@ class Deformation(nn.Module, abc.ABC):
     #: parameters and buffers whose size the data sets (in `prepare`): resized to the saved size
     #: when a state is loaded
     data_sized: ClassVar[tuple[str, ...]] = ()
+    #: how the shape pipeline fits it: "adam" (first order, through the loss's stages) or
+    #: "gauss-newton" (non-rigid ICP on the shared solver core, `pipelines/shape_icp.py`)
+    fitted_by: ClassVar[str] = "adam"
+    #: the shape loss when `register` gets none
+    default_loss: ClassVar[str] = "sinkhorn"
+    #: the weight of the model's energy when `register` gets no `regularization`
+    default_regularization: ClassVar[float] = 1e-3
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,10 +178,11 @@ class Deformation(nn.Module, abc.ABC):
         whose energy comes with the forward pass (flows) compute both at once."""
         return self.forward(points), self.energy(points)
 
-    def prepare(self, points: torch.Tensor) -> None:
+    def prepare(self, points: torch.Tensor, cells: torch.Tensor | None = None) -> None:
         """Called once before fitting with the source points `(N, d)` the model will be fitted on,
-        in its own coordinates (normalised, pre-aligned): a model that needs them (control points,
-        reference points for `energy()`) takes them here. Nothing by default."""
+        in its own coordinates (normalised, pre-aligned), and the source's cells (a mesh's faces
+        (F, 3), or None): a model that needs them (control points, reference points for
+        `energy()`, a mesh to live on) takes them here. Nothing by default."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -290,7 +298,7 @@ class KineticFlow(Deformation):
         """Call from `__init__`: an empty `reference_points: (0, d)` buffer."""
         self.register_buffer("reference_points", torch.zeros(0, dim))
 
-    def prepare(self, points: torch.Tensor) -> None:
+    def prepare(self, points: torch.Tensor, cells: torch.Tensor | None = None) -> None:
         """Keep (a farthest-point subsample of) `points: (N, d)` as the reference points."""
         keep = farthest_point_sample(points, self.REFERENCE_POINTS)
         self.reference_points = points[keep].detach().clone()

@@ -150,7 +150,7 @@ class KernelLDDMM(Deformation):
                    integrator=options.integrator, control_points=options.control_points,
                    backend=options.kernel_backend)
 
-    def prepare(self, points: Tensor) -> None:
+    def prepare(self, points: Tensor, cells: Tensor | None = None) -> None:
         """Take a farthest-point subsample of `control_points` of `points: (N, d)` (all of them if
         fewer) as the control points `q0`, and reset the momenta `p0` to zero (the identity)."""
         keep = farthest_point_sample(points, self.control_points)

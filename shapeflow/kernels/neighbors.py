@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import ShapeflowError
 from .backends import import_keops, resolve_backend
 
-__all__ = ["nearest_neighbors"]
+__all__ = ["nearest_neighbors", "PointIndex"]
 
 WHO = "nearest_neighbors()"
 
@@ -42,3 +42,24 @@ def _keops_argmin(queries: Tensor, points: Tensor) -> Tensor:
     p_j = LazyTensor(points.contiguous()[None, :, :])                   # (1, M, d)
     index = ((q_i - p_j) ** 2).sum(-1).argmin(dim=1)                    # (N, 1)
     return index.view(-1).long()
+
+
+class PointIndex:
+    """A KD-tree over `points: (M, d)` built once and queried many times (CPU, no autograd):
+    `query(queries (N, d), k)` -> `(distances (N, k), indices (N, k) int64)` on the queries' device.
+    Non-rigid ICP queries the fixed target every iteration through one of these."""
+
+    def __init__(self, points: Tensor):
+        if points.ndim != 2:
+            raise ShapeflowError(f"PointIndex(): points must be (M, d), got {tuple(points.shape)}")
+        self.n, self.dim = points.shape
+        self._tree = cKDTree(points.detach().cpu().double().numpy())
+
+    def query(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ShapeflowError(f"PointIndex.query(): queries must be (N, {self.dim}), got {tuple(queries.shape)}")
+        k = min(int(k), self.n)
+        dist, index = self._tree.query(queries.detach().cpu().double().numpy(), k=k, workers=torch.get_num_threads())
+        dist, index = np.asarray(dist).reshape(len(queries), k), np.asarray(index, dtype=np.int64).reshape(len(queries), k)
+        return (torch.as_tensor(dist, dtype=queries.dtype, device=queries.device),
+                torch.as_tensor(index, device=queries.device))

@@ -40,6 +40,9 @@ class PointLoss(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     #: True when the term needs point-to-point correspondence (source and target in order, N == M)
     correspondence: ClassVar[bool] = False
+    #: how a Gauss-Newton fit (`model="displacement"`) pairs points for this term: "closest"
+    #: (both ways), "corresponding" (point i with point i), or None (not a sum over point pairs)
+    pairing: ClassVar[str | None] = None
 
     @dataclass
     class Options:

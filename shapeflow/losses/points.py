@@ -73,6 +73,7 @@ class ChamferLoss(PointLoss):
     farthest-point subsample of `subsample` points per shape (default 4000)."""
 
     name = "chamfer"
+    pairing = "closest"
 
     @dataclass
     class Options:
@@ -138,6 +139,7 @@ class L2Loss(PointLoss):
 
     name = "l2"
     correspondence = True
+    pairing = "corresponding"
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return l2_loss(source, target)

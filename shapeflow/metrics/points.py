@@ -11,7 +11,7 @@ import torch
 from scipy.spatial import cKDTree
 
 
-__all__ = ["chamfer_distance", "hausdorff_distance", "rmse", "jacobian_determinants",
+__all__ = ["landmark_errors", "chamfer_distance", "hausdorff_distance", "rmse", "jacobian_determinants",
            "min_jacobian_determinant", "flipped_triangles_percent"]
 
 
@@ -83,3 +83,14 @@ def flipped_triangles_percent(phi, vertices: torch.Tensor, faces: torch.Tensor) 
                            for i in range(3)], dim=1)                  # (F, 3, 3)
     expected = (torch.linalg.inv(jac).transpose(1, 2) @ normals(vertices.detach())[..., None])[..., 0]
     return float(((normals(warped) * expected).sum(1) < 0).double().mean() * 100)
+
+
+def landmark_errors(phi, source: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Landmark error before and after a map, in the data's units: `source, target: (K, d)`
+    corresponding landmarks, `phi` moving the source's onto the target's. Returns `{"mean", "max"}`
+    of `|phi(source_k) - target_k|` and `{"mean_before", "max_before"}` of `|source_k - target_k|`."""
+    with torch.no_grad():
+        after = (phi(source) - target).norm(dim=1)
+    before = (source - target).norm(dim=1)
+    return {"mean": float(after.mean()), "max": float(after.max()),
+            "mean_before": float(before.mean()), "max_before": float(before.max())}

@@ -25,7 +25,9 @@ from ..losses import LOSSES, Stage
 from ..result import Result
 from ..sampling import farthest_point_sample
 from ..shapes import Landmarks, Mesh, PointCloud
+from ..io.landmarks import landmark_pair
 from ..solvers import fit
+from .shape_icp import PairTerm, fit_point_displacement
 
 __all__ = ["ShapeOptions", "register_shapes"]
 
@@ -35,10 +37,10 @@ class ShapeOptions(CommonOptions):
     """Keyword options of `register` for shapes (the model and the loss add their own:
     `ResNetFlow.Options`, `SinkhornLoss.Options`, ...); an unknown name is an error listing these."""
 
-    iterations: int | None = None       # Adam steps per stage (default 60)
+    iterations: int | None = None       # Adam steps per stage (default 60); Gauss-Newton steps per stiffness stage (10)
     lr: float | None = None             # Adam step size (default: the model's `default_lr`)
     lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear, 0 flows)
-    regularization: float = 1e-3        # weight of the model's energy (kinetic energy for flows)
+    regularization: float | None = None  # weight of the model's energy (default: the model's `default_regularization`)
     prealign: str | None = None         # "rigid", "similarity" or "affine" before a non-linear model
     normalize: bool = True              # centre and scale before fitting (undone on output)
     tol: float = 1e-5                   # early stop: relative improvement over `patience` steps
@@ -60,14 +62,18 @@ def check_extent(shape: PointCloud, role: str) -> None:
                              f"in every direction); there is nothing to register")
 
 
-def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", loss: str = "sinkhorn",
+def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", loss: str | None = None,
                     *, array_in: bool = False, **options: Any) -> Result:
     """Move `src` onto `tgt` (shapes of the same dimension). See the module docstring.
 
+    loss: a name in LOSSES, or None for the model's `default_loss`.
     array_in: the caller passed arrays, so `Result.warped` is an `(N, d)` array.
     """
+    loss = loss if loss is not None else MODELS.lookup(model).default_loss
     opts, parts = parse_options(ShapeOptions, options, {"model": (model, MODELS), "loss": (loss, LOSSES)})
     model_cls, loss_cls = MODELS[model], LOSSES[loss]
+    fitter = FITTERS.lookup(model_cls.fitted_by)
+    fitter.check(model, model_cls, loss, loss_cls, set(options))
     if opts.prealign is not None:
         if model_cls.linear:
             raise ShapeflowError(f"register(): prealign applies before a non-linear model; model {model!r} is "
@@ -80,6 +86,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
                              f"and target {len(tgt)}")
     check_extent(src, "source")
     check_extent(tgt, "target")
+    marks = landmark_pair(opts.landmarks, src.dim)
     device, dtype = opts.torch_device, opts.torch_dtype
     start = time.perf_counter()
 
@@ -92,21 +99,29 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     x = (x_world - source_center) / scale
     y = (y_world - target_center) / scale
 
+    landmarks = None
+    if marks is not None:
+        weight = opts.landmark_weight if opts.landmark_weight is not None else 1.0
+        landmarks = ((marks[0].to(device, dtype) - source_center) / scale,
+                     (marks[1].to(device, dtype) - target_center) / scale, float(weight))
+
     history: list[dict] = []
     iterations = opts.iterations if opts.iterations is not None else 60
     stages = loss_cls.stages(parts["loss"], iterations, len(x), len(y))
     fitted: list[Deformation] = []
     interrupted = False
+    problem = ShapeFit(x, y, getattr(src, "faces", None), getattr(tgt, "faces", None), stages, loss_cls,
+                       landmarks, opts, parts["model"])
     if opts.prealign is not None:
         pre = MODELS[opts.prealign].build(src.dim, seed=opts.seed).to(device, dtype)
-        interrupted = _fit_stages(pre, x, y, stages, opts, history, prefix="prealign-")
+        interrupted = _fit_adam(pre, problem, history, prefix="prealign-")
         fitted.append(pre)
         with torch.no_grad():
-            x = pre(x)
+            problem = problem.moved_by(pre)
     core = model_cls.build(src.dim, parts["model"], seed=opts.seed).to(device, dtype)
-    core.prepare(x)
+    core.prepare(problem.x, problem.source_faces)
     if not interrupted:
-        interrupted = _fit_stages(core, x, y, stages, opts, history, prefix="")
+        interrupted = fitter(core, problem, history, prefix="")
     fitted.append(core)
 
     deformation = _in_world_units(fitted, source_center, target_center, scale)
@@ -114,9 +129,14 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
         warped_points = deformation(x_world)
     warped = dataclasses.replace(src, points=warped_points.detach().cpu().to(src.points.dtype), source=None)
     result_metrics = _metrics(deformation, src, tgt, x_world, y_world, warped_points, loss_cls.correspondence)
+    if marks is not None:
+        result_metrics["landmark_error"] = metrics.landmark_errors(deformation, marks[0].to(device, dtype),
+                                                                   marks[1].to(device, dtype))
     result_metrics["seconds"] = time.perf_counter() - start
     result_metrics["interrupted"] = interrupted
-    record = {"model": model, "loss": loss, **dataclasses.asdict(opts), **dataclasses.asdict(parts["model"]),
+    record = {"model": model, "loss": loss,
+              **{k: v for k, v in dataclasses.asdict(opts).items() if k != "landmarks"},
+              "landmarks": None if marks is None else len(marks[0]), **dataclasses.asdict(parts["model"]),
               **dataclasses.asdict(parts["loss"]), "source": src.source, "target": tgt.source}
     return Result(warped=warped.points.numpy() if array_in else warped, deformation=deformation,
                   history=history, metrics=result_metrics, source=src, target=tgt, options=record)
@@ -129,22 +149,52 @@ def _sample(points: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
     return farthest_point_sample(points, count, seed)
 
 
-def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, stages: list[Stage], opts: ShapeOptions,
-                history: list[dict], prefix: str) -> bool:
-    """Fit `model` through `stages`; append the history rows. Returns True if Ctrl-C stopped it."""
+@dataclass
+class ShapeFit:
+    """What a fitter gets: the normalised (and pre-aligned) source `x: (N, d)` and target
+    `y: (M, d)`, their faces ((F, 3) or None), the loss's stages and class, the landmarks
+    `(source (K, d), target (K, d), weight)` in the same coordinates (or None), and the options."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source_faces: torch.Tensor | None
+    target_faces: torch.Tensor | None
+    stages: list[Stage]
+    loss_cls: type
+    landmarks: tuple[torch.Tensor, torch.Tensor, float] | None
+    opts: ShapeOptions
+    model_options: Any = None
+
+    def moved_by(self, deformation: Deformation) -> "ShapeFit":
+        """The same problem with the source (and its landmarks) moved by `deformation`."""
+        marks = self.landmarks and (deformation(self.landmarks[0]), self.landmarks[1], self.landmarks[2])
+        return dataclasses.replace(self, x=deformation(self.x), landmarks=marks)
+
+
+def _fit_adam(model: Deformation, problem: ShapeFit, history: list[dict], prefix: str) -> bool:
+    """Fit `model` by Adam (and L-BFGS) through the loss's stages, the landmark term added when
+    there are landmarks; append the history rows. Returns True if Ctrl-C stopped it."""
+    opts, x, y = problem.opts, problem.x, problem.y
     lr = opts.lr if opts.lr is not None else model.default_lr
     lbfgs = opts.lbfgs_iterations if opts.lbfgs_iterations is not None else (60 if model.linear else 0)
-    for number, stage in enumerate(stages):
+    weight = opts.regularization if opts.regularization is not None else model.default_regularization
+    marks = problem.landmarks
+    for number, stage in enumerate(problem.stages):
         xs, ys = x[_sample(x, stage.points, opts.seed)], y[_sample(y, stage.points, opts.seed)]
         data_term = stage.loss
 
         def objective():
             moved, energy = model.forward_with_energy(xs)
             data = data_term(moved, ys)
-            return data + opts.regularization * energy, {"data": float(data.detach()),
-                                                         "energy": float(energy.detach())}
+            total = data + weight * energy
+            terms = {"data": float(data.detach()), "energy": float(energy.detach())}
+            if marks is not None:
+                landmark = (model(marks[0]) - marks[1]).square().sum(1).mean()
+                total = total + marks[2] * landmark
+                terms["landmarks"] = float(landmark.detach())
+            return total, terms
 
-        last = number == len(stages) - 1
+        last = number == len(problem.stages) - 1
         report = fit(model.parameters(), objective, iterations=stage.iterations, lr=lr * stage.lr_scale,
                      lbfgs_iterations=lbfgs if last else 0, tol=opts.tol, patience=opts.patience,
                      progress=opts.progress, stage=f"{prefix}{stage.label}")
@@ -152,6 +202,56 @@ def _fit_stages(model: Deformation, x: torch.Tensor, y: torch.Tensor, stages: li
         if report.interrupted:
             return True
     return False
+
+
+def _check_adam(model: str, model_cls, loss: str, loss_cls, given: set[str]) -> None:
+    """Every loss works with a first-order fit."""
+
+
+def _fit_gauss_newton(model: Deformation, problem: ShapeFit, history: list[dict], prefix: str) -> bool:
+    """Fit a per-point field by non-rigid ICP (`shape_icp.fit_point_displacement`). Returns True if
+    Ctrl-C stopped it."""
+    opts = problem.opts
+    options = problem.model_options
+    weight = opts.regularization if opts.regularization is not None else model.default_regularization
+    pairs = PairTerm(problem.loss_cls.pairing, options.reject, options.normal_angle, options.point_to_plane)
+    u, interrupted = fit_point_displacement(
+        problem.x, problem.y, problem.source_faces, problem.target_faces, options, pairs=pairs,
+        regularization=weight, iterations=opts.iterations, landmarks=problem.landmarks, progress=opts.progress,
+        history=history, prefix=prefix, seed=opts.seed)
+    with torch.no_grad():
+        model.displacements.copy_(u)
+    return interrupted
+
+
+def _check_gauss_newton(model: str, model_cls, loss: str, loss_cls, given: set[str]) -> None:
+    """Gauss-Newton fits point pairs: chamfer (closest points) or l2 (corresponding points); the
+    Adam options do not apply."""
+    if getattr(loss_cls, "pairing", None) is None:
+        paired = ", ".join(k for k, v in LOSSES.items() if getattr(v, "pairing", None) is not None)
+        raise ShapeflowError(f"register(): model {model!r} is fitted by Gauss-Newton on point pairs; use loss "
+                             f"{paired}, not {loss!r}")
+    unused = sorted(given & {"lr", "lbfgs_iterations", "tol", "patience"})
+    if unused:
+        raise ShapeflowError(f"register(): {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to "
+                             f"the Adam-fitted models, not to model {model!r} (Gauss-Newton)")
+
+
+@dataclass(frozen=True)
+class Fitter:
+    """How a model is fitted (`Deformation.fitted_by` names one): `fit(model, problem, history,
+    prefix) -> interrupted` and `check(model, model_cls, loss, loss_cls, given options)`."""
+
+    fit: Any
+    check: Any
+
+    def __call__(self, model: Deformation, problem: ShapeFit, history: list[dict], prefix: str) -> bool:
+        return self.fit(model, problem, history, prefix)
+
+
+#: the fitters by `Deformation.fitted_by`
+FITTERS: Registry[Fitter] = Registry("fitter", {"adam": Fitter(_fit_adam, _check_adam),
+                                                "gauss-newton": Fitter(_fit_gauss_newton, _check_gauss_newton)})
 
 
 def _in_world_units(parts: list[Deformation], source_center, target_center, scale: float) -> Deformation:

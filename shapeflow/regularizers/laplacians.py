@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -251,6 +252,17 @@ def mesh_mass(vertices: Tensor, faces: Tensor) -> Tensor:
     return out.index_add(0, faces.reshape(-1), (area / 3.0).repeat_interleave(3))
 
 
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit vertex normals `(N, 3)`: the area-weighted sum of the incident triangles' normals
+    (zero for a vertex in no triangle)."""
+    _check_mesh("vertex_normals", vertices, faces)
+    faces = faces.long()
+    v = vertices[faces]
+    n = torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])              # (F, 3), |n| = 2 area
+    out = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), n.repeat_interleave(3, dim=0))
+    return out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(1e-30)
+
+
 def knn_laplacian(points: Tensor, k: int, sigma: Optional[float] = None) -> Tensor:
     """Graph Laplacian of the symmetrised k-nearest-neighbour graph with Gaussian weights.
 
@@ -278,3 +290,66 @@ def knn_laplacian(points: Tensor, k: int, sigma: Optional[float] = None) -> Tens
     d2 = ((points[pairs[:, 0]] - points[pairs[:, 1]]) ** 2).sum(1)
     w = torch.exp(-d2 / (2.0 * sigma**2))
     return _from_weights(pairs[:, 0], pairs[:, 1], w, n)
+
+
+# ----------------------------------------------------------------------------- a shape's Laplacian
+
+#: the Laplacians `shape_laplacian` builds by name ("auto": cotangent on a mesh, kNN on a cloud)
+SHAPE_LAPLACIANS = ("auto", "cotangent", "uniform", "knn")
+
+
+def shape_laplacian(points: Tensor, faces: Optional[Tensor] = None, kind: str = "auto",
+                    k: int = 8) -> tuple[Tensor, Tensor]:
+    """The scale-free Laplacian and the normalised mass of a mesh or a cloud, for per-point fields.
+
+    points: (N, d); faces: (F, 3) triangles (a mesh) or None (a cloud); kind: "cotangent" or
+    "uniform" (meshes, `mesh_laplacian`), "knn" (`knn_laplacian` with k neighbours, any shape),
+    "auto" (cotangent for a mesh, kNN for a cloud). Returns `(L, m)`: L sparse (N, N) scaled so
+    that the identity map's coordinates have energy d, `sum_c X_c^T L X_c = d` (so
+    `diffusion(u, L)` approximates the mean squared gradient of u whatever the kind, the
+    resolution or the units), and the lumped mass `m: (N,)` summing to 1 (mesh areas, or 1/N for
+    a cloud). Bending is `u^T L diag(m)^-1 L u` (`bending_matrix`).
+    """
+    if kind not in SHAPE_LAPLACIANS:
+        raise ShapeflowError(f"shape_laplacian(): unknown laplacian {kind!r}; valid names: {', '.join(SHAPE_LAPLACIANS)}")
+    mesh = faces is not None and faces.numel() > 0 and faces.shape[-1] == 3 and points.shape[1] == 3
+    if kind in ("cotangent", "uniform") and not mesh:
+        raise ShapeflowError(f"shape_laplacian(): laplacian {kind!r} needs a triangle mesh; a point cloud takes 'knn'")
+    if kind == "auto":
+        kind = "cotangent" if mesh else "knn"
+    n = points.shape[0]
+    if kind == "knn":
+        L = knn_laplacian(points, min(k, n - 1))
+    else:
+        L = mesh_laplacian(points, faces, kind)
+    L = L.detach().to(points.dtype)
+    total = float((points * (L @ points)).sum())
+    if not total > 0:
+        raise ShapeflowError("shape_laplacian(): the shape has no extent along its edges (all points coincide)")
+    L = L * (points.shape[1] / total)
+    return L.coalesce(), shape_mass(points, faces)
+
+
+def shape_mass(points: Tensor, faces: Optional[Tensor] = None) -> Tensor:
+    """The normalised lumped mass `(N,)` (sums to 1) of a mesh (`mesh_mass`, a third of each
+    incident triangle's area; faces (F, 3)) or of a cloud (faces None: 1/N each)."""
+    if faces is not None and faces.numel() > 0 and faces.shape[-1] == 3 and points.shape[1] == 3:
+        mass = mesh_mass(points.detach(), faces)
+        mass = mass.clamp_min(1e-12 * float(mass.max()))     # unreferenced vertices keep a tiny mass
+    else:
+        mass = torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
+    return mass / mass.sum()
+
+
+def bending_matrix(L: Tensor, mass: Tensor) -> Tensor:
+    """`L diag(mass)^-1 L` (sparse (N, N)): `u^T B u` is the bending energy `sum m (M^-1 L u)^2`
+    with the Laplacian and mass of `shape_laplacian`."""
+    import scipy.sparse as sp
+
+    L = L.coalesce()
+    (i, j), v = L.indices().cpu().numpy(), L.values().detach().cpu().double().numpy()
+    A = sp.csr_matrix((v, (i, j)), shape=L.shape)
+    B = (A @ sp.diags(1.0 / mass.detach().cpu().double().numpy()) @ A).tocoo()
+    index = torch.as_tensor(np.stack([B.row, B.col]).astype(np.int64), device=L.device)
+    return torch.sparse_coo_tensor(index, torch.as_tensor(B.data, dtype=L.dtype, device=L.device), L.shape,
+                                   check_invariants=False).coalesce()

@@ -60,6 +60,26 @@ def check_extent(shape: PointCloud, role: str) -> None:
                              f"in every direction); there is nothing to register")
 
 
+def _cell_kind(shape: PointCloud) -> str:
+    cells = shape.cells
+    if cells is None or len(cells) == 0:
+        return "a point cloud"
+    return "a mesh (faces)" if cells.shape[1] == 3 else "a curve (edges)"
+
+
+def check_cells_match(src: PointCloud, tgt: PointCloud, loss: str) -> None:
+    """A one-line error unless `src` and `tgt` both have cells of one kind (faces or edges), which a
+    loss with `needs_cells` reads; it names the losses that work on point clouds."""
+    source_kind, target_kind = _cell_kind(src), _cell_kind(tgt)
+    if source_kind == target_kind != "a point cloud":
+        return
+    point_losses = ", ".join(LOSSES.where(needs_cells=False))
+    found = (f"the source is {source_kind}" if source_kind == target_kind
+             else f"the source is {source_kind} and the target {target_kind}")
+    raise ShapeflowError(f"register(): loss {loss!r} needs faces (a Mesh) or edges (a Curve), the same on both "
+                         f"shapes; {found}. Losses for point clouds: {point_losses}")
+
+
 def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", loss: str = "sinkhorn",
                     *, array_in: bool = False, **options: Any) -> Result:
     """Move `src` onto `tgt` (shapes of the same dimension). See the module docstring.
@@ -78,6 +98,8 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     if loss_cls.correspondence and len(src) != len(tgt):
         raise ShapeflowError(f"register(): loss {loss!r} needs corresponding points, but source has {len(src)} "
                              f"and target {len(tgt)}")
+    if loss_cls.needs_cells:
+        check_cells_match(src, tgt, loss)
     check_extent(src, "source")
     check_extent(tgt, "target")
     device, dtype = opts.torch_device, opts.torch_dtype
@@ -94,7 +116,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
 
     history: list[dict] = []
     iterations = opts.iterations if opts.iterations is not None else 60
-    stages = loss_cls.stages(parts["loss"], iterations, len(x), len(y))
+    stages = loss_cls.stages(parts["loss"], iterations, src, tgt)
     fitted: list[Deformation] = []
     interrupted = False
     if opts.prealign is not None:
@@ -169,9 +191,10 @@ def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bo
         "chamfer_before": metrics.chamfer_distance(x_world, y_world),
         "bbox_diagonal": float((y_world.max(0).values - y_world.min(0).values).norm()),
     }
-    same_mesh = (isinstance(src, Mesh) and isinstance(tgt, Mesh) and src.faces.shape == tgt.faces.shape
-                 and bool((src.faces == tgt.faces).all()))
-    known = correspondence or same_mesh or (isinstance(src, Landmarks) and isinstance(tgt, Landmarks))
+    # two meshes (or curves) with the same cells: the vertices correspond
+    same_cells = (src.cells is not None and tgt.cells is not None and src.cells.shape == tgt.cells.shape
+                  and bool((src.cells == tgt.cells).all()))
+    known = correspondence or same_cells or (isinstance(src, Landmarks) and isinstance(tgt, Landmarks))
     out["rmse"] = metrics.rmse(warped, y_world) if known and len(src) == len(tgt) else None
     out["min_jacobian_det"] = metrics.min_jacobian_determinant(deformation, x_world)
     if isinstance(src, Mesh):

@@ -12,9 +12,9 @@ from .errors import InverseError, ShapeflowError
 from .io import read, write
 from .register import register
 from .result import Result
-from .shapes import Image, Landmarks, Mesh, PointCloud
+from .shapes import Curve, Image, Landmarks, Mesh, PointCloud
 
-__all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Landmarks", "Image",
+__all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Curve", "Landmarks", "Image",
            "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "NeuralODEFlow", "KernelLDDMM", "Compose",
            "DisplacementField",
            "StationaryVelocityField",

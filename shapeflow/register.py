@@ -27,12 +27,13 @@ def _load(obj: Any) -> Any:
 def register(source: Any, target: Any, model: str | None = None, loss: str | None = None, **options: Any) -> Result:
     """Move `source` onto `target`.
 
-    source, target: shapes (`PointCloud`, `Mesh`, `Landmarks`), file paths, or `(N, d)` arrays
+    source, target: shapes (`PointCloud`, `Mesh`, `Curve`, `Landmarks`), file paths, or `(N, d)` arrays
         (arrays in, arrays out), d = 2 or 3, the same for both; or two `Image`s / image files.
     model: shapes: a name in `shapeflow.deform.MODELS` ("rigid", "similarity", "affine", "resnet"
         (default)); images: in `IMAGE_MODELS` ("displacement" (default), "svf" or "affine").
     loss: shapes: a name in `shapeflow.losses.LOSSES` ("sinkhorn" (default), "chamfer", "l2"; l2
-        needs point-to-point correspondence); images: in `RESIDUALS` ("ssd" (default), "ncc", "mind").
+        needs point-to-point correspondence; "varifold", "currents": between two meshes or two
+        `Curve`s, reading their faces or edges); images: in `RESIDUALS` ("ssd" (default), "ncc", "mind").
     options: keyword-only; see `ShapeOptions` / `ImageOptions` and the chosen model's and loss's
         `Options` (e.g. `ResNetFlow.Options`: blocks, width, activation). An option that belongs to
         another model or loss, or an unknown one, is an error naming the valid ones.

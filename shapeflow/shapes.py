@@ -1,4 +1,8 @@
-"""Plain data containers: `PointCloud` (N, d), `Mesh` (vertices (N, 3), faces (F, 3)), `Landmarks` (K, d).
+"""Plain data containers: `PointCloud` (N, d), `Mesh` (vertices (N, 3), faces (F, 3)), `Curve`
+(points (N, d), edges (E, 2)), `Landmarks` (K, d).
+
+A shape's `cells` are what connects its points: a `Mesh`'s faces, a `Curve`'s edges, None for a
+point cloud (data terms such as the varifold read them).
 
 Each holds torch tensors, checks its input once at construction and names the problem
 (and the file it came from, when known) in a one-line `ShapeflowError`.
@@ -13,7 +17,7 @@ import torch
 
 from .errors import ShapeflowError
 
-__all__ = ["PointCloud", "Mesh", "Landmarks", "Image", "Shape", "as_points"]
+__all__ = ["PointCloud", "Mesh", "Curve", "Landmarks", "Image", "Shape", "as_points"]
 
 
 def _where(source: str | None) -> str:
@@ -65,6 +69,11 @@ class PointCloud:
     def __len__(self) -> int:
         return int(self.points.shape[0])
 
+    @property
+    def cells(self) -> torch.Tensor | None:
+        """The cells connecting the points ((F, 3) faces, (E, 2) edges), or None: a point cloud."""
+        return None
+
     def with_points(self, points: torch.Tensor):
         """The same shape (faces, source) with new `points: (N, d)`."""
         return replace(self, points=points)
@@ -89,26 +98,60 @@ class Mesh(PointCloud):
 
     def __post_init__(self) -> None:
         self.points = check_points(self.points, "vertices", self.source, min_points=3, dims=(3,))
-        faces = torch.as_tensor(np.asarray(self.faces)) if not isinstance(self.faces, torch.Tensor) else self.faces
-        if faces.ndim != 2 or faces.shape[1] != 3:
-            raise ShapeflowError(f"{_where(self.source)}faces must be an (F, 3) array of triangles, got shape {tuple(faces.shape)}")
-        if faces.numel() and (faces.is_floating_point() or faces.dtype == torch.bool):
-            raise ShapeflowError(f"{_where(self.source)}faces must hold integer vertex indices")
-        faces = faces.long()
-        if faces.numel() and (faces.min() < 0 or faces.max() >= self.points.shape[0]):
-            raise ShapeflowError(
-                f"{_where(self.source)}faces index vertex {int(faces.max())} but the mesh has only "
-                f"{self.points.shape[0]} vertices" if faces.max() >= self.points.shape[0]
-                else f"{_where(self.source)}faces hold a negative vertex index")
-        self.faces = faces
+        self.faces = check_cells(self.faces, "faces", 3, len(self.points), self.source)
 
     @property
     def vertices(self) -> torch.Tensor:
         """Alias of `points`: (N, 3)."""
         return self.points
 
+    @property
+    def cells(self) -> torch.Tensor:
+        """The faces: (F, 3)."""
+        return self.faces
+
     def to(self, device=None, dtype=None):
         return replace(self, points=self.points.to(device=device, dtype=dtype), faces=self.faces.to(device=device))
+
+
+@dataclass
+class Curve(PointCloud):
+    """A polygonal curve (or several) in 2D or 3D. `points: (N, d)`, `edges: (E, 2)` integer
+    indices of the segments' end points (their order gives the curve's orientation)."""
+
+    edges: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))
+
+    def __post_init__(self) -> None:
+        self.points = check_points(self.points, "points", self.source)
+        self.edges = check_cells(self.edges, "edges", 2, len(self.points), self.source)
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """The edges: (E, 2)."""
+        return self.edges
+
+    def to(self, device=None, dtype=None):
+        return replace(self, points=self.points.to(device=device, dtype=dtype), edges=self.edges.to(device=device))
+
+
+def check_cells(cells: Any, name: str, width: int, n_points: int, source: str | None = None) -> torch.Tensor:
+    """Return `cells` as a long (C, width) tensor of indices below `n_points`, or raise a one-line
+    `ShapeflowError` (naming the file `source`, when known)."""
+    where = _where(source)
+    what, shape = {3: ("triangles", "mesh"), 2: ("segments", "curve")}[width]
+    cells = torch.as_tensor(np.asarray(cells)) if not isinstance(cells, torch.Tensor) else cells
+    if cells.ndim != 2 or cells.shape[1] != width:
+        raise ShapeflowError(f"{where}{name} must be an ({name[0].upper()}, {width}) array of {what}, "
+                             f"got shape {tuple(cells.shape)}")
+    if cells.numel() and (cells.is_floating_point() or cells.dtype == torch.bool):
+        raise ShapeflowError(f"{where}{name} must hold integer vertex indices")
+    cells = cells.long()
+    if cells.numel() and cells.max() >= n_points:
+        raise ShapeflowError(f"{where}{name} index vertex {int(cells.max())} but the {shape} has only "
+                             f"{n_points} vertices")
+    if cells.numel() and cells.min() < 0:
+        raise ShapeflowError(f"{where}{name} hold a negative vertex index")
+    return cells
 
 
 Shape = PointCloud  # every shape kind is a PointCloud with extras

@@ -10,7 +10,8 @@ import torch
 
 import shapeflow as sf
 from shapeflow.deform import (DEFORMATIONS, Affine, Compose, DisplacementField, KernelLDDMM, NeuralODEFlow,
-                              Normalized, ResNetFlow, Rigid, Similarity, StationaryVelocityField)
+                              Normalized, PointDisplacement, ResNetFlow, Rigid, Similarity,
+                              StationaryVelocityField)
 from shapeflow.grids import Grid
 
 DIM = 2
@@ -61,6 +62,15 @@ def _grid_model(cls):
     return model
 
 
+def _point_field():
+    model = PointDisplacement(DIM)
+    model.prepare(torch.as_tensor(points(40, seed=7)))      # a cloud covering the test points' box
+    with torch.no_grad():   # a small smooth field: the fixed-point inverse converges
+        x = model.reference_points
+        model.displacements.copy_(0.1 * torch.stack([torch.sin(x[:, 1]), torch.cos(x[:, 0])], 1))
+    return model
+
+
 # name -> (builder, read-outs to check, inverse: "grad" (differentiable), "nograd" (iterative,
 # computed without autograd, as before) or None (raises NotImplementedError), has its own energy)
 CASES = {
@@ -72,6 +82,7 @@ CASES = {
     "KernelLDDMM": (_lddmm, ["momenta", "q0"], "grad", True),
     "DisplacementField": (lambda: _grid_model(DisplacementField), [], "nograd", True),
     "StationaryVelocityField": (lambda: _grid_model(StationaryVelocityField), [], "grad", True),
+    "PointDisplacement": (_point_field, ["reference_points"], "nograd", True),
     "Compose": (lambda: Compose([_randomize(Similarity(DIM), 0.2), _flow(1)]), [], "nograd", True),
     "Normalized": (lambda: Normalized(_flow(2), torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.5]), 3.0),
                    [], "nograd", True),

@@ -59,5 +59,5 @@ def test_a_new_model_and_loss_register_through_the_unchanged_pipeline(registered
     assert result.options["step_scale"] == 0.5 and result.options["loss"] == "meanmatch"
     with pytest.raises(sf.ShapeflowError, match="option 'step_scale' applies to model 'translation', not to model 'rigid'"):
         sf.register(source, target, model="rigid", step_scale=0.5, progress=False)
-    with pytest.raises(sf.ShapeflowError, match="choose from rigid, similarity, affine, resnet, node, lddmm, translation"):
+    with pytest.raises(sf.ShapeflowError, match="choose from rigid, similarity, affine, resnet, node, lddmm, displacement, translation"):
         sf.register(source, target, model="shift", progress=False)

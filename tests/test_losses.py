@@ -93,6 +93,6 @@ def test_l2_is_the_mean_squared_distance_and_needs_correspondence():
 
 
 def test_loss_registry_and_dimension_check():
-    assert set(LOSSES) == {"sinkhorn", "chamfer", "l2"}
+    assert set(LOSSES) == {"sinkhorn", "chamfer", "l2", "varifold", "currents"}
     with pytest.raises(sf.ShapeflowError, match="same d"):
         ChamferLoss()(torch.rand(5, 2), torch.rand(5, 3))

@@ -201,7 +201,7 @@ class PointDisplacement(Deformation):
         x = points - self.displacement(points)
         for _ in range(iterations):
             new = points - self.displacement(x)
-            step = float((new - x).abs().max()) if len(x) else 0.0
+            step = float((new - x).detach().abs().max()) if len(x) else 0.0
             x = new
             if step <= 1e-6 * extent:
                 return x

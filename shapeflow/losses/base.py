@@ -2,17 +2,22 @@
 
 * `PointLoss`: `(source (N, d), target (M, d)) -> 0-d`, between point sets. It brings its own
   keyword options (`Options`, a dataclass of `register()` options only it reads) and its fitting
-  plan (`stages`): the shape pipeline needs no case per loss.
+  plan (`stages`, made from the two shapes): the shape pipeline needs no case per loss. A loss
+  with `needs_cells` (the varifold, currents) reads the shapes' faces or edges (`shape.cells`)
+  and is fitted on every point, in order.
 * `ImageResidual` (`residuals.py`): what a Gauss-Newton image registration takes its residual on.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..shapes import PointCloud
 
 __all__ = ["PointLoss", "Stage"]
 
@@ -43,6 +48,9 @@ class PointLoss(nn.Module, abc.ABC):
     #: how a Gauss-Newton fit (`model="displacement"`) pairs points for this term: "closest"
     #: (both ways), "corresponding" (point i with point i), or None (not a sum over point pairs)
     pairing: ClassVar[str | None] = None
+    #: True when the term needs the shapes' cells (a Mesh's faces, a Curve's edges), the same
+    #: kind on both; `register()` refuses point clouds for it
+    needs_cells: ClassVar[bool] = False
 
     @dataclass
     class Options:
@@ -58,8 +66,9 @@ class PointLoss(nn.Module, abc.ABC):
         return cls()
 
     @classmethod
-    def stages(cls, options: Any, iterations: int, n_source: int, n_target: int) -> list[Stage]:
-        """The fitting plan: by default one stage on every point (correspondence) or on a subsample
-        of `options.subsample` points per shape when the options have one."""
+    def stages(cls, options: Any, iterations: int, source: "PointCloud", target: "PointCloud") -> list[Stage]:
+        """The fitting plan for `source` onto `target` (shapes: `PointCloud`, `Mesh`, `Curve`, ...;
+        `len()` gives their point counts): by default one stage on every point (correspondence) or
+        on a subsample of `options.subsample` points per shape when the options have one."""
         points = None if cls.correspondence else getattr(options, "subsample", None)
         return [Stage("fine", cls.build(options), points, iterations)]

@@ -12,6 +12,7 @@ import torch
 from ..errors import ShapeflowError
 from ..kernels import SINKHORN_BACKENDS, nearest_neighbors, sinkhorn_backend
 from ..kernels.backends import quiet_import
+from ..shapes import PointCloud
 from .base import PointLoss, Stage
 
 __all__ = ["chamfer_loss", "sinkhorn_loss", "l2_loss", "nearest_neighbors",
@@ -119,14 +120,15 @@ class SinkhornLoss(PointLoss):
         return cls(blur=blur_scale * options.blur, reach=options.reach)
 
     @classmethod
-    def stages(cls, options: "SinkhornLoss.Options", iterations: int, n_source: int, n_target: int) -> list[Stage]:
+    def stages(cls, options: "SinkhornLoss.Options", iterations: int, source: PointCloud,
+               target: PointCloud) -> list[Stage]:
         if options.refine not in (None, "chamfer"):
             raise ShapeflowError(f"register(): unknown refine loss {options.refine!r}; choose from chamfer, "
                                  "or None (Sinkhorn throughout)")
         points = options.subsample if options.subsample is not None else cls.FINE_POINTS[options.refine]
         fine_loss = cls.build(options) if options.refine is None else ChamferLoss()
         fine = Stage("fine", fine_loss, points, iterations)
-        if not options.coarse_to_fine or (min(n_source, n_target) <= cls.COARSE_POINTS and options.refine is None):
+        if not options.coarse_to_fine or (min(len(source), len(target)) <= cls.COARSE_POINTS and options.refine is None):
             return [fine]
         coarse = Stage("coarse", cls.build(options, blur_scale=3.0), cls.COARSE_POINTS, iterations)
         # a fresh Adam moves every parameter by about lr at once: refine with smaller steps

@@ -62,6 +62,26 @@ def check_extent(shape: PointCloud, role: str) -> None:
                              f"in every direction); there is nothing to register")
 
 
+def _cell_kind(shape: PointCloud) -> str:
+    cells = shape.cells
+    if cells is None or len(cells) == 0:
+        return "a point cloud"
+    return "a mesh (faces)" if cells.shape[1] == 3 else "a curve (edges)"
+
+
+def check_cells_match(src: PointCloud, tgt: PointCloud, loss: str) -> None:
+    """A one-line error unless `src` and `tgt` both have cells of one kind (faces or edges), which a
+    loss with `needs_cells` reads; it names the losses that work on point clouds."""
+    source_kind, target_kind = _cell_kind(src), _cell_kind(tgt)
+    if source_kind == target_kind != "a point cloud":
+        return
+    point_losses = ", ".join(LOSSES.where(needs_cells=False))
+    found = (f"the source is {source_kind}" if source_kind == target_kind
+             else f"the source is {source_kind} and the target {target_kind}")
+    raise ShapeflowError(f"register(): loss {loss!r} needs faces (a Mesh) or edges (a Curve), the same on both "
+                         f"shapes; {found}. Losses for point clouds: {point_losses}")
+
+
 def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", loss: str | None = None,
                     *, array_in: bool = False, **options: Any) -> Result:
     """Move `src` onto `tgt` (shapes of the same dimension). See the module docstring.
@@ -84,6 +104,8 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     if loss_cls.correspondence and len(src) != len(tgt):
         raise ShapeflowError(f"register(): loss {loss!r} needs corresponding points, but source has {len(src)} "
                              f"and target {len(tgt)}")
+    if loss_cls.needs_cells:
+        check_cells_match(src, tgt, loss)
     check_extent(src, "source")
     check_extent(tgt, "target")
     marks = landmark_pair(opts.landmarks, src.dim)
@@ -107,10 +129,10 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
 
     history: list[dict] = []
     iterations = opts.iterations if opts.iterations is not None else 60
-    stages = loss_cls.stages(parts["loss"], iterations, len(x), len(y))
+    stages = loss_cls.stages(parts["loss"], iterations, src, tgt)
     fitted: list[Deformation] = []
     interrupted = False
-    problem = ShapeFit(x, y, getattr(src, "faces", None), getattr(tgt, "faces", None), stages, loss_cls,
+    problem = ShapeFit(x, y, src.cells, tgt.cells, stages, loss_cls,
                        landmarks, opts, parts["model"])
     if opts.prealign is not None:
         pre = MODELS[opts.prealign].build(src.dim, seed=opts.seed).to(device, dtype)
@@ -119,7 +141,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
         with torch.no_grad():
             problem = problem.moved_by(pre)
     core = model_cls.build(src.dim, parts["model"], seed=opts.seed).to(device, dtype)
-    core.prepare(problem.x, problem.source_faces)
+    core.prepare(problem.x, problem.source_cells)
     if not interrupted:
         interrupted = fitter(core, problem, history, prefix="")
     fitted.append(core)
@@ -152,13 +174,13 @@ def _sample(points: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
 @dataclass
 class ShapeFit:
     """What a fitter gets: the normalised (and pre-aligned) source `x: (N, d)` and target
-    `y: (M, d)`, their faces ((F, 3) or None), the loss's stages and class, the landmarks
+    `y: (M, d)`, their cells (a mesh's faces (F, 3), a curve's edges (E, 2), or None), the loss's stages and class, the landmarks
     `(source (K, d), target (K, d), weight)` in the same coordinates (or None), and the options."""
 
     x: torch.Tensor
     y: torch.Tensor
-    source_faces: torch.Tensor | None
-    target_faces: torch.Tensor | None
+    source_cells: torch.Tensor | None
+    target_cells: torch.Tensor | None
     stages: list[Stage]
     loss_cls: type
     landmarks: tuple[torch.Tensor, torch.Tensor, float] | None
@@ -216,12 +238,17 @@ def _fit_gauss_newton(model: Deformation, problem: ShapeFit, history: list[dict]
     weight = opts.regularization if opts.regularization is not None else model.default_regularization
     pairs = PairTerm(problem.loss_cls.pairing, options.reject, options.normal_angle, options.point_to_plane)
     u, interrupted = fit_point_displacement(
-        problem.x, problem.y, problem.source_faces, problem.target_faces, options, pairs=pairs,
+        problem.x, problem.y, _triangles(problem.source_cells), _triangles(problem.target_cells), options, pairs=pairs,
         regularization=weight, iterations=opts.iterations, landmarks=problem.landmarks, progress=opts.progress,
         history=history, prefix=prefix, seed=opts.seed)
     with torch.no_grad():
         model.displacements.copy_(u)
     return interrupted
+
+
+def _triangles(cells: torch.Tensor | None) -> torch.Tensor | None:
+    """A mesh's faces (F, 3); None for a cloud or a curve (fitted as a cloud, with the kNN Laplacian)."""
+    return cells if cells is not None and cells.numel() and cells.shape[1] == 3 else None
 
 
 def _check_gauss_newton(model: str, model_cls, loss: str, loss_cls, given: set[str]) -> None:
@@ -269,9 +296,10 @@ def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bo
         "chamfer_before": metrics.chamfer_distance(x_world, y_world),
         "bbox_diagonal": float((y_world.max(0).values - y_world.min(0).values).norm()),
     }
-    same_mesh = (isinstance(src, Mesh) and isinstance(tgt, Mesh) and src.faces.shape == tgt.faces.shape
-                 and bool((src.faces == tgt.faces).all()))
-    known = correspondence or same_mesh or (isinstance(src, Landmarks) and isinstance(tgt, Landmarks))
+    # two meshes (or curves) with the same cells: the vertices correspond
+    same_cells = (src.cells is not None and tgt.cells is not None and src.cells.shape == tgt.cells.shape
+                  and bool((src.cells == tgt.cells).all()))
+    known = correspondence or same_cells or (isinstance(src, Landmarks) and isinstance(tgt, Landmarks))
     out["rmse"] = metrics.rmse(warped, y_world) if known and len(src) == len(tgt) else None
     out["min_jacobian_det"] = metrics.min_jacobian_determinant(deformation, x_world)
     if isinstance(src, Mesh):

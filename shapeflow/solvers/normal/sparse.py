@@ -10,6 +10,7 @@ once); `assemble_sparse_normal_matrix` gives the same matrix as a sparse CSR ten
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -45,7 +46,9 @@ class SparseNormalOperator:
         self.n_points, self.d = blocks.shape[0], blocks.shape[1]
         self.n = self.n_points * self.d
         L = laplacian.to(blocks.dtype)
-        self.laplacian = L.to_sparse_csr() if L.layout != torch.strided else L   # converted once
+        with warnings.catch_warnings():   # torch's "sparse CSR support is in beta" notice
+            warnings.simplefilter("ignore", UserWarning)
+            self.laplacian = L.to_sparse_csr() if L.layout != torch.strided else L   # converted once
         self.lam, self.damping = float(lam), float(damping)
 
     def __call__(self, v: Tensor) -> Tensor:

@@ -122,13 +122,13 @@ class PointDisplacement(Deformation):
 
         laplacian: str = "auto"          # "auto" (cotangent on a mesh, knn on a cloud), "cotangent", "uniform", "knn"
         neighbors: int = 8               # k of the kNN graph Laplacian
-        bending: float = 0.0             # weight of u^T L M^-1 L u, relative to the diffusion weight
+        bending: float = 0.3             # weight of u^T L M^-1 L u, relative to the diffusion weight
         stiffness: float = 100.0         # the first stage's weight, in multiples of `regularization`
         stages: int = 5                  # stiffness stages, geometric from stiffness x regularization down
         point_to_plane: float = 0.0      # meshes: weight of the point-to-plane term (sliding along the target)
         normal_angle: float | None = 60.0  # meshes: reject pairs whose normals differ by more (degrees)
         reject: float | None = 3.0       # reject pairs farther than this many times their median distance
-        preconditioner: str = "jacobi"   # CG preconditioner: "jacobi" or "amg" (pyamg, CPU)
+        preconditioner: str = "auto"     # CG preconditioner: "factor" (sparse LU, CPU), "jacobi", "amg"; auto: factor to 60k points
         coarse_points: int | None = 5000  # fit a subsample of this many points first (None: never)
 
     def __init__(self, dim: int, laplacian: str = "auto", neighbors: int = 8):

@@ -48,7 +48,9 @@ from ..solvers.normal.sparse import assemble_sparse_normal_matrix
 __all__ = ["IcpProblem", "PairTerm", "LandmarkTerm", "fit_point_displacement", "PRECONDITIONERS"]
 
 #: the preconditioners of the inner CG
-PRECONDITIONERS = Registry("preconditioner", {"jacobi": "jacobi", "amg": "amg"})
+PRECONDITIONERS = Registry("preconditioner", {"auto": "auto", "factor": "factor", "jacobi": "jacobi", "amg": "amg"})
+#: "auto" factorises up to this many points per level, and uses Jacobi above
+FACTOR_MAX_POINTS = 60000
 #: Gauss-Newton iterations per stiffness stage when `iterations` is not given
 STAGE_ITERATIONS = 10
 
@@ -105,19 +107,23 @@ class IcpProblem:
 
     def __init__(self, x: Tensor, y: Tensor, source_faces: Tensor | None, target_faces: Tensor | None,
                  pairs: PairTerm, regularizer: Tensor, landmarks: "LandmarkTerm | None" = None,
-                 preconditioner: str = "jacobi", cg_tol: float = 1e-6, target_index: PointIndex | None = None):
+                 preconditioner: str = "auto", cg_tol: float = 1e-3, target_index: PointIndex | None = None):
         self.x, self.y = x, y
         self.source_faces, self.target_faces = source_faces, target_faces
         self.pairs = pairs
         self.regularizer = regularizer.coalesce()
         self.landmarks = landmarks
         self.coupling = self.regularizer if landmarks is None else (self.regularizer + landmarks.matrix).coalesce()
-        self.preconditioner, self.cg_tol = preconditioner, cg_tol
+        self.cg_tol = cg_tol
         self.source_mass = shape_mass(x, source_faces)
         self.target_mass = shape_mass(y, target_faces)
         self.target_normals = vertex_normals(y, target_faces) if target_faces is not None else None
         self.target_index = target_index or (PointIndex(y) if pairs.pairing == "closest" else None)
         self.cg_iterations = 0
+        self._factor = None
+        if preconditioner == "auto":
+            preconditioner = "factor" if len(x) <= FACTOR_MAX_POINTS else "jacobi"
+        self.preconditioner = preconditioner
 
     # --- correspondences and the cost ------------------------------------------------------
     def _filter(self, weights: Tensor, distances: Tensor, normal_dots: Tensor | None) -> Tensor:
@@ -176,6 +182,36 @@ class IcpProblem:
         return data + regular, {"data": data, "regular": regular}
 
     # --- the linearisation ----------------------------------------------------------------
+    def _factored(self, blocks: Tensor, mu: float):
+        """The "factor" preconditioner: `r -> A0^-1 r` per component, A0 = diag(tr(block) / d) +
+        coupling + mu I the isotropic part of the normal matrix (SciPy's sparse LU, CPU). It is
+        factorised at the stage's first step and kept: later steps change only the data weights on
+        the diagonal, so it stays a close preconditioner (exact at the first step for
+        point-to-point pairs, where CG takes one step)."""
+        if self._factor is None:
+            self._factor = self._factorise(blocks, mu)
+        return self._factor
+
+    def _factorise(self, blocks: Tensor, mu: float):
+        import numpy as np
+        import scipy.sparse as sp
+        from scipy.sparse.linalg import splu
+
+        n, d = self.x.shape
+        C = self.coupling
+        (i, j), v = C.indices().cpu().numpy(), C.values().detach().cpu().double().numpy()
+        diag = (torch.diagonal(blocks, dim1=1, dim2=2).sum(1) / d + mu).detach().cpu().double().numpy()
+        A0 = (sp.csc_matrix((v, (i, j)), shape=(n, n)) + sp.diags(diag)).tocsc()
+        lu = splu(A0, permc_spec="COLAMD")
+
+        def apply(r: Tensor) -> Tensor:
+            flat = r.reshape(n, d, -1).permute(0, 2, 1).reshape(n, -1)                  # (N, d k)
+            out = lu.solve(np.ascontiguousarray(flat.detach().cpu().double().numpy()))
+            out = torch.as_tensor(out, dtype=r.dtype, device=r.device).reshape(n, -1, d).permute(0, 2, 1)
+            return out.reshape(r.shape)
+
+        return apply
+
     def blocks(self, pairs: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         """`J^T J` of the data term per point, `(N, d, d)`."""
         n, d = self.x.shape
@@ -213,8 +249,8 @@ class IcpProblem:
                 step, info = conjugate_gradient(A, -g.reshape(-1), M="amg", tol=self.cg_tol)
             else:
                 op = sparse_normal_operator(blocks, self.coupling, lam=1.0, damping=mu)
-                step, info = conjugate_gradient(op, -g.reshape(-1), M=op.diagonal(), tol=self.cg_tol,
-                                                maxiter=2000)
+                M = op.diagonal() if self.preconditioner == "jacobi" else self._factored(blocks, mu)
+                step, info = conjugate_gradient(op, -g.reshape(-1), M=M, tol=self.cg_tol, maxiter=1000)
             iterations = int(torch.as_tensor(info.iterations).max())
             self.cg_iterations += iterations
             return step.reshape(u.shape), iterations

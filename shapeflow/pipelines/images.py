@@ -276,6 +276,13 @@ def _landmark_name(value: Any, role: str) -> str:
     return getattr(value, "source", None) or f"landmarks ({role})"
 
 
+def _landmark_files(landmarks: Any) -> dict:
+    """`{"landmarks": [file, file]}` for the report when both sides are files, else `{}`."""
+    if landmarks is not None and all(isinstance(v, (str, os.PathLike)) for v in landmarks):
+        return {"landmarks": [str(v) for v in landmarks]}
+    return {}
+
+
 def _check_inside(points: torch.Tensor, image: Image, role: str, name: str) -> None:
     """A one-line error naming the file for a landmark outside `image` (by more than half a voxel)."""
     grid = Grid.of(image)
@@ -396,7 +403,7 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     metrics["interrupted"] = interrupted
     record = {"model": model, "loss": loss,
               **{k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith("labels_") and k != "landmarks"},
-              **dataclasses.asdict(parts["model"]), **dataclasses.asdict(parts["loss"]),
+              **_landmark_files(opts.landmarks), **dataclasses.asdict(parts["model"]), **dataclasses.asdict(parts["loss"]),
               "source": moving.source, "target": fixed.source}
     return Result(warped=warped, deformation=deformation, history=history, metrics=metrics, source=moving,
                   target=fixed, options=record, snapshots=snapshots)

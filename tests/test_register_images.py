@@ -179,12 +179,41 @@ def test_landmark_normal_term_matches_a_dense_matrix_and_autograd():
     torch.testing.assert_close(at_u.gradient(n), grad, atol=1e-10, rtol=0)
 
 
+def test_the_pipeline_landmark_gradient_is_n_over_2_times_the_objective_gradient():
+    """GridProblem's Gauss-Newton system is N/2 times its objective's; the landmark part of its
+    gradient must be N/2 times autograd's gradient of `w mean_k |x_k + u(f_k) - m_k|^2 / D^2`."""
+    from shapeflow.deform import DisplacementField
+    from shapeflow.pipelines.images import GridProblem, ImageOptions, _Level, _Marks
+
+    moving, fixed, moving_marks, fixed_marks = band_pair(n=16, shift=(1.0, 2.0))
+    grid = Grid.of(fixed)
+    m, f = moving.data.double(), fixed.data.double()
+    level = _Level(f, m, grid, grid, f)
+    opts = ImageOptions(device="cpu", dtype="float64", progress=False)
+    marks = _Marks(fixed_marks * 16 / 48, moving_marks * 16 / 48, 3.0, 22.6)
+    problems = [GridProblem(DisplacementField(grid).double(), level, None, 0.01, opts, 1, k) for k in (marks, None)]
+    x = 0.3 * torch.randn(2, *grid.shape, dtype=torch.float64)
+    (with_marks, state), (without, plain) = (p.cost(x) for p in problems)
+    gradient = problems[0].linearize(x, state).gradient - problems[1].linearize(x, plain).gradient
+
+    def term(field):
+        r = marks.fixed + sample(field, grid, marks.fixed).T - marks.target
+        return marks.weight * r.pow(2).sum(1).mean() / marks.scale ** 2
+
+    field = x.clone().requires_grad_()
+    value = term(field)
+    (expected,) = torch.autograd.grad(value, field)
+    assert with_marks - without == pytest.approx(value.detach().item(), abs=1e-12)
+    torch.testing.assert_close(gradient, x[0].numel() / 2 * expected, atol=1e-10, rtol=0)
+
+
 def test_landmark_gauss_newton_step_solves_the_dense_system():
     from shapeflow.solvers import PointTerm
 
     moving, fixed, moving_marks, fixed_marks = band_pair(n=12, shift=(0.5, 1.0))
     grid = Grid.of(fixed)
     m, f = moving.data.double(), fixed.data.double()
+    torch.manual_seed(1)
     u = 0.1 * torch.randn(2, *grid.shape, dtype=torch.float64)
     warped = sample(m, grid, grid.points(torch.float64) + u.movedim(0, -1))
     gradient = spatial_gradient(warped, grid)

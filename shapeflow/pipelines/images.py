@@ -75,7 +75,8 @@ class ImageOptions(CommonOptions):
     `["landmark_error"]`. `landmark_weight` (default None = 0: landmarks are only measured) > 0
     adds `landmark_weight * mean_k |phi(f_k) - m_k|^2 / D^2` to the Gauss-Newton objective (D: the
     fixed image's world diagonal, so the term is a fraction of the image size squared, as the image
-    term is of the intensity range; 1 pulls visibly, 100 makes landmarks nearly hard constraints).
+    term is of the intensity range, whatever the resolution; 1 already pulls landmarks to well under
+    a voxel where the intensities leave the motion free).
     Non-linear models only (displacement, svf; either solver, any stride); with model="affine" a
     weight > 0 is an error.
     """

@@ -35,8 +35,9 @@ def register(
     solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs the amg extra: pip install 'shapeflow\\[amg]')."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
-    landmarks_moving: Optional[Path] = typer.Option(None, help="Images: landmarks (world mm) in the moving image, for TRE."),
-    landmarks_fixed: Optional[Path] = typer.Option(None, help="Images: corresponding landmarks in the fixed image."),
+    landmarks_source: Optional[Path] = typer.Option(None, help="Landmarks (K points, .csv/.txt/.xyz/.npy; images: world mm) on SOURCE (the moving image); give --landmarks-target too. Reported as landmark_error (and tre for images); fitted with --landmark-weight."),
+    landmarks_target: Optional[Path] = typer.Option(None, help="The K corresponding landmarks on TARGET (the fixed image), in the same order."),
+    landmark_weight: Optional[float] = typer.Option(None, help="Weight of the landmark term in the fit (images: default 0, landmarks only measured; 1 pulls them visibly)."),
     option: list[str] = typer.Option([], "--set", metavar="NAME=VALUE", help="Any other register() option, repeatable: a model's or loss's own (e.g. --set blocks=20 --set blur=0.05 --set refine=null); VALUE is read as JSON (numbers, true/false, null, [lists]) or else as text."),
     gif: Optional[Path] = typer.Option(None, help="Write an animation of the flow (.gif or .mp4); a bare name goes into the output folder."),
     frames: int = typer.Option(24, help="Frames in the animation."),
@@ -56,9 +57,12 @@ def register(
             _fail(f"{output}: output folder exists; choose another with -o or pass --overwrite")
         if gif is not None and gif.suffix.lower() not in (".gif", ".mp4"):
             _fail(f"{gif}: animations are written as .gif or .mp4")
+        if (landmarks_source is None) != (landmarks_target is None):
+            _fail("--landmarks-source and --landmarks-target go together; give both or neither")
+        landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
         given = dict(iterations=iterations, regularization=regularization, prealign=prealign, solver=solver,
-                     labels_moving=labels_moving, labels_fixed=labels_fixed,
-                     landmarks_moving=landmarks_moving, landmarks_fixed=landmarks_fixed)
+                     labels_moving=labels_moving, labels_fixed=labels_fixed, landmarks=landmarks,
+                     landmark_weight=landmark_weight)
         options = {k: v for k, v in given.items() if v is not None}
         for item in option:
             name, value = _parse_set(item)

@@ -6,6 +6,7 @@ Fields on a grid are `(C, *S)`; points are `(..., d)` in world units (mm).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from .errors import ShapeflowError
 from .shapes import Image
 
-__all__ = ["Grid", "sample", "spatial_gradient", "downsample", "bspline_upsample", "control_shape", "compose_displacements"]
+__all__ = ["Grid", "sample", "interpolation_weights", "spatial_gradient", "downsample", "bspline_upsample",
+           "control_shape", "compose_displacements"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,28 @@ def sample(field: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "l
     out = F.grid_sample(field[None], flat, mode=SAMPLE_MODES[mode],
                         padding_mode=padding, align_corners=True)
     return out.reshape(field.shape[0], *points.shape[:-1])
+
+
+def interpolation_weights(grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `sample(field, grid, points)` (linear mode, border padding) as a sparse matrix.
+
+    points: world `(K, d)`. Returns `(index (K, 2^d) long, weights (K, 2^d))`: flat voxel indices
+    (C order of S) of the 2^d grid nodes around each point and their bi/trilinear weights (same
+    dtype as points), so `sample(field, grid, points)[c, k] == (field.reshape(C, -1)[c, index[k]]
+    * weights[k]).sum()`. Points outside the grid are clamped to it, as `sample` does.
+    """
+    d = grid.dim
+    size = torch.tensor(grid.shape, device=points.device)
+    index = grid.to_index(points)                                                      # (K, d)
+    index = torch.minimum(index.clamp_min(0), (size - 1).to(index))
+    low = index.floor().long().clamp(max=(size - 2).clamp_min(0))                      # (K, d)
+    frac = index - low.to(index)                                                       # (K, d) in [0, 1]
+    corners = torch.tensor([[(c >> (d - 1 - a)) & 1 for a in range(d)] for c in range(2 ** d)],
+                           device=points.device)                                       # (P, d)
+    node = torch.minimum(low[:, None] + corners, size - 1)                             # (K, P, d)
+    weights = torch.where(corners.bool(), frac[:, None], 1 - frac[:, None]).prod(-1)   # (K, P)
+    strides = torch.tensor([math.prod(grid.shape[a + 1:]) for a in range(d)], device=points.device)
+    return (node * strides).sum(-1), weights
 
 
 def compose_displacements(first: torch.Tensor, second: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -40,7 +40,8 @@ def test_help_is_complete():
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0 and "register" in top.output and "warp" in top.output
     for command, options in [("register", ["--output", "--model", "--loss", "--iterations", "--gif", "--seed",
-                                           "--device", "--overwrite"]),
+                                           "--device", "--overwrite", "--landmarks-source", "--landmarks-target",
+                                           "--landmark-weight"]),
                              ("warp", ["--output", "--inverse", "--reference"])]:
         text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         for option in options:
@@ -125,3 +126,63 @@ def test_set_passes_model_and_loss_options(tmp_path):
     options = json.loads((out / "report.json").read_text())["options"]
     assert options["blocks"] == 3 and options["refine"] is None and options["activation"] == "tanh"
     assert options["blur"] == 0.05
+
+
+def _band_images(tmp_path):
+    """A 2D Gaussian band and the same band moved by (2, 5) mm, written as NIfTI, with landmark files."""
+    import torch
+
+    n, c = 32, 15.5
+    index = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"), -1).double()
+    band = lambda p: torch.exp(-((p[..., 0] - c) ** 2) / (2 * 4.0 ** 2))[None].float()
+    shift = torch.tensor([2.0, 5.0], dtype=torch.float64)
+    sf.write(sf.Image(band(index)), tmp_path / "fixed.nii.gz")
+    sf.write(sf.Image(band(index - shift)), tmp_path / "moving.nii.gz")
+    marks = np.array([[c - 3, c - 8], [c + 2, c], [c, c + 8]])
+    np.savetxt(tmp_path / "lm_moving.csv", marks + shift.numpy(), delimiter=",")
+    np.savetxt(tmp_path / "lm_fixed.csv", marks, delimiter=",")
+    return [tmp_path / name for name in ("moving.nii.gz", "fixed.nii.gz", "lm_moving.csv", "lm_fixed.csv")]
+
+
+def test_landmark_flags_reach_register_and_the_old_ones_are_gone(tmp_path):
+    moving, fixed, lm_moving, lm_fixed = _band_images(tmp_path)
+    errors = {}
+    for weight in ("0", "1"):
+        out = tmp_path / f"out{weight}"
+        run = CliRunner().invoke(app, ["register", str(moving), str(fixed), "-o", str(out), "-q", "--iterations", "4",
+                                       "--landmarks-source", str(lm_moving), "--landmarks-target", str(lm_fixed),
+                                       "--landmark-weight", weight])
+        assert run.exit_code == 0, run.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["options"]["landmark_weight"] == float(weight)
+        assert report["options"]["landmarks"] == [str(lm_moving), str(lm_fixed)]
+        errors[weight] = report["metrics"]["landmark_error"]
+        assert set(errors[weight]) == {"mean", "max", "mean_before", "max_before"} and "tre" in report["metrics"]
+    assert errors["1"]["mean"] < 0.2 * errors["0"]["mean"], errors          # the weight reached the fit
+    before = sorted(tmp_path.iterdir())
+    for args, message in [(["--landmarks-source", str(lm_moving)], "--landmarks-source and --landmarks-target go together"),
+                          (["--landmarks-target", str(lm_fixed)], "--landmarks-source and --landmarks-target go together"),
+                          (["--landmarks-source", str(lm_moving), "--landmarks-target", str(tmp_path / "none.csv")],
+                           "none.csv: no such file")]:
+        run = CliRunner().invoke(app, ["register", str(moving), str(fixed), "-o", str(tmp_path / "bad"), "-q", *args])
+        lines = run.stderr.strip().splitlines()
+        assert run.exit_code == 2 and len(lines) == 1 and message in lines[0], run.stderr
+    for old in ("--landmarks-moving", "--landmarks-fixed"):
+        run = CliRunner().invoke(app, ["register", str(moving), str(fixed), "-o", str(tmp_path / "bad"), "-q", old,
+                                       str(lm_moving)])
+        assert run.exit_code == 2 and "No such option" in run.output + run.stderr
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_landmark_flags_pass_through_for_shapes(tmp_path):
+    source = np.loadtxt(ASSETS / "horse_contour.csv", delimiter=",", skiprows=1)[:4]
+    target = np.loadtxt(ASSETS / "horse_contour_deformed.csv", delimiter=",", skiprows=1)[:4]
+    np.savetxt(tmp_path / "a.csv", source, delimiter=",")
+    np.savetxt(tmp_path / "b.csv", target, delimiter=",")
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q", "--loss", "chamfer", "--iterations", "3",
+                                   "--landmarks-source", str(tmp_path / "a.csv"), "--landmarks-target", str(tmp_path / "b.csv"),
+                                   "--landmark-weight", "0.5"])
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((out / "report.json").read_text())["options"]["landmark_weight"] == 0.5

@@ -86,8 +86,201 @@ def test_landmark_error_uses_the_same_map():
     fixed_marks = torch.tensor([[15.0, 20.0], [30.0, 25.0], [24.0, 33.0]])
     with torch.no_grad():
         moving_marks = truth(fixed_marks)
-    result = sf.register(moving, fixed, progress=False, landmarks_moving=moving_marks, landmarks_fixed=fixed_marks)
+    result = sf.register(moving, fixed, progress=False, landmarks=(moving_marks, fixed_marks))
     assert result.metrics["tre"]["mean"] < 0.5 * result.metrics["tre_before"]["mean"]
+    error = result.metrics["landmark_error"]
+    assert set(error) == {"mean", "max", "mean_before", "max_before"}
+    assert error["mean"] == result.metrics["tre"]["mean"] and error["max_before"] == result.metrics["tre_before"]["max"]
+
+
+def band_pair(n=48, shift=(2.0, 5.0)):
+    """A Gaussian band along axis 1 moved by `shift` (mm): the intensities fix the motion across the
+    band (axis 0) and leave the motion along it free. Landmarks at truly corresponding points."""
+    fixed = sf.Image(torch.zeros(1, n, n))
+    points = Grid.of(fixed).points(torch.float64)
+    c = (n - 1) / 2
+    band = lambda p: torch.exp(-((p[..., 0] - c) ** 2) / (2 * 5.0 ** 2))
+    t = torch.tensor(shift, dtype=torch.float64)
+    fixed, moving = sf.Image(band(points)[None].float()), sf.Image(band(points - t)[None].float())
+    fixed_marks = torch.tensor([[c - 4, c - 12], [c + 3, c], [c, c + 12], [c + 4, c + 6]], dtype=torch.float64)
+    return moving, fixed, fixed_marks + t, fixed_marks    # psi(x) = x + t maps fixed onto moving
+
+
+@pytest.mark.parametrize("model, options", [("displacement", {}), ("svf", {}), ("displacement", {"stride": 4})])
+def test_landmark_term_fixes_what_the_intensities_leave_free(model, options):
+    moving, fixed, moving_marks, fixed_marks = band_pair()
+    runs = {w: sf.register(moving, fixed, model=model, progress=False, landmarks=(moving_marks, fixed_marks),
+                           landmark_weight=w, **options) for w in (None, 1.0)}
+    off, on = (runs[w].metrics["landmark_error"] for w in (None, 1.0))
+    assert off["mean_before"] == on["mean_before"] == pytest.approx(29 ** 0.5)
+    # measured: off 5.0 mm (the motion along the band is not seen), on under 0.01 mm
+    assert off["mean"] > 4.0 and on["mean"] < 0.02 * off["mean"], (off, on)
+    assert on["max"] < 0.1
+    assert runs[1.0].metrics["jacobian_percent_negative"] == 0.0
+    assert runs[1.0].metrics["mse_after"] < 1e-4                  # the intensities still match
+    assert "landmarks" in runs[1.0].history[-1] and "landmarks" not in runs[None].history[-1]
+
+
+def test_landmark_term_with_amg_and_with_an_affine_prealignment():
+    pytest.importorskip("pyamg")
+    moving, fixed, moving_marks, fixed_marks = band_pair()
+    for options in ({"solver": "amg", "device": "cpu"}, {"prealign": "affine"}):
+        result = sf.register(moving, fixed, progress=False, landmarks=(moving_marks, fixed_marks), landmark_weight=1.0,
+                             **options)
+        assert result.metrics["landmark_error"]["mean"] < 0.1, (options, result.metrics["landmark_error"])
+
+
+def _point_term(grid, marks, weight, dtype=torch.float64):
+    from shapeflow.grids import interpolation_weights
+    from shapeflow.solvers import PointTerm
+
+    index, weights = interpolation_weights(grid, marks.to(dtype))
+    return PointTerm(index, weights, weight)
+
+
+def _dense_interpolation(grid, marks):
+    """B (K, N) built column by column from `sample` of unit fields: independent of the sparse rows."""
+    n = int(np.prod(grid.shape))
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *grid.shape)
+    return sample(eye, grid, marks).T                                                    # (K, N)
+
+
+def test_landmark_normal_term_matches_a_dense_matrix_and_autograd():
+    from shapeflow.solvers import assemble_grid_normal_matrix, grid_normal_operator
+
+    torch.manual_seed(0)
+    grid = Grid((7, 6), torch.tensor([1.0, 1.5], dtype=torch.float64), torch.tensor([2.0, -1.0], dtype=torch.float64),
+                torch.tensor([[0.8, -0.6], [0.6, 0.8]], dtype=torch.float64))
+    marks = grid.points(torch.float64)[1:6:2, 1:5:3].reshape(-1, 2) + 0.37 * torch.randn(6, 2, dtype=torch.float64)
+    marks = torch.cat([marks, grid.points(torch.float64)[-1, -1][None] + 0.2])         # one past the corner: clamped
+    B = _dense_interpolation(grid, marks)                                               # (K, N)
+    term = _point_term(grid, marks, 0.7)
+    n = B.shape[1]
+    jac = torch.randn(1, 2, *grid.shape, dtype=torch.float64)
+    plain = grid_normal_operator(jac, lam=0.3, spacing=grid.spacing.tolist(), damping=0.05)
+    with_points = grid_normal_operator(jac, lam=0.3, spacing=grid.spacing.tolist(), damping=0.05, points=term)
+    dense = torch.block_diag(0.7 * B.T @ B, 0.7 * B.T @ B)                              # per component
+    v = torch.randn(2 * n, dtype=torch.float64)
+    torch.testing.assert_close(with_points(v) - plain(v), dense @ v, atol=1e-10, rtol=0)
+    out, dot = with_points.apply_dot(v)
+    torch.testing.assert_close(dot, v @ out, atol=1e-10, rtol=0)
+    torch.testing.assert_close(with_points.diagonal() - plain.diagonal(), torch.diagonal(dense), atol=1e-10, rtol=0)
+    A = assemble_grid_normal_matrix(jac, lam=0.3, spacing=grid.spacing.tolist(), damping=0.05, points=term).to_dense()
+    A0 = assemble_grid_normal_matrix(jac, lam=0.3, spacing=grid.spacing.tolist(), damping=0.05).to_dense()
+    torch.testing.assert_close(A - A0, dense, atol=1e-10, rtol=0)
+    # the gradient: weight B^T r is the derivative of (weight / 2) |B u + r0|^2 (per component)
+    u = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+    r0 = torch.randn(2, len(marks), dtype=torch.float64)
+    residual = (u[:, None, :] * B).sum(-1) + r0                                         # (C, K)
+    (grad,) = torch.autograd.grad(0.35 * residual.pow(2).sum(), u)
+    from shapeflow.solvers import PointTerm
+
+    at_u = PointTerm(term.index, term.weights, 0.7, residual.detach())
+    torch.testing.assert_close(at_u.gradient(n), grad, atol=1e-10, rtol=0)
+
+
+def test_the_pipeline_landmark_gradient_is_n_over_2_times_the_objective_gradient():
+    """GridProblem's Gauss-Newton system is N/2 times its objective's; the landmark part of its
+    gradient must be N/2 times autograd's gradient of `w mean_k |x_k + u(f_k) - m_k|^2 / D^2`."""
+    from shapeflow.deform import DisplacementField
+    from shapeflow.pipelines.images import GridProblem, ImageOptions, _Level, _Marks
+
+    moving, fixed, moving_marks, fixed_marks = band_pair(n=16, shift=(1.0, 2.0))
+    grid = Grid.of(fixed)
+    m, f = moving.data.double(), fixed.data.double()
+    level = _Level(f, m, grid, grid, f)
+    opts = ImageOptions(device="cpu", dtype="float64", progress=False)
+    marks = _Marks(fixed_marks * 16 / 48, moving_marks * 16 / 48, 3.0, 22.6)
+    problems = [GridProblem(DisplacementField(grid).double(), level, None, 0.01, opts, 1, k) for k in (marks, None)]
+    x = 0.3 * torch.randn(2, *grid.shape, dtype=torch.float64)
+    (with_marks, state), (without, plain) = (p.cost(x) for p in problems)
+    gradient = problems[0].linearize(x, state).gradient - problems[1].linearize(x, plain).gradient
+
+    def term(field):
+        r = marks.fixed + sample(field, grid, marks.fixed).T - marks.target
+        return marks.weight * r.pow(2).sum(1).mean() / marks.scale ** 2
+
+    field = x.clone().requires_grad_()
+    value = term(field)
+    (expected,) = torch.autograd.grad(value, field)
+    assert with_marks - without == pytest.approx(value.detach().item(), abs=1e-12)
+    torch.testing.assert_close(gradient, x[0].numel() / 2 * expected, atol=1e-10, rtol=0)
+
+
+def test_landmark_gauss_newton_step_solves_the_dense_system():
+    from shapeflow.solvers import PointTerm
+
+    moving, fixed, moving_marks, fixed_marks = band_pair(n=12, shift=(0.5, 1.0))
+    grid = Grid.of(fixed)
+    m, f = moving.data.double(), fixed.data.double()
+    torch.manual_seed(1)
+    u = 0.1 * torch.randn(2, *grid.shape, dtype=torch.float64)
+    warped = sample(m, grid, grid.points(torch.float64) + u.movedim(0, -1))
+    gradient = spatial_gradient(warped, grid)
+    residual = warped - f
+    marks = fixed_marks.double() * 12 / 48
+    B = _dense_interpolation(grid, marks)
+    r = (marks + sample(u, grid, marks).T - marks - 0.3).T                              # (2, K)
+    term = _point_term(grid, marks, 2.0)
+    step, _ = gauss_newton_step(residual, gradient, u, grid, 0.01, cg_iterations=2000, cg_tol=1e-12,
+                                points=PointTerm(term.index, term.weights, 2.0, r))
+    from shapeflow.regularizers import grid_laplacian
+
+    n = B.shape[1]
+    g = gradient[0].reshape(2, n)
+    J = torch.cat([torch.diag(g[0]), torch.diag(g[1])], 1)                              # (N, 2N)
+    L = grid_laplacian(grid.shape, grid.spacing.tolist(), components=2, dtype=torch.float64).to_dense()
+    H = J.T @ J + 0.01 * L + torch.block_diag(2.0 * B.T @ B, 2.0 * B.T @ B)
+    rhs = -J.T @ residual.reshape(-1) - 0.01 * L @ u.reshape(-1) - 2.0 * (r @ B).reshape(-1)
+    torch.testing.assert_close(step.reshape(-1), torch.linalg.solve(H, rhs), atol=1e-7, rtol=1e-6)
+
+
+def _csv(path, rows):
+    path.write_text("\n".join(",".join(str(v) for v in row) for row in rows) + "\n")
+    return path
+
+
+LANDMARK_ERRORS = {
+    "K differs": (lambda d: (_csv(d / "lm_moving.csv", [[10, 10], [20, 20], [30, 30]]),
+                             _csv(d / "lm_fixed.csv", [[10, 10], [20, 20]])),
+                  r"lm_moving.csv: 3 source landmarks but .*lm_fixed.csv has 2"),
+    "wrong dimension": (lambda d: (_csv(d / "lm_moving.csv", [[10, 10, 1], [20, 20, 1]]),
+                                   _csv(d / "lm_fixed.csv", [[10, 10, 1], [20, 20, 1]])),
+                        r"lm_moving.csv: landmarks have 3 coordinates per point, but the data are 2D"),
+    "NaN": (lambda d: (_csv(d / "lm_moving.csv", [[10, 10], [20, 20]]), _csv(d / "lm_fixed.csv", [[10, "nan"], [20, 20]])),
+            r"lm_fixed.csv: .*NaN"),
+    "outside the fixed image": (lambda d: (_csv(d / "lm_moving.csv", [[10, 10], [20, 20], [5, 5]]),
+                                           _csv(d / "lm_fixed.csv", [[10, 10], [20, 20], [250.0, 12.0]])),
+                                r"lm_fixed.csv: landmark 3 of 3 at \(250.0, 12.0\) lies outside the fixed image "
+                                r"\(world bounds \[-0.5, 47.5\] x \[-0.5, 47.5\] mm\)"),
+    "outside the moving image": (lambda d: (_csv(d / "lm_moving.csv", [[10, 48.2], [20, 20]]),
+                                            _csv(d / "lm_fixed.csv", [[10, 10], [20, 20]])),
+                                 r"lm_moving.csv: landmark 1 of 2 at \(10.0, 48.2\) lies outside the moving image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LANDMARK_ERRORS))
+def test_bad_landmarks_give_one_line_naming_the_file(tmp_path, case):
+    moving, fixed, _, _ = band_pair()
+    make, message = LANDMARK_ERRORS[case]
+    with pytest.raises(sf.ShapeflowError, match=message) as error:
+        sf.register(moving, fixed, progress=False, landmarks=make(tmp_path), landmark_weight=1.0)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_landmarks_half_a_voxel_outside_are_accepted_and_the_affine_model_refuses_a_weight(tmp_path):
+    moving, fixed, _, _ = band_pair()
+    marks = torch.tensor([[-0.4, 0.0], [47.4, 47.4]])
+    result = sf.register(moving, fixed, progress=False, levels=1, iterations=1, landmarks=(marks, marks))
+    assert result.metrics["landmark_error"]["mean_before"] == 0.0
+    with pytest.raises(sf.ShapeflowError, match=r"landmark_weight > 0 applies to the non-linear image models .*"
+                                                r"not to model 'affine'"):
+        sf.register(moving, fixed, model="affine", progress=False, landmarks=(marks, marks), landmark_weight=1.0)
+    with pytest.raises(sf.ShapeflowError, match=r"landmark_weight=1.0 needs landmarks="):
+        sf.register(moving, fixed, progress=False, landmark_weight=1.0)
+    for old in ("landmarks_moving", "landmarks_fixed"):
+        with pytest.raises(sf.ShapeflowError, match=f"unknown image option.*{old}"):
+            sf.register(moving, fixed, progress=False, **{old: marks})
 
 
 def test_affine_model_recovers_a_known_affine_map():

@@ -136,7 +136,9 @@ def moving_on_fixed_grid(moving: Image, fixed: Image, device, dtype) -> torch.Te
 def image_registration_metrics(moving: Image, fixed: Image, warped: Image, deformation, device, dtype,
                                moving_marks: torch.Tensor | None = None, fixed_marks: torch.Tensor | None = None) -> dict:
     """MSE before/after, Jacobian statistics of the map on the fixed grid, Dice/HD95 per label when
-    both images carry labels, TRE when landmarks `(K, d)` (world, moving and fixed) are given."""
+    both images carry labels, TRE when landmarks `(K, d)` (world, moving and fixed) are given:
+    `tre`, `tre_before` (`target_registration_error`) and `landmark_error` = `{"mean", "max",
+    "mean_before", "max_before"}` in mm (the layout the shape pipeline reports too)."""
     before = moving_on_fixed_grid(moving, fixed, device, dtype)
     out: dict[str, Any] = {}
     if before.shape[0] == fixed.data.shape[0]:
@@ -161,4 +163,6 @@ def image_registration_metrics(moving: Image, fixed: Image, warped: Image, defor
             mapped = deformation(fixed_marks.to(device, dtype)).double().cpu()
         out["tre_before"] = target_registration_error(fixed_marks, moving_marks)
         out["tre"] = target_registration_error(mapped, moving_marks)
+        out["landmark_error"] = {"mean": out["tre"]["mean"], "max": out["tre"]["max"],
+                                 "mean_before": out["tre_before"]["mean"], "max_before": out["tre_before"]["max"]}
     return out

@@ -14,10 +14,19 @@ pre-alignment, `image_affine.py`; u: the displacement of the model: a `Displacem
 Laplacian, CG matrix free or AMG on the assembled matrix). A step is kept only if the objective
 `mean r^2 + lam u^T L u / N` decreases (else halved, at most 3 times; the level stops when no step
 helps). Coarse to fine over a pyramid, optionally on a B-spline control grid with a `stride`.
+
+Landmarks `(m_k, f_k)` (moving, fixed; world mm) with `landmark_weight` w > 0 add
+`w mean_k |r_k|^2 / D^2` to the objective, `r_k = f_k + u(f_k) - A^{-1}(m_k)` (u linearly
+interpolated at f_k, as the field is sampled; D the fixed image's world diagonal), whose
+Gauss-Newton parts enter the same normal equations as a `PointTerm` (`w' B^T B`, B the
+interpolation weights at the f_k; for `svf` the step treats d exp(v) / dv as the identity, as the
+image term does).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,15 +39,16 @@ from .._options import CommonOptions, parse_options
 from .._registry import Registry
 from ..deform import IMAGE_MODELS, Compose, Deformation
 from ..errors import ShapeflowError
-from ..grids import Grid, bspline_upsample, control_shape, downsample, sample, spatial_gradient
+from ..grids import Grid, bspline_upsample, control_shape, downsample, interpolation_weights, sample, spatial_gradient
+from ..io.landmarks import landmark_pair
 from ..losses import RESIDUALS, ImageResidual
 from ..metrics import image_registration_metrics, moving_on_fixed_grid
 from ..progress import progress_bar
 from ..regularizers import grid_diffusion
 from ..result import Result
-from ..shapes import Image, check_points
+from ..shapes import Image
 from ..solvers import GaussNewtonStep, Linearization, minimize_least_squares
-from ..solvers.normal.grid import GRID_SOLVERS, gauss_newton_step
+from ..solvers.normal.grid import GRID_SOLVERS, PointTerm, gauss_newton_step
 from .image_affine import fit_affine
 
 __all__ = ["ImageOptions", "register_images", "GridProblem"]
@@ -58,6 +68,17 @@ class ImageOptions(CommonOptions):
     level, coarsest first; when an image is too small for every level (a level needs at least 16
     voxels along each axis to be halved), the coarsest levels are dropped together with their
     values, so the finest level always gets the last value.
+
+    Landmarks (the common options): `landmarks=(moving_points, fixed_points)`, `(K, d)` world mm
+    (arrays, `Landmarks` or files; the source side is the moving image). Each must lie inside its
+    image (within half a voxel). They always give `metrics["tre"]`, `["tre_before"]` and
+    `["landmark_error"]`. `landmark_weight` (default None = 0: landmarks are only measured) > 0
+    adds `landmark_weight * mean_k |phi(f_k) - m_k|^2 / D^2` to the Gauss-Newton objective (D: the
+    fixed image's world diagonal, so the term is a fraction of the image size squared, as the image
+    term is of the intensity range, whatever the resolution; 1 already pulls landmarks to well under
+    a voxel where the intensities leave the motion free).
+    Non-linear models only (displacement, svf; either solver, any stride); with model="affine" a
+    weight > 0 is an error.
     """
 
     levels: int = 3                      # pyramid levels (each halves the grid)
@@ -71,8 +92,6 @@ class ImageOptions(CommonOptions):
     normalize: bool = True               # rescale intensities to [0, 1] (1st and 99th percentiles)
     labels_moving: Any = None            # label maps (paths, Images or integer tensors) for Dice/HD95
     labels_fixed: Any = None
-    landmarks_moving: Any = None         # (K, d) world points for TRE (paths or arrays)
-    landmarks_fixed: Any = None
     snapshots: bool = True               # keep a 2D slice per step for the animation
 
     _what = "image option"
@@ -109,48 +128,79 @@ class _Level:
     after_warp: Callable[[torch.Tensor], torch.Tensor] | None = None   # (C, *S) -> (C, *S), see `ImageResidual`
 
 
+@dataclass
+class _Marks:
+    """The landmark term: fixed points f (K, d), their targets before the affine map A^{-1}(m) (K, d),
+    the weight w and the length D the residuals are divided by (the fixed image's world diagonal)."""
+
+    fixed: torch.Tensor
+    target: torch.Tensor
+    weight: float
+    scale: float
+
+    def on(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(index, weights (K, 2^d)) of the interpolation at f on `grid`, and the coefficient
+        `w N / (K D^2)` of `B^T B` in the normal equations (which are `N / 2` times the objective's)."""
+        index, weights = interpolation_weights(grid, self.fixed)
+        return index, weights, self.weight * math.prod(grid.shape) / (len(self.fixed) * self.scale ** 2)
+
+
 class GridProblem:
     """One pyramid level as a least-squares problem in the parameter field x: (d, *S).
 
-    cost: `mean (F(warped) - F(fixed))^2 + lam u^T L u / N`; state: (raw warped features,
-    residual features, data term). linearize: the symmetric (ESM) gradient, the mean of the
-    warped and fixed gradients, which converges in fewer steps than the warped one alone
-    (Vercauteren et al. 2009), and `gauss_newton_step` as the normal-equation solve.
+    cost: `mean (F(warped) - F(fixed))^2 + lam u^T L u / N (+ w mean_k |r_k|^2 / D^2)`; state:
+    (raw warped features, residual features, data term, landmark residuals (d, K) or None,
+    landmark term). linearize: the symmetric (ESM) gradient, the mean of the warped and fixed
+    gradients, which converges in fewer steps than the warped one alone (Vercauteren et al. 2009),
+    and `gauss_newton_step` as the normal-equation solve (the landmarks as its `PointTerm`).
     """
 
     def __init__(self, model: Deformation, level: _Level, affine: Deformation | None, lam: float,
-                 opts: ImageOptions, stride: int):
+                 opts: ImageOptions, stride: int, marks: _Marks | None = None):
         self.model, self.level, self.affine, self.lam, self.opts = model, level, affine, lam, opts
         self.points = level.grid.points(opts.torch_dtype, opts.torch_device)            # (*S, d)
         self.spacing = level.grid.spacing.tolist()
         self.project = _projection(level.grid, stride, self.points) if stride > 1 else None
         self.fixed_gradient = spatial_gradient(level.fixed, level.grid)
+        self.marks = marks
+        if marks is not None:
+            self.mark_index, self.mark_weights, self.mark_coefficient = marks.on(level.grid)
 
-    def where(self, x: torch.Tensor) -> torch.Tensor:
+    def where(self, x: torch.Tensor, field: torch.Tensor | None = None) -> torch.Tensor:
         """World points (*S, d) of the moving image that the fixed grid's voxels sample."""
-        where = self.points + self.model.field_of(x).movedim(0, -1)
+        field = self.model.field_of(x) if field is None else field
+        where = self.points + field.movedim(0, -1)
         if self.affine is not None:
             where = self.affine(where.reshape(-1, where.shape[-1])).reshape(where.shape)
         return where
 
     def cost(self, x: torch.Tensor) -> tuple[float, tuple]:
-        raw = sample(self.level.moving, self.level.moving_grid, self.where(x))           # (C, *S)
+        field = self.model.field_of(x)                                                   # (d, *S)
+        raw = sample(self.level.moving, self.level.moving_grid, self.where(x, field))    # (C, *S)
         warped = raw if self.level.after_warp is None else self.level.after_warp(raw)
         data = float((warped - self.level.fixed).pow(2).mean())
         reg = float(grid_diffusion(x, self.spacing)) / x[0].numel()
-        return data + self.lam * reg, (raw, warped, data)
+        marks, term = None, 0.0
+        if self.marks is not None:   # r_k = f_k + u(f_k) - A^{-1}(m_k): (d, K)
+            marks = (self.marks.fixed + sample(field, self.level.grid, self.marks.fixed).T - self.marks.target).T
+            term = self.marks.weight * float(marks.pow(2).sum(0).mean()) / self.marks.scale ** 2
+        return data + self.lam * reg + term, (raw, warped, data, marks, term)
 
     def linearize(self, x: torch.Tensor, state: tuple) -> Linearization:
-        warped = state[1]
+        warped, marks = state[1], state[3]
         gradient = (spatial_gradient(warped, self.level.grid) + self.fixed_gradient) / 2   # (C, d, *S)
         residual = warped - self.level.fixed
+        points = None if marks is None else PointTerm(self.mark_index, self.mark_weights, self.mark_coefficient, marks)
 
         def solve(mu: float) -> tuple[torch.Tensor, int]:
             du, info = gauss_newton_step(residual, gradient, x, self.level.grid, self.lam, self.project,
-                                         self.opts.cg_iterations, self.opts.cg_tol, self.opts.solver, damping=mu)
+                                         self.opts.cg_iterations, self.opts.cg_tol, self.opts.solver, damping=mu,
+                                         points=points)
             return du, int(info.iterations.max())
 
         g = (residual[:, None] * gradient).sum(0) / gradient.shape[0]                      # (d, *S)
+        if points is not None:
+            g = g + points.gradient(x[0].numel()).to(g).view(g.shape)
         return Linearization(g, solve)
 
 
@@ -220,28 +270,57 @@ def attach_labels(image: Image, labels: Any, name: str) -> Image:
     return Image(image.data, image.spacing, image.origin, image.direction, labels=labels, source=image.source)
 
 
-def _landmarks(opts: ImageOptions, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(K, d) world landmarks of the moving and fixed images (paths or arrays), or (None, None)."""
-    from ..io import read
+def _landmark_name(value: Any, role: str) -> str:
+    """The name errors use for one side of `landmarks` (the file, as `landmark_pair` names it)."""
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    return getattr(value, "source", None) or f"landmarks ({role})"
 
-    def load(points: Any, name: str) -> torch.Tensor | None:
-        if points is None:
-            return None
-        if not isinstance(points, (torch.Tensor, np.ndarray, list)):
-            return read(points, kind="landmarks").points.double()
-        return check_points(points, name, min_points=1, dims=(dim,)).double()
 
-    moving, fixed = load(opts.landmarks_moving, "landmarks_moving"), load(opts.landmarks_fixed, "landmarks_fixed")
-    if (moving is None) != (fixed is None):
-        raise ShapeflowError("register(): give both landmarks_moving and landmarks_fixed, or neither")
-    if moving is not None and moving.shape != fixed.shape:
-        raise ShapeflowError(f"register(): {len(moving)} moving landmarks but {len(fixed)} fixed ones")
-    return moving, fixed
+def _landmark_files(landmarks: Any) -> dict:
+    """`{"landmarks": [file, file]}` for the report when both sides are files, else `{}`."""
+    if landmarks is not None and all(isinstance(v, (str, os.PathLike)) for v in landmarks):
+        return {"landmarks": [str(v) for v in landmarks]}
+    return {}
+
+
+def _check_inside(points: torch.Tensor, image: Image, role: str, name: str) -> None:
+    """A one-line error naming the file for a landmark outside `image` (by more than half a voxel)."""
+    grid = Grid.of(image)
+    index = grid.to_index(points)                                                     # (K, d)
+    size = torch.tensor(image.shape, dtype=torch.float64)
+    outside = ((index < -0.5) | (index > size - 0.5)).any(1)
+    if not bool(outside.any()):
+        return
+    k = int(outside.nonzero()[0])
+    corners = torch.cartesian_prod(*[torch.tensor([-0.5, n - 0.5], dtype=torch.float64) for n in image.shape])
+    world = corners.reshape(-1, grid.dim) @ grid.matrix.T + grid.origin
+    bounds = " x ".join(f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(world.min(0).values.tolist(), world.max(0).values.tolist()))
+    at = ", ".join(f"{c:.1f}" for c in points[k].tolist())
+    raise ShapeflowError(f"{name}: landmark {k + 1} of {len(points)} at ({at}) lies outside the {role} image "
+                         f"(world bounds {bounds} mm)")
+
+
+def _landmarks(opts: ImageOptions, moving: Image, fixed: Image) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(K, d) float64 world landmarks of the moving and fixed images, checked, or (None, None)."""
+    pair = landmark_pair(opts.landmarks, fixed.dim)
+    if pair is None:
+        if opts.landmark_weight:
+            raise ShapeflowError(f"register(): landmark_weight={opts.landmark_weight!r} needs "
+                                 "landmarks=(moving_points, fixed_points)")
+        return None, None
+    for points, image, role, value in zip(pair, (moving, fixed), ("moving", "fixed"), opts.landmarks):
+        _check_inside(points, image, role, _landmark_name(value, "source" if role == "moving" else "target"))
+    return pair
 
 
 def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str], model_opts) -> None:
     """Options that do not apply to the chosen model are errors, not silently ignored."""
     if model_cls.linear:
+        if opts.landmark_weight:
+            raise ShapeflowError(f"register(): landmark_weight > 0 applies to the non-linear image models "
+                                 f"({', '.join(k for k, v in IMAGE_MODELS.items() if not v.linear)}), not to model "
+                                 f"{model!r}; its fit uses the images only (landmarks still give the TRE)")
         unused = sorted(given & {"solver", "cg_iterations", "cg_tol", "prealign"})
         if unused:
             raise ShapeflowError(f"register(): {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} "
@@ -282,7 +361,7 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
                              f"loss={loss!r} needs the same (or use loss='mind')")
     _check_image(moving, "moving")
     _check_image(fixed, "fixed")
-    moving_marks, fixed_marks = _landmarks(opts, fixed.dim)
+    moving_marks, fixed_marks = _landmarks(opts, moving, fixed)
     device, dtype = opts.torch_device, opts.torch_dtype
     start = time.perf_counter()
     fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
@@ -300,8 +379,15 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
                                          history)
     if not model_cls.linear and not interrupted:
         slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
+        marks = None
+        if opts.landmark_weight and moving_marks is not None:
+            with torch.no_grad():
+                target = moving_marks.to(device, dtype)
+                target = target if affine is None else affine.inverse(target)
+            diagonal = float(torch.linalg.vector_norm(fixed.spacing * torch.tensor(fixed.shape, dtype=torch.float64)))
+            marks = _Marks(fixed_marks.to(device, dtype), target, float(opts.landmark_weight), diagonal)
         params, params_grid, interrupted = _fit_levels(model_cls, parts["model"], levels, term, affine, opts, history,
-                                                       snapshots, slicer, f"{model} ({loss})")
+                                                       snapshots, slicer, f"{model} ({loss})", marks)
         if params_grid.shape != fixed_grid.shape:   # interrupted on a coarse level: bring it to full resolution
             params = sample(params, params_grid, fixed_grid.points(dtype, device))
         core = model_cls(fixed_grid).to(device, dtype)
@@ -317,15 +403,15 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     metrics["seconds"] = seconds
     metrics["interrupted"] = interrupted
     record = {"model": model, "loss": loss,
-              **{k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith(("labels_", "landmarks_"))},
-              **dataclasses.asdict(parts["model"]), **dataclasses.asdict(parts["loss"]),
+              **{k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith("labels_") and k != "landmarks"},
+              **_landmark_files(opts.landmarks), **dataclasses.asdict(parts["model"]), **dataclasses.asdict(parts["loss"]),
               "source": moving.source, "target": fixed.source}
     return Result(warped=warped, deformation=deformation, history=history, metrics=metrics, source=moving,
                   target=fixed, options=record, snapshots=snapshots)
 
 
 def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual, affine, opts: ImageOptions,
-                history: list, snapshots: list, slicer, description: str):
+                history: list, snapshots: list, slicer, description: str, marks: _Marks | None = None):
     """Gauss-Newton coarse to fine. Returns (parameters on the last grid used, that grid, interrupted)."""
     params, grid = None, None
     built = len(levels)
@@ -340,13 +426,15 @@ def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual
             grid = level.grid
             model = model_cls.build(level.grid, model_opts).to(device, dtype)
             lam = float(opts.per_level(opts.regularization, number, built))
-            problem = GridProblem(model, level, affine, lam, opts, getattr(model_opts, "stride", 1))
+            problem = GridProblem(model, level, affine, lam, opts, getattr(model_opts, "stride", 1), marks)
 
             def record(step: GaussNewtonStep, number=number, problem=problem) -> None:
-                raw, _, data = step.state
+                raw, _, data, _, landmarks = step.state
                 history.append({"stage": f"level{number}", "phase": "gauss-newton", "iteration": step.iteration,
                                 "total": step.cost, "data": data, "cg_iterations": step.inner_iterations,
                                 "accepted": step.accepted})
+                if marks is not None:
+                    history[-1]["landmarks"] = landmarks
                 if term.score_name is not None:
                     history[-1][term.score_name] = term.score(raw, problem.level.fixed_features)
                 advance(history[-1])

@@ -13,7 +13,7 @@ from shapeflow.solvers.implicit import implicit_argmin
 from shapeflow.solvers.linear.bicgstab import bicgstab
 from shapeflow.solvers.linear.cg import BACKENDS, PRECONDITIONERS, CGInfo, conjugate_gradient
 from shapeflow.solvers.linear.linear_solve import METHODS, MODES, linear_solve
-from shapeflow.solvers.normal.grid import (GRID_SOLVERS, GridNormalOperator, assemble_grid_normal_matrix,
+from shapeflow.solvers.normal.grid import (GRID_SOLVERS, GridNormalOperator, PointTerm, assemble_grid_normal_matrix,
                                            gauss_newton_step, grid_normal_operator, solve_grid_normal)
 from shapeflow.solvers.normal.sparse import SparseNormalOperator, assemble_sparse_normal_matrix, sparse_normal_operator
 
@@ -30,6 +30,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "PRECONDITIONERS",
+    "PointTerm",
     "SparseNormalOperator",
     "assemble_grid_normal_matrix",
     "assemble_sparse_normal_matrix",

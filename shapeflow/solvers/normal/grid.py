@@ -6,10 +6,16 @@ grid Laplacian). `grid_normal_operator` applies it matrix free, cache blocked, a
 numba in one compiled pass (`_fused.py`); `assemble_grid_normal_matrix` gives the same matrix as a
 sparse CSR tensor for matrix-based solvers (AMG). `solve_grid_normal` solves the system with an
 inner solver from `GRID_SOLVERS` ("cg": matrix-free Jacobi CG, "amg": pyamg-preconditioned CG).
+
+A `PointTerm` adds the residuals of K points (landmarks) that interpolate the field: a sparse
+`B: (K, N)` with 2^d interpolation weights per row, entering every component's block as
+`weight B^T B` (applied as `B^T (B v)`, in the Jacobi diagonal and in the assembled matrix) and
+the right-hand side as `-weight B^T r`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -23,13 +29,76 @@ from shapeflow.regularizers.laplacians import (as_spacing, grid_laplacian, grid_
 from shapeflow.solvers.linear.cg import CGInfo, conjugate_gradient
 from shapeflow.solvers.normal import _fused
 
-__all__ = ["GridNormalOperator", "grid_normal_operator", "assemble_grid_normal_matrix", "solve_grid_normal",
+__all__ = ["PointTerm", "GridNormalOperator", "grid_normal_operator", "assemble_grid_normal_matrix", "solve_grid_normal",
            "gauss_newton_step",
            "GRID_SOLVERS"]
 
 
+@dataclass(frozen=True)
+class PointTerm:
+    """Least-squares residuals of K points that interpolate a field `(C, *S)` on a grid.
+
+    Residual k of component c is `r[c, k] + (B u_c)_k`, with `B: (K, N)` (N = prod S) stored as
+    `index: (K, P)` flat voxel indices (C order of S) and `weights: (K, P)` (P = 2^d, e.g. from
+    `shapeflow.grids.interpolation_weights`). Its Gauss-Newton parts are `weight B^T B` in each
+    component's diagonal block of the normal matrix and `weight B^T r` in the gradient.
+    residual: `(C, K)` at the current field (only the right-hand side uses it; None: zero).
+    """
+
+    index: Tensor
+    weights: Tensor
+    weight: float
+    residual: Optional[Tensor] = None
+
+    def apply(self, u: Tensor) -> Tensor:
+        """`B u` per component: `(C, N)` -> `(C, K)`."""
+        return (u[:, self.index] * self.weights.to(u)).sum(-1)
+
+    def adjoint(self, r: Tensor, n: int) -> Tensor:
+        """`B^T r` per component: `(C, K)` -> `(C, n)`."""
+        out = r.new_zeros(r.shape[0], n)
+        values = (r[:, :, None] * self.weights.to(r)).reshape(r.shape[0], -1)   # (C, K P)
+        return out.index_add_(1, self.index.reshape(-1).to(r.device), values)
+
+    def normal(self, u: Tensor) -> Tensor:
+        """`weight B^T B u` per component: `(C, N)` -> `(C, N)`."""
+        return self.weight * self.adjoint(self.apply(u), u.shape[1])
+
+    def gradient(self, n: int) -> Tensor:
+        """`weight B^T r`: `(C, n)` (zeros without a residual)."""
+        if self.residual is None:
+            raise ShapeflowError("PointTerm.gradient(): no residual given")
+        return self.weight * self.adjoint(self.residual, n)
+
+    def diagonal(self, n: int) -> Tensor:
+        """`diag(weight B^T B)`, the same for every component: `(n,)`."""
+        w = self.weights
+        return self.weight * w.new_zeros(n).index_add_(0, self.index.reshape(-1), (w * w).reshape(-1))
+
+    def entries(self, components: int, n: int) -> tuple[Tensor, Tensor]:
+        """`weight B^T B` in each of `components` diagonal blocks as COO `(index (2, E), values (E,))`,
+        rows and columns in `v.reshape(C, -1)` order."""
+        rows = self.index[:, :, None].expand(-1, -1, self.index.shape[1]).reshape(-1)       # (K P P,)
+        cols = self.index[:, None, :].expand(-1, self.index.shape[1], -1).reshape(-1)
+        values = self.weight * (self.weights[:, :, None] * self.weights[:, None, :]).reshape(-1)
+        offset = torch.arange(components, device=rows.device)[:, None] * n                 # (C, 1)
+        index = torch.stack([(offset + rows).reshape(-1), (offset + cols).reshape(-1)])
+        return index, values.repeat(components)
+
+
+def _check_points(func: str, points: Optional[PointTerm], n_voxels: int) -> None:
+    if points is None:
+        return
+    if not isinstance(points, PointTerm) or points.index.shape != points.weights.shape or points.index.dim() != 2:
+        raise ShapeflowError(f"{func}(): points must be a PointTerm with index and weights of one shape (K, P)")
+    if not points.weight >= 0:
+        raise ShapeflowError(f"{func}(): points.weight must be >= 0, got {points.weight}")
+    if points.index.numel() and (int(points.index.min()) < 0 or int(points.index.max()) >= n_voxels):
+        raise ShapeflowError(f"{func}(): points.index must lie in [0, {n_voxels}), the grid's voxels")
+
+
 class GridNormalOperator:
-    """`v -> (J^T J + damping I + lam L) v` on a (C, *S) field, matrix free and cache blocked.
+    """`v -> (J^T J + damping I + lam L + w B^T B) v` on a (C, *S) field, matrix free and cache blocked.
 
     The Gauss-Newton matrix of a dense registration: per-voxel data blocks `J_v^T J_v` (C x C,
     from the (K, C) Jacobian of K residuals at voxel v) plus `lam` times the grid Laplacian
@@ -42,14 +111,16 @@ class GridNormalOperator:
     (n = C prod(S), rows in `v.reshape(C, -1)` order); `diagonal()` gives `(n,)` for Jacobi;
     `apply_dot(v)` gives `(A v, v . A v)` in one pass (used by the in-place CG loop). With
     autograd recording and `v` or `jac` requiring grad, it runs an unblocked, differentiable path.
+    points: an optional `PointTerm` (`w B^T B` per component, applied as `B^T (B v)` after the rest).
     """
 
-    def __init__(self, jac: Tensor, lam: float, spacing, damping: float):
+    def __init__(self, jac: Tensor, lam: float, spacing, damping: float, points: Optional[PointTerm] = None):
         self.jac = jac if jac.is_contiguous() else jac.contiguous()  # (K, C, *S)
         self.field_shape = tuple(jac.shape[1:])
         self.n = math.prod(self.field_shape)
         self.lam, self.damping = float(lam), float(damping)
         self.weights = [self.lam / h**2 for h in as_spacing("grid_normal_operator", spacing, jac.dim() - 2)]
+        self.points = points
 
     def __call__(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """`A v`; out: optional contiguous buffer for one vector's result (no autograd)."""
@@ -65,6 +136,18 @@ class GridNormalOperator:
         return self._apply(v, with_dot=True, out=out)
 
     def _apply(self, v: Tensor, with_dot: bool, out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        result, dot = self._apply_grid(v, with_dot, out)
+        if self.points is None:
+            return result, dot
+        u = v.reshape(self.field_shape[0], -1)                              # (C, N)
+        extra = self.points.normal(u)                                       # (C, N): w B^T B u
+        if result.requires_grad or extra.requires_grad:
+            result = result + extra.reshape(result.shape)
+        else:
+            result.view(self.field_shape[0], -1).add_(extra)
+        return result, (dot + (u * extra).sum() if with_dot else None)
+
+    def _apply_grid(self, v: Tensor, with_dot: bool, out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         if v.numel() != self.n:
             raise ShapeflowError(
                 f"GridNormalOperator: expected a field {self.field_shape} or ({self.n},) vectors, got {tuple(v.shape)}"
@@ -117,19 +200,23 @@ class GridNormalOperator:
                 lap_diag.narrow(axis, 0, 1).sub_(w)
                 lap_diag.narrow(axis, n - 1, 1).sub_(w)
         d = self.jac.square().sum(0) + lap_diag + self.damping  # (C, *S)
+        if self.points is not None:
+            d = d.reshape(self.field_shape[0], -1) + self.points.diagonal(d[0].numel()).to(d)
         return d.reshape(-1)
 
 
-def grid_normal_operator(jac: Tensor, *, lam: float, spacing=None, damping: float = 0.0) -> GridNormalOperator:
-    """The Gauss-Newton matrix `J^T J + damping I + lam L` of a (C, *S) field as a fast callable.
+def grid_normal_operator(jac: Tensor, *, lam: float, spacing=None, damping: float = 0.0,
+                         points: Optional[PointTerm] = None) -> GridNormalOperator:
+    """The Gauss-Newton matrix `J^T J + damping I + lam L (+ w B^T B)` of a (C, *S) field as a fast callable.
 
     jac: (K, C, *S) per-voxel Jacobian of K residuals (K = 1 with `jac = grad(I).unsqueeze(0)`
     for an SSD term); lam >= 0 the weight of the Neumann grid Laplacian; spacing per spatial axis;
-    damping >= 0 (Levenberg-Marquardt). Pass it as `A` to `conjugate_gradient` with
-    `M=op.diagonal()`.
+    damping >= 0 (Levenberg-Marquardt); points: an optional `PointTerm` (landmarks). Pass it as `A`
+    to `conjugate_gradient` with `M=op.diagonal()`.
     """
     _check_normal_args("grid_normal_operator", jac, lam, damping)
-    return GridNormalOperator(jac, lam, spacing, damping)
+    _check_points("grid_normal_operator", points, math.prod(jac.shape[2:]))
+    return GridNormalOperator(jac, lam, spacing, damping, points)
 
 
 def _check_normal_args(func: str, jac, lam: float, damping: float) -> None:
@@ -143,7 +230,8 @@ def _check_normal_args(func: str, jac, lam: float, damping: float) -> None:
         raise ShapeflowError(f"{func}(): lam and damping must be >= 0, got {lam}, {damping}")
 
 
-def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, damping: float = 0.0) -> Tensor:
+def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, damping: float = 0.0,
+                                points: Optional[PointTerm] = None) -> Tensor:
     """The Gauss-Newton matrix of `grid_normal_operator` assembled as a sparse CSR tensor.
 
     jac: (K, C, *S) per-voxel Jacobian of K residuals (S 2D or 3D); lam >= 0 the weight of the
@@ -154,9 +242,11 @@ def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, dampin
     C components of one voxel (entries `(c N + v, e N + v) = sum_k jac[k, c, v] jac[k, e, v]`),
     the Laplacian couples neighbouring voxels of one component. Same dtype and device as `jac`;
     for matrix-based solvers such as algebraic multigrid (`conjugate_gradient(A, b,
-    backend="amg")`), which need the entries rather than a matvec. Not differentiable.
+    backend="amg")`), which need the entries rather than a matvec. Not differentiable. points: an
+    optional `PointTerm` whose `w B^T B` is added to every component's block.
     """
     _check_normal_args("assemble_grid_normal_matrix", jac, lam, damping)
+    _check_points("assemble_grid_normal_matrix", points, math.prod(jac.shape[2:]))
     jac = jac.detach()
     K, C = jac.shape[:2]
     shape = tuple(jac.shape[2:])
@@ -173,20 +263,24 @@ def assemble_grid_normal_matrix(jac: Tensor, *, lam: float, spacing=None, dampin
         L = grid_laplacian(shape, spacing, components=C, dtype=jac.dtype, device=jac.device)
         index.append(L.indices())
         values.append(float(lam) * L.values())
+    if points is not None:
+        extra_index, extra_values = points.entries(C, N)
+        index.append(extra_index.to(jac.device))
+        values.append(extra_values.to(jac))
     n = C * N
     A = torch.sparse_coo_tensor(torch.cat(index, 1), torch.cat(values), (n, n), check_invariants=False)
     return A.coalesce().to_sparse_csr()
 
 
 def _solve_cg(jac: Tensor, rhs: Tensor, lam: float, spacing: list[float], damping: float, tol: float,
-              maxiter: int) -> tuple[Tensor, CGInfo]:
+              maxiter: int, points: Optional[PointTerm] = None) -> tuple[Tensor, CGInfo]:
     """Jacobi-preconditioned CG with the fused matrix-free operator (any device)."""
-    operator = grid_normal_operator(jac, lam=lam, spacing=spacing, damping=damping)
+    operator = grid_normal_operator(jac, lam=lam, spacing=spacing, damping=damping, points=points)
     return conjugate_gradient(operator, rhs, M=operator.diagonal(), tol=tol, maxiter=maxiter)
 
 
 def _solve_amg(jac: Tensor, rhs: Tensor, lam: float, spacing: list[float], damping: float, tol: float,
-               maxiter: int) -> tuple[Tensor, CGInfo]:
+               maxiter: int, points: Optional[PointTerm] = None) -> tuple[Tensor, CGInfo]:
     """AMG-preconditioned CG (pyamg smoothed aggregation) on the assembled sparse matrix (CPU)."""
     if rhs.device.type != "cpu":
         raise ShapeflowError(f"gauss_newton_step(): solver='amg' runs on the CPU (pyamg) but the tensors are on "
@@ -194,30 +288,33 @@ def _solve_amg(jac: Tensor, rhs: Tensor, lam: float, spacing: list[float], dampi
     import_optional("pyamg", "solver='amg'")
     # float64 throughout: pyamg needs the matrix and the vectors in one dtype, and its hierarchy is
     # more robust in double precision; the step comes back in the caller's dtype
-    A = assemble_grid_normal_matrix(jac.double(), lam=lam, spacing=spacing, damping=damping)
+    A = assemble_grid_normal_matrix(jac.double(), lam=lam, spacing=spacing, damping=damping, points=points)
     x, info = conjugate_gradient(A, rhs.double(), tol=tol, maxiter=maxiter, backend="amg")
     return x.to(rhs.dtype), info
 
 
-#: inner solvers of `(J^T J + damping I + lam L) x = rhs` on a grid: `(jac (K, d, *S), rhs (d prod S,), lam,
-#: spacing, damping, tol, maxiter) -> (x (d prod S,), CGInfo)`
+#: inner solvers of `(J^T J + damping I + lam L [+ w B^T B]) x = rhs` on a grid: `(jac (K, d, *S), rhs (d prod S,),
+#: lam, spacing, damping, tol, maxiter, points=None) -> (x (d prod S,), CGInfo)`
 GRID_SOLVERS: Registry[Callable[..., tuple[Tensor, CGInfo]]] = Registry("solver", {"cg": _solve_cg, "amg": _solve_amg})
 
 
 def solve_grid_normal(jac: Tensor, rhs: Tensor, *, lam: float, spacing=None, damping: float = 0.0,
-                      solver: str = "cg", tol: float = 1e-3, maxiter: int = 60) -> tuple[Tensor, CGInfo]:
-    """Solve `(J^T J + damping I + lam L) x = rhs` for a field on a grid.
+                      solver: str = "cg", tol: float = 1e-3, maxiter: int = 60,
+                      points: Optional[PointTerm] = None) -> tuple[Tensor, CGInfo]:
+    """Solve `(J^T J + damping I + lam L + w B^T B) x = rhs` for a field on a grid.
 
     jac: (K, d, *S) per-voxel Jacobian of K residuals; rhs: (d prod S,) in `v.reshape(d, -1)`
-    order; solver: a name in `GRID_SOLVERS`. Returns `(x (d prod S,), CGInfo)`.
+    order; solver: a name in `GRID_SOLVERS`; points: an optional `PointTerm` (its `w B^T B` in
+    every component's block). Returns `(x (d prod S,), CGInfo)`.
     """
     spacing = as_spacing("solve_grid_normal", spacing, jac.dim() - 2)
-    return GRID_SOLVERS.lookup(solver, "gauss_newton_step()")(jac, rhs, lam, spacing, damping, tol, maxiter)
+    return GRID_SOLVERS.lookup(solver, "gauss_newton_step()")(jac, rhs, lam, spacing, damping, tol, maxiter, points)
 
 
 def gauss_newton_step(residual: Tensor, gradient: Tensor, u: Tensor, grid, lam: float,
                       project: Optional[tuple[Callable, Callable]] = None, cg_iterations: int = 60,
-                      cg_tol: float = 1e-3, solver: str = "cg", damping: float = 0.0) -> tuple[Tensor, CGInfo]:
+                      cg_tol: float = 1e-3, solver: str = "cg", damping: float = 0.0,
+                      points: Optional[PointTerm] = None) -> tuple[Tensor, CGInfo]:
     """One regularised Gauss-Newton update for a displacement `u: (d, *S)` on `grid` (a `shapeflow.grids.Grid`).
 
     residual: (C, *S) warped minus fixed; gradient: (C, d, *S) world gradient of the warped image.
@@ -226,23 +323,29 @@ def gauss_newton_step(residual: Tensor, gradient: Tensor, u: Tensor, grid, lam: 
     `cg_iterations` iterations. solver: a name in `GRID_SOLVERS`: "cg" (matrix-free operator,
     Jacobi preconditioner) or "amg" (the matrix assembled by `assemble_grid_normal_matrix`,
     AMG-preconditioned CG through pyamg: CPU tensors, `pip install "shapeflow[amg]"`, no control
-    grid). Returns `(du (d, *S), CGInfo)`.
+    grid). points: an optional `PointTerm` on the field's grid with its residual `(d, K)` (e.g.
+    landmarks: `r_k = phi(f_k) - m_k`, B the interpolation at f_k): `w B^T B` joins every
+    component's block of the matrix and `-w B^T r` the right-hand side. Returns `(du (d, *S), CGInfo)`.
     """
     GRID_SOLVERS.lookup(solver, "gauss_newton_step()")
+    _check_points("gauss_newton_step", points, u[0].numel())
     if solver != "cg" and project is not None:
         raise ShapeflowError(f"gauss_newton_step(): solver={solver!r} needs a dense field (stride=1); "
                              "use solver='cg' with a control grid")
     C = gradient.shape[0]
     spacing = grid.spacing.tolist()
     rhs = -(residual[:, None] * gradient).sum(0) / C - lam * grid_laplacian_apply(u, spacing)   # (d, *S)
+    if points is not None and points.residual is not None:
+        rhs = rhs - points.gradient(u[0].numel()).to(rhs).view(rhs.shape)
     if project is None:  # per-voxel blocks and the stencil: fused operator (cg) or assembled matrix (amg)
         x, info = solve_grid_normal(gradient / math.sqrt(C), rhs.reshape(-1), lam=lam, spacing=spacing,
-                                    damping=damping, solver=solver, tol=cg_tol, maxiter=cg_iterations)
+                                    damping=damping, solver=solver, tol=cg_tol, maxiter=cg_iterations, points=points)
         return x.view(u.shape), info
     blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / C          # (d, d, *S)
 
     def hessian(z: Tensor) -> Tensor:                                           # (d, *S) -> (d, *S)
-        return torch.einsum("ij...,j...->i...", blocks, z) + lam * grid_laplacian_apply(z, spacing) + damping * z
+        out = torch.einsum("ij...,j...->i...", blocks, z) + lam * grid_laplacian_apply(z, spacing) + damping * z
+        return out if points is None else out + points.normal(z.reshape(z.shape[0], -1)).view(z.shape)
 
     up, down = project
     z_shape = down(rhs).shape

@@ -127,7 +127,7 @@ class PointDisplacement(Deformation):
         stages: int = 5                  # stiffness stages, geometric from stiffness x regularization down
         point_to_plane: float = 0.0      # meshes: weight of the point-to-plane term (sliding along the target)
         normal_angle: float | None = 60.0  # meshes: reject pairs whose normals differ by more (degrees)
-        reject: float | None = 3.0       # reject pairs farther than this many times their median distance
+        reject: float | None = None      # reject pairs farther than this many times their median distance (None: keep all)
         preconditioner: str = "auto"     # CG preconditioner: "factor" (sparse LU, CPU), "jacobi", "amg"; auto: factor to 60k points
         coarse_points: int | None = 5000  # fit a subsample of this many points first (None: never)
 

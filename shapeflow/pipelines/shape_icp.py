@@ -61,7 +61,7 @@ class PairTerm:
     (point i with point i, `loss="l2"`), with the options that filter pairs."""
 
     pairing: str = "closest"
-    reject: float | None = 3.0
+    reject: float | None = None
     normal_angle: float | None = 60.0
     point_to_plane: float = 0.0
 
@@ -304,6 +304,9 @@ def fit_point_displacement(x: Tensor, y: Tensor, source_faces: Tensor | None, ta
     `(u, interrupted)`.
     """
     PRECONDITIONERS.lookup(options.preconditioner, "register()")
+    dtype = x.dtype     # the fit runs in float64: the stiff early stages need it
+    x, y = x.double(), y.double()
+    landmarks = landmarks and (landmarks[0].double(), landmarks[1].double(), landmarks[2])
     if options.stages < 1 or options.stiffness < 1:
         raise ShapeflowError(f"register(): stages must be >= 1 and stiffness >= 1, got {options.stages}, "
                              f"{options.stiffness}")
@@ -325,12 +328,13 @@ def fit_point_displacement(x: Tensor, y: Tensor, source_faces: Tensor | None, ta
             full_regularizer = _regularizer(x, source_faces, options)
             u = prolongate(x, source_faces, full_regularizer, sampled, u_coarse)
             if stopped:
-                return u, True
+                return u.to(dtype), True
             fine_lambdas = lambdas[-2:]
         else:
             fine_lambdas = lambdas
-        return _run_stages(x, y, source_faces, target_faces, options, pairs, fine_lambdas, per_stage, landmarks,
-                           history, f"{prefix}fine", advance, target_index, u0=u)
+        u, stopped = _run_stages(x, y, source_faces, target_faces, options, pairs, fine_lambdas, per_stage,
+                                 landmarks, history, f"{prefix}fine", advance, target_index, u0=u)
+        return u.to(dtype), stopped
 
 
 def _run_stages(x, y, source_faces, target_faces, options, pairs: PairTerm, lambdas: list[float], per_stage: int,

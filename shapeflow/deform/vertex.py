@@ -194,16 +194,29 @@ class PointDisplacement(Deformation):
         L, _ = shape_laplacian(points.detach(), None, "knn", self.neighbors)
         return diffusion(self.displacement(points), L.to(points.dtype))
 
-    def inverse(self, points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
-        """`phi^-1(points)` by the fixed point `x = y - u(x)`; `InverseError` if it does not settle
-        to 1e-6 of the shape's extent (where the map folds or the displacement varies too fast)."""
-        extent = float((self.reference_points.max(0).values - self.reference_points.min(0).values).max())
-        x = points - self.displacement(points)
+    def inverse(self, points: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+        """`phi^-1(points)`: first the displacements interpolated on the *moved* points `x + u` (with
+        the same faces) and subtracted, which is exact at the moved points and, on a mesh, on the
+        whole moved surface (the map is piecewise linear there); then the fixed point
+        `x <- y - u(x)` while it lowers the residual `|phi(x) - y|`. `InverseError` if a residual
+        stays above 1e-4 of the shape's extent (where the map folds)."""
+        moved = (self.reference_points + self.displacements).detach()
+        faces = self.faces if self.faces.numel() else None
+        near, weights = interpolation_weights(moved, faces, points)
+        x = points - (weights[..., None] * self.displacements[near]).sum(1)
+        extent = float((moved.max(0).values - moved.min(0).values).max())
+        residual = (self.forward(x) - points).norm(dim=1)
         for _ in range(iterations):
-            new = points - self.displacement(x)
-            step = float((new - x).detach().abs().max()) if len(x) else 0.0
-            x = new
-            if step <= 1e-6 * extent:
-                return x
-        raise InverseError(f"PointDisplacement.inverse(): the fixed point did not settle in {iterations} "
-                           f"iterations (last step {step:.3g}, extent {extent:.3g})")
+            if not len(x) or float(residual.max()) <= 1e-7 * extent:
+                break
+            candidate = points - self.displacement(x)
+            candidate_residual = (self.forward(candidate) - points).norm(dim=1)
+            better = candidate_residual < residual
+            if not bool(better.any()):
+                break
+            x = torch.where(better[:, None], candidate, x)
+            residual = torch.where(better, candidate_residual, residual)
+        if len(x) and float(residual.max()) > 1e-4 * extent:
+            raise InverseError(f"PointDisplacement.inverse(): {int((residual > 1e-4 * extent).sum())} point(s) "
+                               f"not inverted (largest residual {float(residual.max()):.3g}, extent {extent:.3g})")
+        return x

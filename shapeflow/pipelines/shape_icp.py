@@ -160,7 +160,9 @@ class IcpProblem:
     def _data_residuals(self, u: Tensor, pairs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         moved = self.x + u
         r_source = moved - self.y[pairs["source_pairs"]]                         # (N, d)
-        r_target = moved[pairs["target_pairs"]] - self.y                         # (M, d) or (0, d)
+        if not len(pairs["target_pairs"]):                                      # corresponding points
+            return r_source, moved[:0]
+        r_target = moved[pairs["target_pairs"]] - self.y                         # (M, d)
         return r_source, r_target
 
     def cost(self, u: Tensor) -> tuple[float, dict[str, Any]]:

@@ -5,8 +5,8 @@
     result.save("out/")
 """
 from . import viz
-from .deform import (Affine, Compose, Deformation, DisplacementField, KernelLDDMM, NeuralODEFlow, ResNetFlow, Rigid,
-                     Similarity,
+from .deform import (Affine, Compose, Deformation, DisplacementField, KernelLDDMM, NeuralODEFlow, PointDisplacement,
+                     ResNetFlow, Rigid, Similarity,
                      StationaryVelocityField, load_deformation)
 from .errors import InverseError, ShapeflowError
 from .io import read, write
@@ -16,7 +16,7 @@ from .shapes import Curve, Image, Landmarks, Mesh, PointCloud
 
 __all__ = ["register", "Result", "read", "write", "load_deformation", "PointCloud", "Mesh", "Curve", "Landmarks", "Image",
            "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "NeuralODEFlow", "KernelLDDMM", "Compose",
-           "DisplacementField",
+           "DisplacementField", "PointDisplacement",
            "StationaryVelocityField",
            "ShapeflowError", "InverseError", "viz"]
 __version__ = "0.1.0"

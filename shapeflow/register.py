@@ -30,7 +30,7 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     source, target: shapes (`PointCloud`, `Mesh`, `Curve`, `Landmarks`), file paths, or `(N, d)` arrays
         (arrays in, arrays out), d = 2 or 3, the same for both; or two `Image`s / image files.
     model: shapes: a name in `shapeflow.deform.MODELS` ("rigid", "similarity", "affine", "resnet"
-        (default)); images: in `IMAGE_MODELS` ("displacement" (default), "svf" or "affine").
+        (default), "node", "lddmm", "displacement" (per-point field by non-rigid ICP, loss "chamfer")); images: in `IMAGE_MODELS` ("displacement" (default), "svf" or "affine").
     loss: shapes: a name in `shapeflow.losses.LOSSES` ("sinkhorn" (default), "chamfer", "l2"; l2
         needs point-to-point correspondence; "varifold", "currents": between two meshes or two
         `Curve`s, reading their faces or edges); images: in `RESIDUALS` ("ssd" (default), "ncc", "mind").

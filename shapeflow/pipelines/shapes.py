@@ -1,11 +1,13 @@
-"""Shape registration with first-order fits: linear models and neural flows on point sets.
+"""Shape registration: linear models, neural flows and per-point fields on point sets and meshes.
 
 The source moves onto the target. Both are centred and scaled by one common factor (undone on
-output), optionally pre-aligned by a rigid/similarity/affine map, then the model is fitted by
-Adam (and L-BFGS for the linear models) through the stages its loss plans (`PointLoss.stages`:
-e.g. Sinkhorn on a coarse subsample, then Chamfer on more points). The fitted map is applied to
-every source point. A model or a loss is chosen by name from `MODELS` / `LOSSES`; each brings
-its own options and behaviour, so nothing here depends on which one it is.
+output), optionally pre-aligned by a rigid/similarity/affine map, then the model is fitted by the
+fitter it names (`Deformation.fitted_by`, `FITTERS`): "adam" runs Adam (and L-BFGS for the linear
+models) through the stages its loss plans (`PointLoss.stages`: e.g. Sinkhorn on a coarse
+subsample, then Chamfer on more points); "gauss-newton" runs non-rigid ICP on the shared solver
+core (`shape_icp.py`, for `model="displacement"`). Landmarks, when given, join either fit. The
+fitted map is applied to every source point. A model or a loss is chosen by name from `MODELS` /
+`LOSSES`; each brings its own options and behaviour, so nothing here depends on which one it is.
 """
 from __future__ import annotations
 

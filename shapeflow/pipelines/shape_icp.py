@@ -49,7 +49,7 @@ __all__ = ["IcpProblem", "PairTerm", "LandmarkTerm", "fit_point_displacement", "
 
 #: the preconditioners of the inner CG
 PRECONDITIONERS = Registry("preconditioner", {"auto": "auto", "factor": "factor", "jacobi": "jacobi", "amg": "amg"})
-#: "auto" factorises up to this many points per level, and uses Jacobi above
+#: "auto" factorises (on the CPU) up to this many points per level, and uses Jacobi above or on a GPU
 FACTOR_MAX_POINTS = 60000
 #: Gauss-Newton iterations per stiffness stage when `iterations` is not given
 STAGE_ITERATIONS = 10
@@ -122,7 +122,8 @@ class IcpProblem:
         self.cg_iterations = 0
         self._factor = None
         if preconditioner == "auto":
-            preconditioner = "factor" if len(x) <= FACTOR_MAX_POINTS else "jacobi"
+            small = len(x) <= FACTOR_MAX_POINTS and x.device.type == "cpu"
+            preconditioner = "factor" if small else "jacobi"     # the LU is SciPy's, on the host
         self.preconditioner = preconditioner
 
     # --- correspondences and the cost ------------------------------------------------------

@@ -51,6 +51,8 @@ __all__ = ["IcpProblem", "PairTerm", "LandmarkTerm", "fit_point_displacement", "
 PRECONDITIONERS = Registry("preconditioner", {"auto": "auto", "factor": "factor", "jacobi": "jacobi", "amg": "amg"})
 #: "auto" factorises (on the CPU) up to this many points per level, and uses Jacobi above or on a GPU
 FACTOR_MAX_POINTS = 60000
+#: a step whose CG took more iterations than this refactorises the preconditioner for the next one
+REFACTOR_AFTER = 10
 #: Gauss-Newton iterations per stiffness stage when `iterations` is not given
 STAGE_ITERATIONS = 10
 
@@ -190,7 +192,8 @@ class IcpProblem:
         coupling + mu I the isotropic part of the normal matrix (SciPy's sparse LU, CPU). It is
         factorised at the stage's first step and kept: later steps change only the data weights on
         the diagonal, so it stays a close preconditioner (exact at the first step for
-        point-to-point pairs, where CG takes one step)."""
+        point-to-point pairs, where CG takes one step), refactorised after a step that needed more
+        than `REFACTOR_AFTER` CG iterations."""
         if self._factor is None:
             self._factor = self._factorise(blocks, mu)
         return self._factor
@@ -256,6 +259,8 @@ class IcpProblem:
                 step, info = conjugate_gradient(op, -g.reshape(-1), M=M, tol=self.cg_tol, maxiter=1000)
             iterations = int(torch.as_tensor(info.iterations).max())
             self.cg_iterations += iterations
+            if iterations > REFACTOR_AFTER:      # the weights moved away from the factorised ones
+                self._factor = None
             return step.reshape(u.shape), iterations
 
         return Linearization(gradient=g, solve=solve)

@@ -64,6 +64,10 @@ NOTES = """\
   points), not investigated here: the 16k surface is the linearly subdivided then decimated one
   (other triangle shapes than the plain decimation), and the machine's load rose from ~1.9 to ~3.4
   (other jobs on the 2 cores) during those rows. trimesh, run under the same load, grew 11 s -> 78 s.
+* `displacement` alone at 40,000 vertices (fsaverage5 subdivided once, decimated): 134 s, 0.52 % RMSE,
+  0 % flipped. 160,000 was not run (it did not fit the session's time; at 134 s for 40k it would be
+  several minutes at least). The 40k run had a lower load (~1.3-3) than the 16k rows, so the 16k ->
+  40k growth (78 s -> 134 s) is less steep than 4k -> 16k.
 * trimesh's NRICP is far less accurate (4.3-5.3 % RMSE against 0.3-0.45 %): closest-vertex
   correspondences on a folded surface lock onto the wrong gyri (as in shapes_vs_cpd.md). It ran with
   `use_faces=False` because `use_faces=True` (its docstring's closest point on the target surface)

@@ -1,7 +1,10 @@
 """Choosing a well-spread subset of points for coarse-to-fine fitting."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from ._optional import is_available
 
 __all__ = ["farthest_point_sample"]
 
@@ -10,8 +13,10 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
     """Indices `(count,)` of a farthest-point subset of `points: (N, d)` (all of them if N <= count).
 
     Greedy: start at a random point (from `seed`), then repeatedly add the point farthest from
-    those chosen. O(N * count) time, O(N) memory. When `count` is at least half of N the subset
-    covers the shape anyway, and a seeded random subset is taken instead (O(N)).
+    those chosen (the first of equally far ones). O(N * count) time, O(N) memory: one compiled
+    pass per chosen point on the CPU with numba (`_fps_kernel`), torch operations otherwise. When
+    `count` is at least half of N the subset covers the shape anyway, and a seeded random subset
+    is taken instead (O(N)).
     """
     n = points.shape[0]
     if count >= n:
@@ -19,11 +24,51 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
     gen = torch.Generator().manual_seed(seed)
     if 2 * count >= n:
         return torch.randperm(n, generator=gen)[:count].sort().values.to(points.device)
+    first = int(torch.randint(n, (1,), generator=gen))
     x = points.detach()
+    if x.device.type == "cpu" and is_available("numba"):
+        chosen = np.empty(count, dtype=np.int64)
+        _compiled()(np.ascontiguousarray(x.double().numpy()), first, chosen)
+        return torch.from_numpy(chosen)
     chosen = torch.empty(count, dtype=torch.long, device=x.device)
-    chosen[0] = int(torch.randint(n, (1,), generator=gen))
-    dist = (x - x[chosen[0]]).pow(2).sum(1)
+    chosen[0] = first
+    dist = (x - x[first]).pow(2).sum(1)
     for i in range(1, count):
         chosen[i] = torch.argmax(dist)
         dist = torch.minimum(dist, (x - x[chosen[i]]).pow(2).sum(1))
     return chosen
+
+
+def _fps_kernel(x, first, out):  # pragma: no cover - compiled by numba
+    """Farthest-point sampling of `x: (N, d)` float64 from index `first` into `out: (count,)`:
+    each pass lowers the distances to the newest point and finds the farthest in one sweep."""
+    n, d = x.shape
+    dist = np.full(n, np.inf)
+    newest = first
+    out[0] = first
+    for i in range(1, out.shape[0]):
+        best, best_value = 0, -1.0
+        for j in range(n):
+            s = 0.0
+            for c in range(d):
+                t = x[j, c] - x[newest, c]
+                s += t * t
+            if s < dist[j]:
+                dist[j] = s
+            if dist[j] > best_value:
+                best_value = dist[j]
+                best = j
+        out[i] = best
+        newest = best
+
+
+_KERNEL = []
+
+
+def _compiled():
+    """`_fps_kernel` compiled once (numba, cached on disk)."""
+    if not _KERNEL:
+        import numba
+
+        _KERNEL.append(numba.njit(cache=True, fastmath=False)(_fps_kernel))
+    return _KERNEL[0]

@@ -6,6 +6,10 @@ The map from fixed world points to moving world points is `T(x) = M (x - c_f) + 
 (`minimize_least_squares`) with the (d^2 + d)-parameter normal matrix assembled here. Its
 Jacobian comes analytically from the moving image's gradient, since `grid_sample` has no
 forward-mode derivative for `torch.func`; the damping is Marquardt's, `mu diag(J^T J)`.
+
+Landmarks `(f_k, m_k)` (fixed, moving; world) with weight w add `w mean_k |T(f_k) - m_k|^2 / D^2`
+(D: the fixed image's world diagonal), the same term as the non-linear models'; T is linear in
+the parameters, so its rows of J are exact.
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ class AffineProblem:
     moving: (C, *S_m) on `moving_grid`; fixed: (C, *S) on `grid`. cost: `mean r^2`.
     """
 
-    def __init__(self, moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, grid: Grid):
+    def __init__(self, moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, grid: Grid,
+                 landmarks: tuple[torch.Tensor, torch.Tensor, float, float] | None = None):
         d = grid.dim
+        self.landmarks = landmarks     # (fixed (K, d), moving (K, d), weight w, length D) or None
         self.d, self.moving, self.moving_grid = d, moving, moving_grid
         dtype, device = fixed.dtype, fixed.device
         self.points = grid.points(dtype, device).reshape(-1, d)                          # (N, d)
@@ -41,7 +47,17 @@ class AffineProblem:
         matrix, shift = self.split(x)
         where = (self.points - self.centre) @ matrix.T + self.moving_centre + shift        # (N, d)
         residual = sample(self.moving, self.moving_grid, where) - self.fixed               # (C, N)
-        return float(residual.pow(2).mean()), (residual, where)
+        cost = float(residual.pow(2).mean())
+        if self.landmarks is not None:
+            fixed_marks, moving_marks, weight, length = self.landmarks
+            cost += weight * float(self._landmark_residual(x).pow(2).sum(1).mean()) / length ** 2
+        return cost, (residual, where)
+
+    def _landmark_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """`T(f_k) - m_k`: (K, d)."""
+        matrix, shift = self.split(x)
+        fixed_marks, moving_marks = self.landmarks[0], self.landmarks[1]
+        return (fixed_marks - self.centre) @ matrix.T + self.moving_centre + shift - moving_marks
 
     def linearize(self, x: torch.Tensor, state: tuple) -> Linearization:
         residual, where = state
@@ -50,6 +66,15 @@ class AffineProblem:
         jac = torch.cat([(g[:, :, None, :] * (self.points - self.centre).T[None, None]).flatten(1, 2), g], 1)  # (C, P, N)
         jac = jac.transpose(1, 2).reshape(-1, d * d + d)                                                     # (C N, P)
         hessian, gradient = jac.T @ jac, jac.T @ residual.reshape(-1)
+        if self.landmarks is not None:   # cost = mean r^2 + ...: rows scaled by (C N) w / (K D^2)
+            fixed_marks, _, weight, length = self.landmarks
+            coefficient = residual.numel() * weight / (len(fixed_marks) * length ** 2)
+            eye = torch.eye(d, dtype=x.dtype, device=x.device)
+            # d T(f)_a / d M_ib = [a == i] (f - c)_b, d T(f)_a / d t_i = [a == i]
+            linear = torch.einsum("ai,kb->kaib", eye, fixed_marks - self.centre).reshape(-1, d, d * d)
+            rows = torch.cat([linear, eye.expand(len(fixed_marks), d, d)], 2).reshape(-1, d * d + d)   # (K d, P)
+            hessian = hessian + coefficient * rows.T @ rows
+            gradient = gradient + coefficient * rows.T @ self._landmark_residual(x).reshape(-1)
         scaling = torch.diag(torch.diagonal(hessian) + 1e-12)
         return Linearization(gradient, lambda mu: (torch.linalg.solve(hessian + mu * scaling, -gradient), 0))
 
@@ -70,16 +95,18 @@ class AffineProblem:
 
 
 def fit_affine(levels: list[tuple[torch.Tensor, Grid, torch.Tensor, Grid]], history: list,
-               iterations: int = 40) -> tuple[Affine, bool]:
+               iterations: int = 40, landmarks: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
+               ) -> tuple[Affine, bool]:
     """Affine map (fixed world -> moving world) fitted coarse to fine.
 
     levels: (moving features (C, *S_m), moving grid, fixed features (C, *S), fixed grid) per
-    pyramid level, coarse first. Appends one history row per iteration. Returns the `Affine` and
-    whether Ctrl-C stopped the fit (the map is then the best one reached).
+    pyramid level, coarse first; landmarks: (fixed (K, d), moving (K, d), weight, length) or None.
+    Appends one history row per iteration. Returns the `Affine` and whether Ctrl-C stopped the fit
+    (the map is then the best one reached).
     """
     affine = None
     for number, (moving, moving_grid, fixed, grid) in enumerate(levels):
-        problem = AffineProblem(moving, moving_grid, fixed, grid)
+        problem = AffineProblem(moving, moving_grid, fixed, grid, landmarks)
         d = grid.dim
         x0 = (torch.cat([torch.eye(d, dtype=fixed.dtype, device=fixed.device).reshape(-1),
                          torch.zeros(d, dtype=fixed.dtype, device=fixed.device)])

@@ -317,10 +317,6 @@ def _landmarks(opts: ImageOptions, moving: Image, fixed: Image) -> tuple[torch.T
 def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str], model_opts) -> None:
     """Options that do not apply to the chosen model are errors, not silently ignored."""
     if model_cls.linear:
-        if opts.landmark_weight:
-            raise ShapeflowError(f"register(): landmark_weight > 0 applies to the non-linear image models "
-                                 f"({', '.join(k for k, v in IMAGE_MODELS.items() if not v.linear)}), not to model "
-                                 f"{model!r}; its fit uses the images only (landmarks still give the TRE)")
         unused = sorted(given & {"solver", "cg_iterations", "cg_tol", "prealign"})
         if unused:
             raise ShapeflowError(f"register(): {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} "
@@ -374,9 +370,14 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     history: list[dict] = []
     snapshots: list[torch.Tensor] = []
     affine, core, interrupted = None, None, False
+    diagonal = float(torch.linalg.vector_norm(fixed.spacing * torch.tensor(fixed.shape, dtype=torch.float64)))
     if opts.prealign == "affine" or model_cls.linear:
+        affine_marks = None
+        if opts.landmark_weight and moving_marks is not None:
+            affine_marks = (fixed_marks.to(device, dtype), moving_marks.to(device, dtype),
+                            float(opts.landmark_weight), diagonal)
         affine, interrupted = fit_affine([(lv.moving, lv.moving_grid, lv.fixed_features, lv.grid) for lv in levels],
-                                         history)
+                                         history, landmarks=affine_marks)
     if not model_cls.linear and not interrupted:
         slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
         marks = None
@@ -384,7 +385,6 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
             with torch.no_grad():
                 target = moving_marks.to(device, dtype)
                 target = target if affine is None else affine.inverse(target)
-            diagonal = float(torch.linalg.vector_norm(fixed.spacing * torch.tensor(fixed.shape, dtype=torch.float64)))
             marks = _Marks(fixed_marks.to(device, dtype), target, float(opts.landmark_weight), diagonal)
         params, params_grid, interrupted = _fit_levels(model_cls, parts["model"], levels, term, affine, opts, history,
                                                        snapshots, slicer, f"{model} ({loss})", marks)

@@ -8,6 +8,9 @@ from ._optional import is_available
 
 __all__ = ["farthest_point_sample"]
 
+#: points per chosen one that the greedy sweeps at most (see `farthest_point_sample`)
+PRESAMPLE = 16
+
 
 def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
     """Indices `(count,)` of a farthest-point subset of `points: (N, d)` (all of them if N <= count).
@@ -16,7 +19,8 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
     those chosen (the first of equally far ones). O(N * count) time, O(N) memory: one compiled
     pass per chosen point on the CPU with numba (`_fps_kernel`), torch operations otherwise. When
     `count` is at least half of N the subset covers the shape anyway, and a seeded random subset
-    is taken instead (O(N)).
+    is taken instead (O(N)). Above `PRESAMPLE` x count points (and 50000), the greedy runs on a
+    seeded random presample of that many points, which keeps the cost O(count^2) at any N.
     """
     n = points.shape[0]
     if count >= n:
@@ -24,6 +28,10 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
     gen = torch.Generator().manual_seed(seed)
     if 2 * count >= n:
         return torch.randperm(n, generator=gen)[:count].sort().values.to(points.device)
+    pool = max(PRESAMPLE * count, 50000)
+    if n > pool:
+        subset = torch.randperm(n, generator=gen)[:pool].sort().values.to(points.device)
+        return subset[farthest_point_sample(points[subset], count, seed)]
     first = int(torch.randint(n, (1,), generator=gen))
     x = points.detach()
     if x.device.type == "cpu" and is_available("numba"):

@@ -306,7 +306,11 @@ def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bo
     out["min_jacobian_det"] = metrics.min_jacobian_determinant(deformation, x_world)
     if isinstance(src, Mesh):
         out["flipped_triangles_percent"] = metrics.flipped_triangles_percent(
-            deformation, x_world, src.faces.to(x_world.device))
-    with torch.no_grad():
-        out["energy"] = float(deformation.energy(x_world)) if not deformation.linear else 0.0
+            deformation, x_world, src.faces.to(x_world.device), warped)
+    with torch.no_grad():   # on a seeded sample of the points above MAX_JACOBIAN_POINTS (a mean: the same)
+        sample = x_world
+        if len(sample) > metrics.MAX_JACOBIAN_POINTS:
+            keep = torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))
+            sample = sample[keep[:metrics.MAX_JACOBIAN_POINTS].to(sample.device)]
+        out["energy"] = float(deformation.energy(sample)) if not deformation.linear else 0.0
     return out

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torchdiffeq import odeint, odeint_adjoint
 
+from .._optional import import_optional
 from .._registry import Registry
 from ..errors import ShapeflowError
 from .base import KineticFlow, register_deformation
@@ -176,10 +176,11 @@ class NeuralODEFlow(KineticFlow):
             kwargs = {"options": {"grid_constructor": _uniform_grid(per_unit or self.time_steps)}}
         else:
             kwargs = {"rtol": self.rtol, "atol": self.atol}
+        torchdiffeq = import_optional("torchdiffeq", "NeuralODEFlow")    # imported on first use
         if self.adjoint:
-            return odeint_adjoint(func, state, times, method=self.solver,
-                                  adjoint_params=tuple(self.field.parameters()), **kwargs)
-        return odeint(func, state, times, method=self.solver, **kwargs)
+            return torchdiffeq.odeint_adjoint(func, state, times, method=self.solver,
+                                              adjoint_params=tuple(self.field.parameters()), **kwargs)
+        return torchdiffeq.odeint(func, state, times, method=self.solver, **kwargs)
 
     def _times(self, points: torch.Tensor, *values: float) -> torch.Tensor:
         return torch.tensor(values, dtype=points.dtype, device=points.device)

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from torch import Tensor
 
 from ..errors import ShapeflowError
@@ -31,7 +30,7 @@ def nearest_neighbors(queries: Tensor, points: Tensor, backend: str = "auto") ->
                              "must both be (N, d) with the same d")
     if engine == "keops":
         return _keops_argmin(queries.detach(), points.detach())
-    tree = cKDTree(points.detach().cpu().double().numpy())
+    tree = _kdtree()(points.detach().cpu().double().numpy())
     _, index = tree.query(queries.detach().cpu().double().numpy(), k=1, workers=torch.get_num_threads())
     return torch.as_tensor(np.asarray(index, dtype=np.int64), device=queries.device)
 
@@ -53,7 +52,7 @@ class PointIndex:
         if points.ndim != 2:
             raise ShapeflowError(f"PointIndex(): points must be (M, d), got {tuple(points.shape)}")
         self.n, self.dim = points.shape
-        self._tree = cKDTree(points.detach().cpu().double().numpy())
+        self._tree = _kdtree()(points.detach().cpu().double().numpy())
 
     def query(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -63,3 +62,10 @@ class PointIndex:
         dist, index = np.asarray(dist).reshape(len(queries), k), np.asarray(index, dtype=np.int64).reshape(len(queries), k)
         return (torch.as_tensor(dist, dtype=queries.dtype, device=queries.device),
                 torch.as_tensor(index, device=queries.device))
+
+
+def _kdtree():
+    """SciPy's `cKDTree`, imported on first use (it costs a noticeable part of `import shapeflow`)."""
+    from scipy.spatial import cKDTree
+
+    return cKDTree

@@ -8,7 +8,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 
 __all__ = ["landmark_errors", "chamfer_distance", "hausdorff_distance", "rmse", "jacobian_determinants",
@@ -18,7 +17,7 @@ __all__ = ["landmark_errors", "chamfer_distance", "hausdorff_distance", "rmse", 
 def _nn_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     a_np, b_np = a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()
     workers = torch.get_num_threads()
-    return cKDTree(b_np).query(a_np, workers=workers)[0], cKDTree(a_np).query(b_np, workers=workers)[0]
+    return _kdtree()(b_np).query(a_np, workers=workers)[0], _kdtree()(a_np).query(b_np, workers=workers)[0]
 
 
 def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,3 +124,10 @@ def landmark_errors(phi, source: torch.Tensor, target: torch.Tensor) -> dict[str
     before = (source - target).norm(dim=1)
     return {"mean": float(after.mean()), "max": float(after.max()),
             "mean_before": float(before.mean()), "max_before": float(before.max())}
+
+
+def _kdtree():
+    """SciPy's `cKDTree`, imported on first use (it costs a noticeable part of `import shapeflow`)."""
+    from scipy.spatial import cKDTree
+
+    return cKDTree

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
 from ..errors import ShapeflowError
 from ..grids import Grid, sample
@@ -59,6 +58,8 @@ def dice_per_label(labels_a, labels_b) -> dict[int, float]:
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of `mask` with a face neighbour outside it (or outside the image)."""
+    from scipy.ndimage import binary_erosion, generate_binary_structure     # on first use: slow to import
+
     return mask & ~binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), border_value=0)
 
 
@@ -89,6 +90,8 @@ def hausdorff95_per_label(labels_a, labels_b, spacing: Sequence[float]) -> dict[
         # erosion is unchanged and the distance transform is exact Euclidean, not geodesic.
         box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask_a | mask_b))
         surface_a, surface_b = _surface(mask_a[box]), _surface(mask_b[box])
+        from scipy.ndimage import distance_transform_edt
+
         to_b = distance_transform_edt(~surface_b, sampling=sampling)[surface_a]
         to_a = distance_transform_edt(~surface_a, sampling=sampling)[surface_b]
         result[k] = float(np.percentile(np.concatenate([to_b, to_a]), 95))

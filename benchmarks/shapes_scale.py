@@ -1,0 +1,194 @@
+"""Scale curve: `sf.register(src, tgt)` with its defaults from 100 points to a million, beside pycpd.
+
+Each (method, N) runs in its own subprocess, so its peak memory (`ru_maxrss` of the child) is its
+own and a crash or a timeout costs only that cell. Data: points on the fsaverage5 pial surface
+(unit RMS radius; above its 10,242 vertices, uniformly sampled on its three-times linearly
+subdivided mesh), the target the same points under the known smooth deformation of
+`shapes_vs_cpd.normalised_pair`, so RMSE is against the true positions. One run per cell after a
+warm-up registration in the same child (the first call of a process compiles and loads caches;
+`first_call_seconds` records it).
+
+    python benchmarks/shapes_scale.py [--sizes 100 1000 ...] [--pycpd-max 4000] [--from-json]
+
+Writes results/shapes_scale.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SIZES = [100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000]
+TIMEOUT = 900
+
+
+def points_on_surface(n: int, seed: int = 0) -> np.ndarray:
+    """n points on fsaverage5's pial surface: its vertices (decimated) up to 10,242, else uniform
+    samples on the subdivided surface."""
+    sys.path.insert(0, str(HERE))
+    from shapes_vs_cpd import fsaverage_mesh
+
+    vertices, faces = fsaverage_mesh()
+    if n <= len(vertices):
+        rng = np.random.default_rng(seed)
+        return vertices[np.sort(rng.choice(len(vertices), n, replace=False))]
+    import pyvista as pv
+
+    mesh = pv.PolyData(vertices, np.hstack([np.full((len(faces), 1), 3), faces]).ravel()).subdivide(3, "linear")
+    v, f = np.asarray(mesh.points, dtype=np.float64), np.asarray(mesh.faces).reshape(-1, 4)[:, 1:]
+    tri = v[f]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(f), n, p=area / area.sum())
+    a, b = rng.random((2, n))
+    flip = a + b > 1
+    a[flip], b[flip] = 1 - a[flip], 1 - b[flip]
+    t = tri[pick]
+    return t[:, 0] + a[:, None] * (t[:, 1] - t[:, 0]) + b[:, None] * (t[:, 2] - t[:, 0])
+
+
+def child(method: str, n: int) -> dict:
+    """One cell, run inside the subprocess: returns seconds, RMSE % diag, peak MiB."""
+    import resource
+
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from shapes_vs_cpd import normalised_pair, score
+
+    pair = normalised_pair(points_on_surface(n), None)
+    src, tgt = pair["source"], pair["target"]
+    out = {"method": method, "n": n}
+    if method == "shapeflow":
+        import shapeflow as sf
+
+        small = normalised_pair(points_on_surface(100, seed=1), None)
+        t0 = time.perf_counter()
+        sf.register(small["source"], small["target"], progress=False)
+        out["first_call_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        warped = sf.register(src, tgt, progress=False).warped
+    else:
+        from pycpd import DeformableRegistration
+
+        t0 = time.perf_counter()
+        # as pycpd's README advises: both clouds centred and scaled (they are: unit RMS radius)
+        warped, _ = DeformableRegistration(X=tgt, Y=src).register()
+    out["seconds"] = time.perf_counter() - t0
+    out.update(score(warped, pair))
+    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def run(method: str, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, str(n)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "n": n, "error": f"timeout after {TIMEOUT} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"method": method, "n": n, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def targets(rows: list[dict]) -> list[str]:
+    cell = {(r["method"], r["n"]): r for r in rows if "seconds" in r}
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+
+    def check(name, n, test, text):
+        r = cell.get(("shapeflow", n))
+        if r is None:
+            lines.append(f"| {name} | not run | not met |")
+            return
+        lines.append(f"| {name} | {text(r)} | {'met' if test(r) else 'not met'} |")
+
+    check("160k-class points (100k here; 300k beside) <= 10 s, <= 3 GB, RMSE <= 1 %", 100000,
+          lambda r: r["seconds"] <= 10 and r["peak_mib"] <= 3072 and r["rmse_pct_diag"] <= 1,
+          lambda r: f"{r['seconds']:.1f} s, {r['peak_mib']:.0f} MiB, RMSE {r['rmse_pct_diag']:.2f} %")
+    check("1M points <= 60 s, memory linear in N", 1000000, lambda r: r["seconds"] <= 60,
+          lambda r: f"{r['seconds']:.1f} s, {r['peak_mib']:.0f} MiB, RMSE {r['rmse_pct_diag']:.2f} %")
+    for n in (1000,):
+        ours, peer = cell.get(("shapeflow", n)), cell.get(("pycpd", n))
+        if ours and peer:
+            ratio = peer["seconds"] / ours["seconds"]
+            ok = ratio >= 10 and ours["rmse_pct_diag"] <= peer["rmse_pct_diag"]
+            lines.append(f"| {n} points >= 10x pycpd at <= its RMSE | {ratio:.1f}x, RMSE {ours['rmse_pct_diag']:.2f} % vs "
+                         f"{peer['rmse_pct_diag']:.2f} % | {'met' if ok else 'not met'} |")
+    return lines
+
+
+def write(rows: list[dict], meta: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "shapes_scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = ["# Scale curve: shapeflow's defaults from 100 points to 1M, beside pycpd", "",
+          __doc__.split("\n\n")[1].replace("\n", " "), "",
+          f"Machine: {json.dumps(meta.get('machine', {}))}. Threads: torch's default in each child "
+          "(as a user runs it).", "", "## Targets (issue 12)", "", *targets(rows), "",
+          "## All runs", "", "| method | N | seconds | RMSE % diag | peak MiB | first call s |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["n"])):
+        if "error" in r:
+            md.append(f"| {r['method']} | {r['n']} | {r['error']} | | | |")
+        else:
+            first = f"{r['first_call_seconds']:.2f}" if "first_call_seconds" in r else "-"
+            md.append(f"| {r['method']} | {r['n']} | {r['seconds']:.2f} | {r['rmse_pct_diag']:.3f} | "
+                      f"{r['peak_mib']:.0f} | {first} |")
+    (RESULTS / "shapes_scale.md").write_text("\n".join(md) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in sorted({r["method"] for r in rows}):
+        ok = sorted((r for r in rows if r["method"] == method and "seconds" in r), key=lambda r: r["n"])
+        axes[0].loglog([r["n"] for r in ok], [r["seconds"] for r in ok], "o-", label=method)
+        axes[1].loglog([r["n"] for r in ok], [r["peak_mib"] for r in ok], "o-", label=method)
+    axes[0].set(xlabel="points", ylabel="seconds", title="time")
+    axes[1].set(xlabel="points", ylabel="peak MiB (process)", title="memory")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "shapes_scale.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--pycpd-max", type=int, default=4000, help="largest N pycpd runs at (O(N^2) memory)")
+    parser.add_argument("--from-json", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    if args.from_json:
+        saved = json.loads((RESULTS / "shapes_scale.json").read_text())
+        write(saved["rows"], saved["meta"])
+        return
+    sys.path.insert(0, str(HERE))
+    from shapes_vs_cpd import machine_info
+
+    rows = []
+    for n in args.sizes:
+        for method in ("shapeflow", "pycpd"):
+            if method == "pycpd" and n > args.pycpd_max:
+                continue
+            rows.append(run(method, n))
+            print(rows[-1], flush=True)
+    import torch
+
+    write(rows, {"machine": machine_info(torch.get_num_threads()), "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+if __name__ == "__main__":
+    main()

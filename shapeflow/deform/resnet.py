@@ -25,6 +25,15 @@ ACTIVATIONS = {"relu": nn.functional.relu, "tanh": torch.tanh, "softplus": nn.fu
                "silu": nn.functional.silu}
 
 
+def _velocity(act, points: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+              w3: torch.Tensor) -> torch.Tensor:
+    """One block's MLP `w3 act(w2 act(w1 x + b1) + b2)` at `points: (N, d)` -> `(N, d)`;
+    `w1: (m, d)`, `w2: (m, m)`, `w3: (d, m)`."""
+    h = act(torch.addmm(b1, points, w1.T))                              # (N, m)
+    h = act(torch.addmm(b2, h, w2.T))                                   # (N, m)
+    return h @ w3.T                                                     # (N, d)
+
+
 @register_deformation
 class ResNetFlow(KineticFlow):
     """A time-dependent flow of `blocks` forward-Euler steps, each a 2-hidden-layer MLP of `width`.
@@ -77,17 +86,20 @@ class ResNetFlow(KineticFlow):
 
     def velocity(self, block: int, points: torch.Tensor) -> torch.Tensor:
         """The velocity of block `block` at `points: (N, d)` -> `(N, d)`."""
-        act = ACTIVATIONS[self.activation]
-        h = act(points @ self.W1[block].T + self.b1[block])            # (N, m)
-        h = act(h @ self.W2[block].T + self.b2[block])                  # (N, m)
-        return h @ self.W3[block].T                                     # (N, d)
+        return _velocity(ACTIVATIONS[self.activation], points, self.W1[block], self.b1[block], self.W2[block],
+                         self.b2[block], self.W3[block])
 
     def states(self, points: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Positions `x_0..x_L` and velocities `v_0..v_{L-1}`, each `(N, d)`."""
-        xs, vs = [points], []
-        for block in range(self.blocks):
-            vs.append(self.velocity(block, xs[-1]))
-            xs.append(xs[-1] + self.dt * vs[-1])
+        act, xs, vs = ACTIVATIONS[self.activation], [points], []
+        # the transposed weights of every block, split once (a pass then records 5 splits, not 5 L selects)
+        weights = zip(self.W1.transpose(1, 2).unbind(), self.b1.unbind(), self.W2.transpose(1, 2).unbind(),
+                      self.b2.unbind(), self.W3.transpose(1, 2).unbind())
+        for w1t, b1, w2t, b2, w3t in weights:
+            h = act(torch.addmm(b1, xs[-1], w1t))                       # (N, m)
+            h = act(torch.addmm(b2, h, w2t))                             # (N, m)
+            vs.append(h @ w3t)                                           # (N, d)
+            xs.append(torch.add(xs[-1], vs[-1], alpha=self.dt))
         return xs, vs
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def fit(parameters: Iterable[torch.nn.Parameter], objective: Objective, *, itera
 
     try:
         with progress_bar(progress, stage, iterations + lbfgs_iterations) as advance:
-            adam = torch.optim.Adam(params, lr=lr)
+            adam = torch.optim.Adam(params, lr=lr, foreach=True)   # one call per step, not one per tensor
             for step in range(iterations):
                 adam.zero_grad(set_to_none=True)
                 total = evaluate(step, "adam")

@@ -48,6 +48,7 @@ class CommonOptions:
     progress: bool = True
     landmarks: Any = None               # (source_points, target_points): (K, d) arrays, Landmarks or files
     landmark_weight: float | None = None  # weight of the landmark term in the fit (default: the pipeline's)
+    threads: int | None = None          # torch threads inside this call (None: 1 up to 50k points/voxels, else torch's)
 
     def __post_init__(self) -> None:
         self.torch_dtype: torch.dtype = DTYPES.lookup(self.dtype, "register()")

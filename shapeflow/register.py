@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ._threads import auto_threads, torch_threads
 from .errors import ShapeflowError
 from .io import read
 from .pipelines.images import register_images
@@ -39,11 +40,16 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
         another model or loss, or an unknown one, is an error naming the valid ones.
     """
     source, target = _load(source), _load(target)
+    threads = options.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ShapeflowError(f"register(): threads must be an int >= 1 (or None: automatic), got {threads!r}")
     if isinstance(source, Image) or isinstance(target, Image):
         if not (isinstance(source, Image) and isinstance(target, Image)):
             raise ShapeflowError("register(): source and target must both be images, or both shapes")
-        return register_images(source, target, model or "displacement", loss or "ssd", **options)
+        with torch_threads(auto_threads(target.data[0].numel(), threads)):
+            return register_images(source, target, model or "displacement", loss or "ssd", **options)
     array_in = not isinstance(source, PointCloud)
     src = source if isinstance(source, PointCloud) else PointCloud(check_points(source, "source"))
     tgt = target if isinstance(target, PointCloud) else PointCloud(check_points(target, "target"))
-    return register_shapes(src, tgt, model or "resnet", loss, array_in=array_in, **options)
+    with torch_threads(auto_threads(len(src) + len(tgt), threads)):
+        return register_shapes(src, tgt, model or "resnet", loss, array_in=array_in, **options)

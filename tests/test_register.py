@@ -156,3 +156,23 @@ def test_register_reports_an_interruption(monkeypatch, assets):
     x = sf.read(assets / "horse_contour.csv")
     result = sf.register(x, sf.read(assets / "horse_contour_deformed.csv"), loss="chamfer", progress=False)
     assert result.metrics["interrupted"] is True and len(result.history) == 15
+
+
+def test_small_problems_run_on_one_thread_inside_the_call_only(monkeypatch):
+    import importlib
+
+    entry = importlib.import_module("shapeflow.register")
+
+    seen = []
+    monkeypatch.setattr(entry, "register_shapes", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        points = np.random.default_rng(0).random((50, 2))
+        sf.register(points, points)
+        sf.register(points, points, threads=2)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        with pytest.raises(sf.ShapeflowError, match="threads must be an int >= 1"):
+            sf.register(points, points, threads=0)
+    finally:
+        torch.set_num_threads(before)

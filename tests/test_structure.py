@@ -119,7 +119,7 @@ def test_no_private_name_imported_across_modules():
 #: layers, lowest first: a module may import its own layer and those below, never one above
 LAYERS = [
     {"shapeflow.errors", "shapeflow._files", "shapeflow._optional", "shapeflow._registry", "shapeflow.progress",
-     "shapeflow._options", "shapeflow._numba"},
+     "shapeflow._options", "shapeflow._numba", "shapeflow._threads"},
     {"shapeflow.shapes", "shapeflow.sampling"},
     {"shapeflow.grids"},
     {"shapeflow.regularizers", "shapeflow.kernels"},

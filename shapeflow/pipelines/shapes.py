@@ -293,8 +293,7 @@ def _in_world_units(parts: list[Deformation], source_center, target_center, scal
 
 def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "chamfer": metrics.chamfer_distance(warped, y_world),
-        "hausdorff": metrics.hausdorff_distance(warped, y_world),
+        **metrics.surface_distances(warped, y_world),
         "chamfer_before": metrics.chamfer_distance(x_world, y_world),
         "bbox_diagonal": float((y_world.max(0).values - y_world.min(0).values).norm()),
     }

@@ -34,7 +34,6 @@ loss, the transport cost `sum P_ij |x_i - y_j|^2 / 2` for Sinkhorn).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -47,44 +46,47 @@ from ..losses import LOSSES, SinkhornLoss
 from ..progress import progress_bar
 from ..sampling import farthest_point_sample
 
-__all__ = ["procrustes", "fit_linear", "check_linear", "STEPS", "PAIRINGS", "TransportPairs"]
+__all__ = ["procrustes", "fit_linear", "check_linear", "starts", "STEPS", "PAIRINGS", "TransportPairs"]
 
 #: Sinkhorn iterations per step of a transport stage (the potentials carry over between steps)
 SINKHORN_ITERATIONS = 3
+#: the tolerance on the map's change of a stage that a finer one follows (normalised units: the
+#: shapes' RMS radius is 1); the last stage stops at the option `tol`
+COARSE_TOL = 1e-3
 #: a transport stage pairs at most this many points per shape (a farthest-point subsample): its plan is dense
 TRANSPORT_POINTS = 2048
 
 
-# --- the closed-form steps ------------------------------------------------------------------
+# --- the closed-form steps (batched: B maps at once) ----------------------------------------------
 def _centred(p: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    total = w.sum()
-    mp, mq = (w @ p) / total, (w @ q) / total
-    return p - mp, q - mq, mp, mq
+    total = w.sum(-1, keepdim=True)                                         # (B, 1)
+    mp, mq = (w[..., None] * p).sum(-2) / total, (w[..., None] * q).sum(-2) / total   # (B, d)
+    return p - mp[:, None], q - mq[:, None], mp, mq
 
 
 def _rotation_step(p: Tensor, q: Tensor, w: Tensor, scaling: bool) -> tuple[Tensor, Tensor]:
-    """Kabsch / Umeyama: the rotation (times the best scale when `scaling`) and translation."""
+    """Kabsch / Umeyama: the rotations (times the best scales when `scaling`) and translations."""
     P, Q, mp, mq = _centred(p, q, w)
-    cross = (Q * w[:, None]).T @ P                                  # (d, d) = sum_k w_k q_k p_k^T
+    cross = torch.einsum("bk,bki,bkj->bij", w, Q, P)                       # (B, d, d) = sum_k w_k q_k p_k^T
     U, S, Vh = torch.linalg.svd(cross)
     signs = torch.ones_like(S)
-    if torch.linalg.det(U @ Vh) < 0:                                # a reflection: flip the weakest axis
-        signs[-1] = -1.0
-    rotation = (U * signs) @ Vh
-    scale = (S * signs).sum() / (w * P.square().sum(1)).sum() if scaling else 1.0
-    matrix = scale * rotation
-    return matrix, mq - matrix @ mp
+    signs[:, -1] = torch.where(torch.linalg.det(U @ Vh) < 0, -1.0, 1.0)     # no reflection: flip the weakest axis
+    matrix = (U * signs[:, None, :]) @ Vh
+    if scaling:
+        matrix = matrix * ((S * signs).sum(-1) / (w * P.square().sum(-1)).sum(-1))[:, None, None]
+    return matrix, mq - torch.einsum("bij,bj->bi", matrix, mp)
 
 
 def _affine_step(p: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted linear least squares: `A = (sum w q p^T)(sum w p p^T)^-1`."""
     P, Q, mp, mq = _centred(p, q, w)
-    Pw = P * w[:, None]
-    matrix = torch.linalg.solve(Pw.T @ P, Pw.T @ Q).T
-    return matrix, mq - matrix @ mp
+    Pw = P * w[..., None]
+    matrix = torch.linalg.solve(Pw.transpose(1, 2) @ P, Pw.transpose(1, 2) @ Q).transpose(1, 2)
+    return matrix, mq - torch.einsum("bij,bj->bi", matrix, mp)
 
 
-#: closed-form steps by the model's `closed_form`: `(p (K, d), q (K, d), w (K,)) -> (A (d, d), t (d,))`
+#: closed-form steps by the model's `closed_form`:
+#: `(p (B, K, d), q (B, K, d), w (B, K)) -> (A (B, d, d), t (B, d))`
 STEPS: Registry[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = Registry("closed-form step", {
     "rigid": lambda p, q, w: _rotation_step(p, q, w, scaling=False),
     "similarity": lambda p, q, w: _rotation_step(p, q, w, scaling=True),
@@ -100,18 +102,20 @@ def procrustes(p: Tensor, q: Tensor, weights: Tensor | None = None, kind: str = 
         raise ShapeflowError(f"procrustes(): p and q must both be (K, d), got {tuple(p.shape)} and {tuple(q.shape)}")
     p, q = p.double(), q.double()
     w = torch.ones(len(p), dtype=p.dtype, device=p.device) if weights is None else weights.double()
-    return STEPS.lookup(kind, "procrustes()")(p, q, w)
+    matrix, translation = STEPS.lookup(kind, "procrustes()")(p[None], q[None], w[None])
+    return matrix[0], translation[0]
 
 
 # --- how a loss pairs the points --------------------------------------------------------------
 class _Pairs:
-    """One stage's pairing: `(moved (N, d)) -> (p, q, w, data)` with `p` rows of the unmoved
-    source (the step fits `A p + t ~ q`), and `converged(change)` after each step."""
+    """One stage's pairing for B maps at once: `(moved (B, N, d)) -> (p, q, w, data)`, `p, q:
+    (B, K, d)` with `p` rows of the unmoved source (the step fits `A p + t ~ q`), `w: (B, K)`,
+    `data: (B,)` the loss at these pairs; `converged(change (B,), tol) -> (B,) bool` after each step."""
 
     def __init__(self, x: Tensor, y: Tensor, loss: Any):
         self.x, self.y = x, y
 
-    def converged(self, change: float, tol: float) -> bool:
+    def converged(self, change: Tensor, tol: float) -> Tensor:
         return change <= tol
 
 
@@ -121,34 +125,38 @@ class ClosestPairs(_Pairs):
     def __init__(self, x: Tensor, y: Tensor, loss: Any):
         super().__init__(x, y, loss)
         self.index = PointIndex(y)
-        self.previous: tuple[Tensor, Tensor] | None = None
-        self.same = False
+        self.previous: list[Tensor] | None = None
+        self.same: Tensor | None = None
         n, m = len(x), len(y)
         self.w = torch.cat([x.new_full((n,), 1 / n), x.new_full((m,), 1 / m)])
 
     def __call__(self, moved: Tensor):
-        to_target = self.index.query(moved, 1)[1][:, 0]                  # (N,)
-        to_source = PointIndex(moved).query(self.y, 1)[1][:, 0]          # (M,)
-        self.same = self.previous is not None and all(
-            torch.equal(a, b) for a, b in zip(self.previous, (to_target, to_source)))
-        self.previous = (to_target, to_source)
-        data = ((moved - self.y[to_target]).square().sum(1).mean()
-                + (moved[to_source] - self.y).square().sum(1).mean())
-        return (torch.cat([self.x, self.x[to_source]]), torch.cat([self.y[to_target], self.y]), self.w, float(data))
+        to_target = torch.stack([self.index.query(one, 1)[1][:, 0] for one in moved])            # (B, N)
+        to_source = torch.stack([PointIndex(one).query(self.y, 1)[1][:, 0] for one in moved])    # (B, M)
+        pairs = torch.cat([to_target, to_source], 1)
+        self.same = (pairs == self.previous).all(1) if self.previous is not None else torch.zeros(len(moved), dtype=torch.bool)
+        self.previous = pairs
+        batch = torch.arange(len(moved))[:, None]
+        data = ((moved - self.y[to_target]).square().sum(-1).mean(-1)
+                + (moved[batch, to_source] - self.y).square().sum(-1).mean(-1))
+        p = torch.cat([self.x.expand(len(moved), -1, -1), self.x[to_source]], 1)
+        q = torch.cat([self.y[to_target], self.y.expand(len(moved), -1, -1)], 1)
+        return p, q, self.w.expand(len(moved), -1), data
 
-    def converged(self, change: float, tol: float) -> bool:
-        return self.same or change <= 1e-12
+    def converged(self, change: Tensor, tol: float) -> Tensor:
+        return self.same.to(change.device) | (change <= 1e-12)
 
 
 class CorrespondingPairs(_Pairs):
     """Point i with point i (the L2 loss): fixed pairs, so one step is exact."""
 
     def __call__(self, moved: Tensor):
-        w = self.x.new_full((len(self.x),), 1 / len(self.x))
-        return self.x, self.y, w, float((moved - self.y).square().sum(1).mean())
+        b = len(moved)
+        w = self.x.new_full((b, len(self.x)), 1 / len(self.x))
+        return self.x.expand(b, -1, -1), self.y.expand(b, -1, -1), w, (moved - self.y).square().sum(-1).mean(-1)
 
-    def converged(self, change: float, tol: float) -> bool:
-        return True
+    def converged(self, change: Tensor, tol: float) -> Tensor:
+        return torch.ones_like(change, dtype=torch.bool)
 
 
 class TransportPairs(_Pairs):
@@ -160,34 +168,50 @@ class TransportPairs(_Pairs):
         self.floor = float(loss.blur) ** 2
         self.rho = None if loss.reach is None else float(loss.reach) ** 2
         n, m = len(x), len(y)
-        self.log_a = x.new_full((n,), -math.log(n))
-        self.log_b = x.new_full((m,), -math.log(m))
-        self.f, self.g = x.new_zeros(n), x.new_zeros(m)
-        self.plan: Tensor | None = None
-        self.eps: float | None = None
+        self.a, self.b = x.new_full((n,), 1 / n), x.new_full((m,), 1 / m)     # the marginals
+        # the plan is exp((f_i + g_j - cost_ij) / eps), f and g carried over between steps
+        self.f = self.g = self.plan = self.eps = None
 
     def __call__(self, moved: Tensor):
-        cost = torch.cdist(moved, self.y).square_() / 2                   # (N, M)
-        d = moved.shape[1]
+        b, n, d = moved.shape
+        cost = torch.cdist(moved, self.y.expand(b, -1, -1)).square_() / 2           # (B, N, M)
         if self.plan is None:
-            spread = 2 * float(cost.mean()) / d
+            spread = 2 * cost.mean((1, 2)) / d
+            self.eps = spread.clamp_min(self.floor)
+            self.f, self.g = moved.new_zeros(b, n), moved.new_zeros(b, len(self.y))
         else:      # CPD's variance update: the old plan's residual at the new map
-            spread = 2 * float((self.plan * cost).sum() / self.plan.sum()) / d
-        self.eps = max(self.floor, spread if self.eps is None else min(spread, self.eps))
-        eps = self.eps
+            spread = 2 * (self.plan * cost).sum((1, 2)) / (d * self.plan.sum((1, 2)))
+            self.eps = torch.minimum(spread, self.eps).clamp_min(self.floor)
+        eps = self.eps[:, None]                                                       # (B, 1)
         damping = 1.0 if self.rho is None else 1 / (1 + eps / self.rho)
-        scaled = cost / -eps                                              # (N, M)
+        # scaling iterations on the kernel with the last potentials absorbed (stabilised Sinkhorn:
+        # its entries stay near the plan's, so none of them over- or underflows where it matters)
+        kernel = torch.exp((self.f[:, :, None] + self.g[:, None, :] - cost) / eps[..., None])   # (B, N, M)
+        # with reach rho the potentials are damped, f <- lambda (eps log a - eps log sum_j exp((g_j - C_ij) / eps)):
+        # in the scalings u = exp((f_new - f) / eps) that is (a / K v)^lambda exp((lambda - 1) f / eps)
+        shrink_f = 1.0 if self.rho is None else torch.exp((damping - 1) * self.f / eps)
+        shrink_g = 1.0 if self.rho is None else torch.exp((damping - 1) * self.g / eps)
+        u, v = torch.ones_like(self.f), torch.ones_like(self.g)
         for _ in range(SINKHORN_ITERATIONS):
-            self.f = -eps * damping * torch.logsumexp(scaled + (self.log_b + self.g / eps)[None, :], 1)
-            self.g = -eps * damping * torch.logsumexp(scaled + (self.log_a + self.f / eps)[:, None], 0)
-        plan = torch.exp(scaled + ((self.f / eps + self.log_a)[:, None] + (self.g / eps + self.log_b)[None, :]))
+            u = (self.a / (kernel @ v[..., None])[..., 0].clamp_min(1e-300)) ** damping * shrink_f
+            v = (self.b / (kernel.transpose(1, 2) @ u[..., None])[..., 0].clamp_min(1e-300)) ** damping * shrink_g
+        self.f, self.g = self.f + eps * u.log(), self.g + eps * v.log()
+        plan = u[:, :, None] * kernel * v[:, None, :]
         self.plan = plan
-        mass = plan.sum(1)                                                # (N,)
-        barycentres = (plan @ self.y) / mass.clamp_min(1e-300)[:, None]
-        return self.x, barycentres, mass, float((plan * cost).sum())
+        mass = plan.sum(2)                                                            # (B, N)
+        barycentres = (plan @ self.y) / mass.clamp_min(1e-300)[..., None]
+        return self.x.expand(b, -1, -1), barycentres, mass, (plan * cost).sum((1, 2))
 
-    def converged(self, change: float, tol: float) -> bool:
-        return self.eps is not None and self.eps <= self.floor and change <= tol
+    def settled(self) -> bool:
+        """A start is at the floor temperature: time to choose one."""
+        return bool((self.eps <= self.floor).any())
+
+    def select(self, index: int) -> None:
+        """Keep the state of start `index` only."""
+        self.f, self.g, self.plan, self.eps = (t[index:index + 1] for t in (self.f, self.g, self.plan, self.eps))
+
+    def converged(self, change: Tensor, tol: float) -> Tensor:
+        return (self.eps <= self.floor) & (change <= tol)
 
 
 #: how a stage's loss pairs points (see the module docstring)
@@ -201,49 +225,103 @@ def _pairing(loss: Any) -> str | None:
     return "transport" if issubclass(loss_cls, SinkhornLoss) else getattr(loss_cls, "pairing", None)
 
 
+def starts(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """The maps a transport stage starts from: the current one `(matrix (d, d), translation (d,))`
+    and every proper rotation taking the principal axes of `x: (N, d)` onto those of `y: (M, d)`
+    (the axes' signs are ambiguous: 2 in 2D, 4 in 3D), scaled by the ratio of the spreads unless
+    `kind` is "rigid", centroid onto centroid. -> `(B, d, d)`, `(B, d)`."""
+    d = x.shape[1]
+    mx, my = x.mean(0), y.mean(0)
+    cx, cy = torch.cov((x - mx).T), torch.cov((y - my).T)
+    ux, uy = torch.linalg.eigh(cx)[1], torch.linalg.eigh(cy)[1]
+    signs = torch.cartesian_prod(*[torch.tensor([1.0, -1.0], dtype=x.dtype)] * d).reshape(-1, d)
+    rotations = uy[None] * signs[:, None, :].to(x.device) @ ux.T[None]               # (2^d, d, d)
+    rotations = rotations[torch.linalg.det(rotations) > 0]
+    if kind != "rigid":
+        rotations = rotations * (cy.trace() / cx.trace()).sqrt()
+    matrices = torch.cat([matrix[None], rotations])
+    return matrices, torch.cat([translation[None], my - rotations @ mx])
+
+
 # --- the fitter --------------------------------------------------------------------------------
 def fit_linear(model, problem, history: list[dict], prefix: str, *, fallback: Callable) -> bool:
     """Fit the linear `model` (a `Rigid`, `Similarity` or `Affine`) to `problem` (a `ShapeFit`) by
     alternating pairs and closed-form steps through the loss's stages; the model holds the fitted
-    map. Falls back to `fallback(model, problem, history, prefix)` (Adam) for a loss that does not
-    pair points. Returns True if Ctrl-C stopped it (the model then holds the last completed step)."""
+    map. A first stage with soft correspondences runs from every map of `starts` at once and keeps
+    the one closest to the target (symmetric Chamfer). Falls back to `fallback(model, problem,
+    history, prefix)` (Adam) for a loss that does not pair points. Returns True if Ctrl-C stopped
+    it (the model then holds the last completed step)."""
     if any(_pairing(stage.loss) is None for stage in problem.stages):
         return fallback(model, problem, history, prefix)
     step = STEPS.lookup(model.closed_form, "register()")
     opts = problem.opts
-    x, y = problem.x.double(), problem.y.double()
-    matrix, translation = model.matrix.double(), model.translation.double()
+    x, y = problem.x.detach().double(), problem.y.detach().double()
+    matrix, translation = model.matrix.double()[None], model.translation.double()[None]    # (1, d, d), (1, d)
     marks = problem.landmarks
     if marks is not None:
         mark_p, mark_q = marks[0].detach().double(), marks[1].detach().double()
         mark_w = mark_p.new_full((len(mark_p),), marks[2] / len(mark_p))
     interrupted = False
+    xs = ys = None
     try:
-        for stage in problem.stages:
+        for number, stage in enumerate(problem.stages):
             xs, ys = _subsample(x, y, stage, opts.seed)
-            pairs = PAIRINGS[_pairing(stage.loss)](xs, ys, stage.loss)
+            pairing = _pairing(stage.loss)
+            if number == 0 and pairing == "transport":
+                matrix, translation = starts(xs, ys, matrix[0], translation[0], model.closed_form)
+            pairs = PAIRINGS[pairing](xs, ys, stage.loss)
             label = f"{prefix}{stage.label}"
+            tol = opts.tol if number == len(problem.stages) - 1 else max(opts.tol, COARSE_TOL)
             with progress_bar(opts.progress, label, stage.iterations) as advance:
                 for iteration in range(stage.iterations):
-                    p, q, w, data = pairs(xs @ matrix.T + translation)
-                    row = {"stage": label, "phase": "procrustes", "iteration": iteration, "total": data,
-                           "data": data, "energy": 0.0}
+                    p, q, w, data = pairs(xs @ matrix.transpose(1, 2) + translation[:, None])
+                    total = data
+                    row = {"stage": label, "phase": "procrustes", "iteration": iteration}
                     if marks is not None:
-                        landmark = float((mark_p @ matrix.T + translation - mark_q).square().sum(1).mean())
-                        row["total"] = data + marks[2] * landmark
-                        row["landmarks"] = landmark
-                        p, q, w = torch.cat([p, mark_p]), torch.cat([q, mark_q]), torch.cat([w, mark_w])
+                        landmark = (mark_p @ matrix.transpose(1, 2) + translation[:, None] - mark_q).square().sum(-1).mean(-1)
+                        total = data + marks[2] * landmark
+                        b = len(matrix)
+                        p, q = torch.cat([p, mark_p.expand(b, -1, -1)], 1), torch.cat([q, mark_q.expand(b, -1, -1)], 1)
+                        w = torch.cat([w, mark_w.expand(b, -1)], 1)
+                    best = int(total.argmin())
+                    row.update(total=float(total[best]), data=float(data[best]), energy=0.0)
+                    if marks is not None:
+                        row["landmarks"] = float(landmark[best])
+                    if len(matrix) > 1:
+                        row["starts"] = len(matrix)
                     history.append(row)
                     advance(row)
                     new_matrix, new_translation = step(p, q, w)
-                    change = float(torch.cat([(new_matrix - matrix).flatten(), new_translation - translation]).abs().max())
+                    change = torch.maximum((new_matrix - matrix).abs().amax((1, 2)), (new_translation - translation).abs().amax(1))
                     matrix, translation = new_matrix, new_translation
-                    if pairs.converged(change, opts.tol):
+                    if bool(pairs.converged(change, tol).all()):
                         break
+                    if len(matrix) > 1 and pairs.settled():    # continue from the closest start only
+                        best = _closest(xs, ys, matrix, translation)
+                        matrix, translation = matrix[best:best + 1], translation[best:best + 1]
+                        pairs.select(best)
+            best = _closest(xs, ys, matrix, translation)
+            matrix, translation = matrix[best:best + 1], translation[best:best + 1]
     except KeyboardInterrupt:
         interrupted = True
-    model.set_matrix(matrix, translation)
+        if xs is not None:
+            best = _closest(xs, ys, matrix, translation)
+            matrix, translation = matrix[best:best + 1], translation[best:best + 1]
+    model.set_matrix(matrix[0], translation[0])
     return interrupted
+
+
+def _closest(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor) -> int:
+    """Which of the maps `(B, d, d)`, `(B, d)` takes `x: (N, d)` closest to `y: (M, d)` (the
+    symmetric Chamfer distance)."""
+    if len(matrix) == 1:
+        return 0
+    index = PointIndex(y)
+    scores = []
+    for A, t in zip(matrix, translation):
+        moved = x @ A.T + t
+        scores.append(float(index.query(moved, 1)[0].square().mean() + PointIndex(moved).query(y, 1)[0].square().mean()))
+    return min(range(len(scores)), key=scores.__getitem__)
 
 
 def _subsample(x: Tensor, y: Tensor, stage, seed: int) -> tuple[Tensor, Tensor]:

@@ -187,20 +187,33 @@ class TransportPairs(_Pairs):
         # scaling iterations on the kernel with the last potentials absorbed (stabilised Sinkhorn:
         # its entries stay near the plan's, so none of them over- or underflows where it matters)
         kernel = torch.exp((self.f[:, :, None] + self.g[:, None, :] - cost) / eps[..., None])   # (B, N, M)
-        # with reach rho the potentials are damped, f <- lambda (eps log a - eps log sum_j exp((g_j - C_ij) / eps)):
-        # in the scalings u = exp((f_new - f) / eps) that is (a / K v)^lambda exp((lambda - 1) f / eps)
-        shrink_f = 1.0 if self.rho is None else torch.exp((damping - 1) * self.f / eps)
-        shrink_g = 1.0 if self.rho is None else torch.exp((damping - 1) * self.g / eps)
-        u, v = torch.ones_like(self.f), torch.ones_like(self.g)
-        for _ in range(SINKHORN_ITERATIONS):
-            u = (self.a / (kernel @ v[..., None])[..., 0].clamp_min(1e-300)) ** damping * shrink_f
-            v = (self.b / (kernel.transpose(1, 2) @ u[..., None])[..., 0].clamp_min(1e-300)) ** damping * shrink_g
-        self.f, self.g = self.f + eps * u.log(), self.g + eps * v.log()
-        plan = u[:, :, None] * kernel * v[:, None, :]
+        u, v = self._scalings(kernel, eps, damping)                                   # (B, N, 1), (B, M, 1)
+        self.f, self.g = self.f + eps * u[..., 0].log(), self.g + eps * v[..., 0].log()
+        plan = u * kernel * v.transpose(1, 2)
         self.plan = plan
         mass = plan.sum(2)                                                            # (B, N)
         barycentres = (plan @ self.y) / mass.clamp_min(1e-300)[..., None]
         return self.x.expand(b, -1, -1), barycentres, mass, (plan * cost).sum((1, 2))
+
+    def _scalings(self, kernel: Tensor, eps: Tensor, damping) -> tuple[Tensor, Tensor]:
+        """`SINKHORN_ITERATIONS` scaling iterations: `u (B, N, 1)`, `v (B, M, 1)` with `u K v^T` the plan."""
+        a, b = self.a[:, None], self.b[:, None]
+        kernel_t = kernel.transpose(1, 2)
+        v = torch.ones_like(self.g)[..., None]
+        if self.rho is None:
+            for _ in range(SINKHORN_ITERATIONS):
+                u = a / (kernel @ v).clamp_min(1e-300)
+                v = b / (kernel_t @ u).clamp_min(1e-300)
+            return u, v
+        # with reach rho the potentials are damped, f <- lambda (eps log a - eps log sum_j exp((g_j - C_ij) / eps)):
+        # in the scalings u = exp((f_new - f) / eps) that is (a / K v)^lambda exp((lambda - 1) f / eps)
+        shrink_f = torch.exp((damping - 1) * self.f / eps)[..., None]
+        shrink_g = torch.exp((damping - 1) * self.g / eps)[..., None]
+        damping = damping[..., None]
+        for _ in range(SINKHORN_ITERATIONS):
+            u = (a / (kernel @ v).clamp_min(1e-300)) ** damping * shrink_f
+            v = (b / (kernel_t @ u).clamp_min(1e-300)) ** damping * shrink_g
+        return u, v
 
     def settled(self) -> bool:
         """A start is at the floor temperature: time to choose one."""

@@ -142,10 +142,10 @@ def main() -> None:
         rows.append(run_case(case))
         print(table(rows)[-1], flush=True)
     stem = RESULTS / ("linear_vs_cpd.quick" if args.quick else "linear_vs_cpd")
-    stem.with_suffix(".json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    Path(f"{stem}.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     md = ["# Linear registration: shapeflow (closed-form fitter) vs pycpd", "",
           "RMSE relative to the target's RMS radius; see the script's docstring for the data.", ""] + table(rows)
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

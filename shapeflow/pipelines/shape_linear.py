@@ -17,20 +17,25 @@ How a loss pairs (`PAIRINGS`):
 * "corresponding" (`loss="l2"`): point i with point i (1/N); one step is exact;
 * "transport" (`loss="sinkhorn"`): soft correspondences, `x_i` with the barycentre
   `sum_j P_ij y_j / sum_j P_ij` of an entropic transport plan `P` (weight `sum_j P_ij`), from a few
-  log-domain Sinkhorn iterations (the loss's `reach` makes them unbalanced). Its temperature
-  `eps` (kernel `exp(-|x - y|^2 / 2 eps)`) is annealed as CPD anneals its variance: it starts at
-  `sum_ij |x_i - y_j|^2 / (N M d)` and is set from the plan's residual after every step,
-  `sum_ij P_ij |x_i - y_j|^2 / (d sum P)`, never below the loss's `blur^2`. Starting from a blur of
-  the shape's size, the first steps match the shapes' spread rather than nearby points, which
-  recovers rotations far beyond ICP's reach.
+  stabilised Sinkhorn iterations per step (the loss's `reach` makes them unbalanced). Its
+  temperature `eps` (kernel `exp(-|x - y|^2 / 2 eps)`) is annealed as CPD anneals its variance: it
+  starts at `sum_ij |x_i - y_j|^2 / (N M d)` and is set from the plan's residual after every step,
+  `sum_ij P_ij |x_i - y_j|^2 / (d sum P)`, never rising nor going below the loss's `blur^2`; it
+  has cooled at that floor or where the residual stops falling (two samples of one surface keep a
+  gap between their points). The first steps, at a blur of the shape's size, match the shapes'
+  spread rather than nearby points. The first such stage runs at once (as a batch) from the current
+  map and from every proper rotation taking the source's principal axes to the target's (`starts`:
+  3 maps in 2D, 5 in 3D); when one of them has cooled the one closest to the target (symmetric
+  Chamfer) goes on alone. Together they recover turns far beyond ICP's reach (120, 180 degrees).
 
 Landmarks `(source (K, d), target (K, d), weight)` join every step as K more pairs of weight
 `weight / K`, as they join the Adam objective. A stage stops after `iterations` steps, or earlier
-when the pairs no longer change (closest, corresponding) or, once `eps` is at its floor, when the
-map moves by less than `tol`. Losses that are not sums over point pairs (varifold, currents, a new
-one) are fitted by the fallback (Adam) instead. Each step appends a history row
-(`phase="procrustes"`, `total` = the loss at the pairs before the step: exactly the Chamfer or L2
-loss, the transport cost `sum P_ij |x_i - y_j|^2 / 2` for Sinkhorn).
+when the pairs no longer change (closest, corresponding) or, once cooled, when the map moves by
+less than `tol` (at least `COARSE_TOL` for a stage a finer one follows). Losses that are not sums
+over point pairs (varifold, currents, a new one) are fitted by the fallback (Adam) instead. Each
+step appends a history row (`phase="procrustes"`, `total` = the loss at the pairs before the step:
+exactly the Chamfer or L2 loss, the transport cost `sum P_ij |x_i - y_j|^2 / 2` for Sinkhorn, of
+the best start).
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ SINKHORN_ITERATIONS = 3
 #: the tolerance on the map's change of a stage that a finer one follows (normalised units: the
 #: shapes' RMS radius is 1); the last stage stops at the option `tol`
 COARSE_TOL = 1e-3
+#: the temperature has stopped falling when a step lowers it by less than this factor
+PLATEAU = 0.99
 #: a transport stage pairs at most this many points per shape (a farthest-point subsample): its plan is dense
 TRANSPORT_POINTS = 2048
 
@@ -171,6 +178,7 @@ class TransportPairs(_Pairs):
         self.a, self.b = x.new_full((n,), 1 / n), x.new_full((m,), 1 / m)     # the marginals
         # the plan is exp((f_i + g_j - cost_ij) / eps), f and g carried over between steps
         self.f = self.g = self.plan = self.eps = None
+        self.cooled = torch.zeros(1, dtype=torch.bool)
 
     def __call__(self, moved: Tensor):
         b, n, d = moved.shape
@@ -181,7 +189,10 @@ class TransportPairs(_Pairs):
             self.f, self.g = moved.new_zeros(b, n), moved.new_zeros(b, len(self.y))
         else:      # CPD's variance update: the old plan's residual at the new map
             spread = 2 * (self.plan * cost).sum((1, 2)) / (d * self.plan.sum((1, 2)))
-            self.eps = torch.minimum(spread, self.eps).clamp_min(self.floor)
+            previous, self.eps = self.eps, torch.minimum(spread, self.eps).clamp_min(self.floor)
+            # cooled: at the floor, or the residual no longer falls (two samples of one surface
+            # keep a gap between their points, whatever the map)
+            self.cooled = (self.eps <= self.floor) | (self.eps > PLATEAU * previous)
         eps = self.eps[:, None]                                                       # (B, 1)
         damping = 1.0 if self.rho is None else 1 / (1 + eps / self.rho)
         # scaling iterations on the kernel with the last potentials absorbed (stabilised Sinkhorn:
@@ -216,15 +227,16 @@ class TransportPairs(_Pairs):
         return u, v
 
     def settled(self) -> bool:
-        """A start is at the floor temperature: time to choose one."""
-        return bool((self.eps <= self.floor).any())
+        """A start has cooled: time to choose one."""
+        return bool(self.cooled.any())
 
     def select(self, index: int) -> None:
         """Keep the state of start `index` only."""
-        self.f, self.g, self.plan, self.eps = (t[index:index + 1] for t in (self.f, self.g, self.plan, self.eps))
+        self.f, self.g, self.plan, self.eps, self.cooled = (
+            t[index:index + 1] for t in (self.f, self.g, self.plan, self.eps, self.cooled))
 
     def converged(self, change: Tensor, tol: float) -> Tensor:
-        return (self.eps <= self.floor) & (change <= tol)
+        return self.cooled.to(change.device) & (change <= tol)
 
 
 #: how a stage's loss pairs points (see the module docstring)

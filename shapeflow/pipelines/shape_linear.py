@@ -66,22 +66,24 @@ TRANSPORT_POINTS = 2048
 
 # --- the closed-form steps (batched: B maps at once) ----------------------------------------------
 def _centred(p: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    total = w.sum(-1, keepdim=True)                                         # (B, 1)
-    mp, mq = (w[..., None] * p).sum(-2) / total, (w[..., None] * q).sum(-2) / total   # (B, d)
-    return p - mp[:, None], q - mq[:, None], mp, mq
+    """`p`, `q` less their weighted means `(B, 1, d)`, and the means."""
+    weights = (w / w.sum(-1, keepdim=True))[:, None, :]                      # (B, 1, K)
+    mp, mq = weights @ p, weights @ q                                       # (B, 1, d)
+    return p - mp, q - mq, mp, mq
 
 
 def _rotation_step(p: Tensor, q: Tensor, w: Tensor, scaling: bool) -> tuple[Tensor, Tensor]:
     """Kabsch / Umeyama: the rotations (times the best scales when `scaling`) and translations."""
     P, Q, mp, mq = _centred(p, q, w)
-    cross = torch.einsum("bk,bki,bkj->bij", w, Q, P)                       # (B, d, d) = sum_k w_k q_k p_k^T
+    Pw = P * w[..., None]
+    cross = Q.transpose(1, 2) @ Pw                                           # (B, d, d) = sum_k w_k q_k p_k^T
     U, S, Vh = torch.linalg.svd(cross)
     signs = torch.ones_like(S)
     signs[:, -1] = torch.where(torch.linalg.det(U @ Vh) < 0, -1.0, 1.0)     # no reflection: flip the weakest axis
     matrix = (U * signs[:, None, :]) @ Vh
     if scaling:
-        matrix = matrix * ((S * signs).sum(-1) / (w * P.square().sum(-1)).sum(-1))[:, None, None]
-    return matrix, mq - torch.einsum("bij,bj->bi", matrix, mp)
+        matrix = matrix * ((S * signs).sum(-1) / (Pw * P).sum((1, 2)))[:, None, None]
+    return matrix, (mq - mp @ matrix.transpose(1, 2))[:, 0]
 
 
 def _affine_step(p: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,7 +91,7 @@ def _affine_step(p: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     P, Q, mp, mq = _centred(p, q, w)
     Pw = P * w[..., None]
     matrix = torch.linalg.solve(Pw.transpose(1, 2) @ P, Pw.transpose(1, 2) @ Q).transpose(1, 2)
-    return matrix, mq - torch.einsum("bij,bj->bi", matrix, mp)
+    return matrix, (mq - mp @ matrix.transpose(1, 2))[:, 0]
 
 
 #: closed-form steps by the model's `closed_form`:
@@ -317,7 +319,7 @@ def fit_linear(model, problem, history: list[dict], prefix: str, *, fallback: Ca
                     history.append(row)
                     advance(row)
                     new_matrix, new_translation = step(p, q, w)
-                    change = torch.maximum((new_matrix - matrix).abs().amax((1, 2)), (new_translation - translation).abs().amax(1))
+                    change = torch.cat([new_matrix - matrix, (new_translation - translation)[:, None]], 1).abs().amax((1, 2))
                     matrix, translation = new_matrix, new_translation
                     if bool(pairs.converged(change, tol).all()):
                         break

@@ -13,7 +13,7 @@ differentiable `_translation()`, `_matrix()` internally.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +43,29 @@ def _rotation(params: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.linalg.matrix_exp(_skew(params.double(), dim)).to(params.dtype)
 
 
+def _rotation_log(rotation: torch.Tensor) -> torch.Tensor:
+    """The parameters `(d (d - 1) / 2,)` whose `_rotation` is `rotation: (d, d)` (a proper
+    rotation), float64, angle in [0, pi]: atan2 in 2D; in 3D the axis-angle of the unit
+    quaternion (Shepperd's largest-component choice, accurate at every angle, pi included)."""
+    R = rotation.double()
+    if R.shape[0] == 2:
+        return torch.atan2(R[1, 0], R[0, 0]).reshape(1)
+    trace = R.diagonal().sum()
+    # 4 q_k^2 for k = w, x, y, z; build the quaternion from the largest for accuracy
+    squares = torch.stack([1 + trace, 1 + 2 * R[0, 0] - trace, 1 + 2 * R[1, 1] - trace, 1 + 2 * R[2, 2] - trace])
+    k = int(squares.argmax())
+    pairs = torch.stack([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1],     # 4 w x, 4 w y, 4 w z
+                         R[0, 1] + R[1, 0], R[0, 2] + R[2, 0], R[1, 2] + R[2, 1]])    # 4 x y, 4 x z, 4 y z
+    products = {0: (squares[0], pairs[0], pairs[1], pairs[2]), 1: (pairs[0], squares[1], pairs[3], pairs[4]),
+                2: (pairs[1], pairs[3], squares[2], pairs[5]), 3: (pairs[2], pairs[4], pairs[5], squares[3])}[k]
+    q = torch.stack(products) / (2 * squares[k].clamp_min(0).sqrt())               # (w, x, y, z), |q| = 1
+    q = q * torch.sign(q[0]) if q[0] != 0 else q
+    vector = q[1:]
+    angle = 2 * torch.atan2(vector.norm(), q[0])
+    w = vector * (angle / vector.norm()) if vector.norm() > 0 else torch.zeros_like(vector)
+    return torch.stack([w[2], -w[1], w[0]])          # the order of `_skew`'s lower triangle
+
+
 class _DetachedParameter:
     """A class attribute that reads the registered parameter of the same name as a detached view
     (the parameter itself stays in `parameters()` and the state dict under that name)."""
@@ -68,6 +91,9 @@ class Rigid(Deformation):
 
     linear = True
     default_lr = 2e-2
+    fitted_by = "procrustes"
+    #: the closed-form step of the "procrustes" fitter (`pipelines/shape_linear.py`, `STEPS`)
+    closed_form: ClassVar[str] = "rigid"
     translation = _DetachedParameter("The translation `(d,)` (detached).")
 
     def __init__(self, dim: int = 3):
@@ -137,6 +163,27 @@ class Rigid(Deformation):
             out._translation().copy_(target_center + scale * self._translation() - source_center @ self._matrix().T)
         return out
 
+    def set_matrix(self, matrix: torch.Tensor, translation: torch.Tensor) -> None:
+        """Set the parameters so that `phi(x) = x @ matrix.T + translation`: `matrix: (d, d)` a
+        proper rotation here (times a positive scale for `Similarity`, any invertible matrix for
+        `Affine`), `translation: (d,)`. In place, without autograd."""
+        matrix = torch.as_tensor(matrix, dtype=torch.float64)
+        det = float(torch.linalg.det(matrix))
+        if not det > 0:
+            raise ShapeflowError(f"{type(self).__name__}.set_matrix(): matrix must be a rotation (times a scale), "
+                                 f"with a positive determinant; got determinant {det:.6g}")
+        scale = torch.tensor(det, dtype=torch.float64) ** (1.0 / self.dim)
+        self._set_linear(matrix / scale, scale)
+        with torch.no_grad():
+            self._translation().copy_(torch.as_tensor(translation, dtype=self.dtype, device=self.device))
+
+    def _set_linear(self, rotation: torch.Tensor, scale: torch.Tensor) -> None:
+        if abs(float(scale) - 1.0) > 1e-6:
+            raise ShapeflowError(f"{type(self).__name__}.set_matrix(): matrix must be a rotation, "
+                                 f"its scale is {float(scale):.6g}")
+        with torch.no_grad():
+            self.rotation_params.copy_(_rotation_log(rotation).to(self.rotation_params))
+
 
 @register_deformation
 class Similarity(Rigid):
@@ -146,8 +193,15 @@ class Similarity(Rigid):
         super().__init__(dim)
         self.log_scale = nn.Parameter(torch.zeros(()))
 
+    closed_form = "similarity"
+
     def _log_scale(self) -> torch.Tensor:
         return self.log_scale
+
+    def _set_linear(self, rotation: torch.Tensor, scale: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.rotation_params.copy_(_rotation_log(rotation).to(self.rotation_params))
+            self.log_scale.copy_(scale.log().to(self.log_scale))
 
 
 @register_deformation
@@ -160,7 +214,14 @@ class Affine(Rigid):
         self.linear_part = nn.Parameter(torch.eye(dim))
         self.translation = nn.Parameter(torch.zeros(dim))
 
+    closed_form = "affine"
     linear_part = _DetachedParameter("The linear part `(d, d)` (detached; the same as `matrix`).")
+
+    def set_matrix(self, matrix: torch.Tensor, translation: torch.Tensor) -> None:
+        """Set `phi(x) = x @ matrix.T + translation` (`matrix: (d, d)`, `translation: (d,)`), in place."""
+        with torch.no_grad():
+            self._parameters["linear_part"].copy_(torch.as_tensor(matrix, dtype=self.dtype, device=self.device))
+            self._translation().copy_(torch.as_tensor(translation, dtype=self.dtype, device=self.device))
 
     def _matrix(self) -> torch.Tensor:
         return self._parameters["linear_part"]

@@ -2,16 +2,18 @@
 
 The source moves onto the target. Both are centred and scaled by one common factor (undone on
 output), optionally pre-aligned by a rigid/similarity/affine map, then the model is fitted by the
-fitter it names (`Deformation.fitted_by`, `FITTERS`): "adam" runs Adam (and L-BFGS for the linear
-models) through the stages its loss plans (`PointLoss.stages`: e.g. Sinkhorn on a coarse
-subsample, then Chamfer on more points); "gauss-newton" runs non-rigid ICP on the shared solver
-core (`shape_icp.py`, for `model="displacement"`). Landmarks, when given, join either fit. The
+fitter it names (`Deformation.fitted_by`, `FITTERS`): "adam" runs Adam through the stages its loss
+plans (`PointLoss.stages`: e.g. Sinkhorn on a coarse subsample, then Chamfer on more points);
+"procrustes" fits the linear models through the same stages by closed-form steps on point pairs
+(`shape_linear.py`: ICP, or soft correspondences for Sinkhorn); "gauss-newton" runs non-rigid ICP
+on the shared solver core (`shape_icp.py`, for `model="displacement"`). Landmarks, when given, join either fit. The
 fitted map is applied to every source point. A model or a loss is chosen by name from `MODELS` /
 `LOSSES`; each brings its own options and behaviour, so nothing here depends on which one it is.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ from ..shapes import Landmarks, Mesh, PointCloud
 from ..io.landmarks import landmark_pair
 from ..solvers import fit
 from .shape_icp import PairTerm, fit_point_displacement
+from .shape_linear import check_linear, fit_linear
 
 __all__ = ["ShapeOptions", "register_shapes"]
 
@@ -39,9 +42,9 @@ class ShapeOptions(CommonOptions):
     """Keyword options of `register` for shapes (the model and the loss add their own:
     `ResNetFlow.Options`, `SinkhornLoss.Options`, ...); an unknown name is an error listing these."""
 
-    iterations: int | None = None       # Adam steps per stage (default 60); Gauss-Newton steps per stiffness stage (10)
+    iterations: int | None = None       # Adam / closed-form (linear models) steps per stage (default 60); Gauss-Newton steps per stiffness stage (10)
     lr: float | None = None             # Adam step size (default: the model's `default_lr`)
-    lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear, 0 flows)
+    lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear models on varifold/currents, 0 flows)
     regularization: float | None = None  # weight of the model's energy (default: the model's `default_regularization`)
     prealign: str | None = None         # "rigid", "similarity" or "affine" before a non-linear model
     normalize: bool = True              # centre and scale before fitting (undone on output)
@@ -138,7 +141,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
                        landmarks, opts, parts["model"])
     if opts.prealign is not None:
         pre = MODELS[opts.prealign].build(src.dim, seed=opts.seed).to(device, dtype)
-        interrupted = _fit_adam(pre, problem, history, prefix="prealign-")
+        interrupted = FITTERS.lookup(pre.fitted_by)(pre, problem, history, prefix="prealign-")
         fitted.append(pre)
         with torch.no_grad():
             problem = problem.moved_by(pre)
@@ -280,7 +283,9 @@ class Fitter:
 
 #: the fitters by `Deformation.fitted_by`
 FITTERS: Registry[Fitter] = Registry("fitter", {"adam": Fitter(_fit_adam, _check_adam),
-                                                "gauss-newton": Fitter(_fit_gauss_newton, _check_gauss_newton)})
+                                                "gauss-newton": Fitter(_fit_gauss_newton, _check_gauss_newton),
+                                                "procrustes": Fitter(functools.partial(fit_linear, fallback=_fit_adam),
+                                                                     check_linear)})
 
 
 def _in_world_units(parts: list[Deformation], source_center, target_center, scale: float) -> Deformation:

@@ -6,6 +6,7 @@ Fields on a grid are `(C, *S)`; points are `(..., d)` in world units (mm).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -13,11 +14,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._numba import run_numba
 from .errors import ShapeflowError
 from .shapes import Image
 
 __all__ = ["Grid", "sample", "interpolation_weights", "spatial_gradient", "downsample", "bspline_upsample",
-           "control_shape", "compose_displacements"]
+           "control_shape", "compose_displacements", "scaling_and_squaring", "velocity_bounds"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def sample(field: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "l
            padding: str = "border") -> torch.Tensor:
     """Values of `field: (C, *S)` on `grid` at world `points: (*P, d)` -> `(C, *P)`.
 
-    mode: "linear" (bi/trilinear) or "nearest"; padding: "border" (clamp), "zeros".
+    mode: "linear" (bi/trilinear) or "nearest"; padding: "border" (clamp), "zeros". Linear
+    sampling with border padding of CPU tensors outside autograd is one compiled pass (numba);
+    everything else `F.grid_sample` (the same numbers; tests compare them).
     """
     if mode not in SAMPLE_MODES:
         raise ShapeflowError(f"sample(): unknown mode {mode!r}; choose from {', '.join(SAMPLE_MODES)}")
@@ -80,6 +84,11 @@ def sample(field: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "l
         raise ShapeflowError(f"sample(): unknown padding {padding!r}; choose from {', '.join(PADDINGS)}")
     d = grid.dim
     index = grid.to_index(points.to(field.dtype))
+    if mode == "linear" and padding == "border" and _fast(field, index):   # one compiled pass (numba)
+        out = torch.empty(field.shape[0], math.prod(points.shape[:-1]), dtype=field.dtype)
+        run_numba(_kernels()["sample_index"], _as_3d(field).contiguous().numpy(),
+                  index.reshape(-1, d).contiguous().numpy(), out.numpy())
+        return out.reshape(field.shape[0], *points.shape[:-1])
     size = torch.tensor(grid.shape, dtype=field.dtype, device=field.device)
     normalised = 2 * index / (size - 1).clamp_min(1) - 1
     flat = normalised.reshape(1, *([1] * (d - 1)), -1, d).flip(-1)     # grid_sample wants (x=W, y=H, z=D)
@@ -117,26 +126,152 @@ def compose_displacements(first: torch.Tensor, second: torch.Tensor, grid: Grid)
     return first + sample(second, grid, moved)
 
 
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The one-pass CPU kernels of the squarings as {name: (serial, parallel)} numba dispatchers
+    (`numba_variants`, compiled or loaded from numba's cache on first call); None without numba.
+
+    Fields are in voxel units on a 3D grid `(C, X, Y, Z)` (C = 2 or 3; a 2D field is one plane,
+    Z = 1). Trilinear interpolation with border padding: the point is clamped to the grid, the
+    cell's low corner to `n - 2`, exactly as `F.grid_sample(..., align_corners=True,
+    padding_mode="border")` reads it.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+    from ._numba import numba_variants
+
+    def compose_index(first, second, out):  # pragma: no cover - compiled
+        # out(x) = first(x) + second(x + first(x)), all (C, X, Y, Z) in voxel units
+        C, X, Y, Z = first.shape
+        for x in numba.prange(X):
+            for y in range(Y):
+                for z in range(Z):
+                    px = min(max(x + first[0, x, y, z], 0.0), X - 1.0)
+                    py = min(max(y + first[1, x, y, z], 0.0), Y - 1.0)
+                    pz = min(max(z + first[2, x, y, z], 0.0), Z - 1.0) if C == 3 else 0.0
+                    i = min(int(px), max(X - 2, 0))
+                    j = min(int(py), max(Y - 2, 0))
+                    k = min(int(pz), max(Z - 2, 0))
+                    fx, fy, fz = px - i, py - j, pz - k
+                    i1, j1, k1 = min(i + 1, X - 1), min(j + 1, Y - 1), min(k + 1, Z - 1)
+                    for c in range(C):
+                        s = second[c]
+                        low = (1 - fy) * ((1 - fz) * s[i, j, k] + fz * s[i, j, k1]) \
+                            + fy * ((1 - fz) * s[i, j1, k] + fz * s[i, j1, k1])
+                        high = (1 - fy) * ((1 - fz) * s[i1, j, k] + fz * s[i1, j, k1]) \
+                            + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
+                        out[c, x, y, z] = first[c, x, y, z] + (1 - fx) * low + fx * high
+
+    def bounds_index(u, speeds, slopes):  # pragma: no cover - compiled
+        # per x-slab: max |u| (voxels) and max |forward difference| of any component along any axis
+        C, X, Y, Z = u.shape
+        for x in numba.prange(X):
+            speed, slope = 0.0, 0.0
+            for y in range(Y):
+                for z in range(Z):
+                    norm = 0.0
+                    for c in range(C):
+                        value = u[c, x, y, z]
+                        norm += value * value
+                        if x + 1 < X:
+                            slope = max(slope, abs(u[c, x + 1, y, z] - value))
+                        if y + 1 < Y:
+                            slope = max(slope, abs(u[c, x, y + 1, z] - value))
+                        if z + 1 < Z:
+                            slope = max(slope, abs(u[c, x, y, z + 1] - value))
+                    speed = max(speed, norm)
+            speeds[x], slopes[x] = speed, slope
+
+    def sample_index(field, index, out):  # pragma: no cover - compiled
+        # out[c, p] = field[c] trilinearly at the voxel index `index[p]` (D = 2 or 3 columns)
+        C, X, Y, Z = field.shape
+        P, D = index.shape
+        for p in numba.prange(P):
+            px = min(max(index[p, 0], 0.0), X - 1.0)
+            py = min(max(index[p, 1], 0.0), Y - 1.0)
+            pz = min(max(index[p, 2], 0.0), Z - 1.0) if D == 3 else 0.0
+            i = min(int(px), max(X - 2, 0))
+            j = min(int(py), max(Y - 2, 0))
+            k = min(int(pz), max(Z - 2, 0))
+            fx, fy, fz = px - i, py - j, pz - k
+            i1, j1, k1 = min(i + 1, X - 1), min(j + 1, Y - 1), min(k + 1, Z - 1)
+            for c in range(C):
+                s = field[c]
+                low = (1 - fy) * ((1 - fz) * s[i, j, k] + fz * s[i, j, k1]) \
+                    + fy * ((1 - fz) * s[i, j1, k] + fz * s[i, j1, k1])
+                high = (1 - fy) * ((1 - fz) * s[i1, j, k] + fz * s[i1, j, k1]) \
+                    + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
+                out[c, p] = (1 - fx) * low + fx * high
+
+    return {fn.__name__: numba_variants(fn) for fn in (compose_index, bounds_index, sample_index)}
+
+
+def _as_3d(field: torch.Tensor) -> torch.Tensor:
+    return field.unsqueeze(-1) if field.dim() == 3 else field
+
+
+def _fast(*tensors: torch.Tensor) -> bool:
+    """True when the numba kernels can take these tensors (CPU float, no autograd, numba present)."""
+    return (all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and _kernels() is not None)
+
+
+def _to_voxels(field: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """World-unit vectors `(d, *S)` -> voxel-index units (`M^{-1} v`, M = direction diag(spacing))."""
+    return torch.einsum("ij,j...->i...", torch.linalg.inv(grid.matrix).to(field), field)
+
+
+def velocity_bounds(velocity: torch.Tensor, grid: Grid) -> tuple[float, float]:
+    """(max |v| in voxels, max |difference of a component between neighbouring voxels| in voxels)
+    for `velocity: (d, *S)` in world units: the speed and slope of its index-space field, which
+    `StationaryVelocityField.squarings` bounds. One compiled pass on the CPU (numba), else torch."""
+    u = _to_voxels(velocity.detach(), grid)
+    if _fast(u):
+        u3 = _as_3d(u).contiguous()
+        speeds = torch.zeros(u3.shape[1], dtype=torch.float64)
+        slopes = torch.zeros(u3.shape[1], dtype=torch.float64)
+        run_numba(_kernels()["bounds_index"], u3.numpy(), speeds.numpy(), slopes.numpy())
+        return float(speeds.max()) ** 0.5, float(slopes.max())
+    speed = float(u.norm(dim=0).max())
+    slope = max((float(torch.diff(u, dim=a).abs().max()) for a in range(1, u.dim()) if u.shape[a] > 1), default=0.0)
+    return speed, slope
+
+
 def scaling_and_squaring(velocity: torch.Tensor, grid: Grid, squarings: int) -> torch.Tensor:
     """Displacement of `exp(velocity)`: `u <- u + u(x + u)` `squarings` times from `velocity / 2^N`.
 
     velocity: (d, *S) world units on `grid`; returns (d, *S), the same as `squarings` calls of
-    `compose_displacements(u, u, grid)`. The squarings run in grid_sample's normalised index
-    coordinates (the map world -> index is linear, so composition commutes with it): each one is
-    an add and one resampling, with no world-coordinate grid rebuilt.
+    `compose_displacements(u, u, grid)`. The squarings run in voxel-index units (the map world ->
+    index is linear, so composition commutes with it). On the CPU without autograd each squaring
+    is one compiled pass (numba: trilinear self-composition, border padding); otherwise, and
+    whenever gradients are needed, `F.grid_sample` in its normalised coordinates (the same numbers;
+    tests compare them).
     """
     d = grid.dim
-    to_index = torch.linalg.inv(grid.matrix).to(velocity)                                  # (d, d)
-    size = torch.tensor(grid.shape, dtype=velocity.dtype, device=velocity.device)
-    scale = (2.0 / (size - 1).clamp_min(1)).reshape(d, *([1] * d))                         # index -> [-1, 1]
-    u = torch.einsum("ij,j...->i...", to_index, velocity / 2**squarings) * scale           # normalised (d, *S)
-    axes = [torch.linspace(-1.0, 1.0, n, dtype=velocity.dtype, device=velocity.device) if n > 1
-            else torch.zeros(1, dtype=velocity.dtype, device=velocity.device) for n in grid.shape]
-    identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))                            # (d, *S)
-    for _ in range(squarings):
-        where = (identity + u).movedim(0, -1).flip(-1)[None]                               # grid_sample's (x, y, z)
-        u = u + F.grid_sample(u[None], where, mode="bilinear", padding_mode="border", align_corners=True)[0]
-    return torch.einsum("ij,j...->i...", grid.matrix.to(velocity), u / scale)
+    u = _to_voxels(velocity, grid) / 2**squarings                                          # voxels (d, *S)
+    if squarings and _fast(u):
+        u, spare = _as_3d(u).contiguous(), torch.empty((d, *grid.shape) + ((1,) if d == 2 else ()),
+                                                        dtype=u.dtype)
+        kernel = _kernels()["compose_index"]
+        for _ in range(squarings):
+            run_numba(kernel, u.numpy(), u.numpy(), spare.numpy())
+            u, spare = spare, u
+        u = u[..., 0] if d == 2 else u
+    elif squarings:
+        size = torch.tensor(grid.shape, dtype=velocity.dtype, device=velocity.device)
+        scale = (2.0 / (size - 1).clamp_min(1)).reshape(d, *([1] * d))                     # index -> [-1, 1]
+        u = u * scale
+        axes = [torch.linspace(-1.0, 1.0, n, dtype=velocity.dtype, device=velocity.device) if n > 1
+                else torch.zeros(1, dtype=velocity.dtype, device=velocity.device) for n in grid.shape]
+        identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))                        # (d, *S)
+        for _ in range(squarings):
+            where = (identity + u).movedim(0, -1).flip(-1)[None]                           # grid_sample's (x, y, z)
+            u = u + F.grid_sample(u[None], where, mode="bilinear", padding_mode="border", align_corners=True)[0]
+        u = u / scale
+    return torch.einsum("ij,j...->i...", grid.matrix.to(velocity), u)
 
 
 def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:

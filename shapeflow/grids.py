@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +20,8 @@ from .errors import ShapeflowError
 from .shapes import Image
 
 __all__ = ["Grid", "sample", "interpolation_weights", "spatial_gradient", "downsample", "bspline_upsample",
-           "control_shape", "compose_displacements", "scaling_and_squaring", "velocity_bounds"]
+           "control_shape", "compose_displacements", "scaling_and_squaring", "velocity_bounds",
+           "min_jacobian_determinant"]
 
 
 @dataclass(frozen=True)
@@ -164,25 +166,27 @@ def _kernels():
                             + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
                         out[c, x, y, z] = first[c, x, y, z] + (1 - fx) * low + fx * high
 
-    def bounds_index(u, speeds, slopes):  # pragma: no cover - compiled
-        # per x-slab: max |u| (voxels) and max |forward difference| of any component along any axis
+    def bounds_index(u, speeds, slopes, products):  # pragma: no cover - compiled
+        # per x-slab: max |u|^2 (voxels), max |difference of a component to the next voxel along any
+        # axis| and max of |u| times that difference at the same voxel
         C, X, Y, Z = u.shape
         for x in numba.prange(X):
-            speed, slope = 0.0, 0.0
+            speed, slope, product = 0.0, 0.0, 0.0
             for y in range(Y):
                 for z in range(Z):
-                    norm = 0.0
+                    norm, here = 0.0, 0.0
                     for c in range(C):
                         value = u[c, x, y, z]
                         norm += value * value
                         if x + 1 < X:
-                            slope = max(slope, abs(u[c, x + 1, y, z] - value))
+                            here = max(here, abs(u[c, x + 1, y, z] - value))
                         if y + 1 < Y:
-                            slope = max(slope, abs(u[c, x, y + 1, z] - value))
+                            here = max(here, abs(u[c, x, y + 1, z] - value))
                         if z + 1 < Z:
-                            slope = max(slope, abs(u[c, x, y, z + 1] - value))
-                    speed = max(speed, norm)
-            speeds[x], slopes[x] = speed, slope
+                            here = max(here, abs(u[c, x, y, z + 1] - value))
+                    speed, slope = max(speed, norm), max(slope, here)
+                    product = max(product, np.sqrt(norm) * here)
+            speeds[x], slopes[x], products[x] = speed, slope, product
 
     def sample_index(field, index, out):  # pragma: no cover - compiled
         # out[c, p] = field[c] trilinearly at the voxel index `index[p]` (D = 2 or 3 columns)
@@ -205,7 +209,53 @@ def _kernels():
                     + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
                 out[c, p] = (1 - fx) * low + fx * high
 
-    return {fn.__name__: numba_variants(fn) for fn in (compose_index, bounds_index, sample_index)}
+    def min_det_index(u, corners, mins):  # pragma: no cover - compiled
+        # per x-slab: min of det(I + grad u) (u in voxels) by central differences (one-sided at the
+        # borders, as torch.gradient) and, with `corners`, also by every combination of forward /
+        # backward differences (the Jacobians of the linear interpolant in the 2^d cells around the
+        # voxel). C = 2: the 2x2 determinant of the first two axes.
+        C, X, Y, Z = u.shape
+        for xp in numba.prange(X):
+            x = np.int64(xp)        # prange's index is unsigned: mixed with signed ints it gives floats
+            low = np.inf
+            fwd = np.zeros((3, 3))
+            bwd = np.zeros((3, 3))
+            jac = np.zeros((3, 3))
+            for y in range(Y):
+                for z in range(Z):
+                    for a in range(C):
+                        at = x if a == 0 else (y if a == 1 else z)
+                        n = X if a == 0 else (Y if a == 1 else Z)
+                        lo, hi = max(at - 1, 0), min(at + 1, n - 1)
+                        for c in range(C):
+                            here = u[c, x, y, z]
+                            if a == 0:
+                                before, after = u[c, lo, y, z], u[c, hi, y, z]
+                            elif a == 1:
+                                before, after = u[c, x, lo, z], u[c, x, hi, z]
+                            else:
+                                before, after = u[c, x, y, lo], u[c, x, y, hi]
+                            jac[c, a] = (after - before) / max(hi - lo, 1)
+                            fwd[c, a] = after - here if hi > at else here - before
+                            bwd[c, a] = here - before if lo < at else after - here
+                    for m in range(1 + (2 ** C if corners else 0)):
+                        if m > 0:
+                            for a in range(C):
+                                source = fwd if ((m - 1) >> a) & 1 else bwd
+                                for c in range(C):
+                                    jac[c, a] = source[c, a]
+                        a00, a01, a10, a11 = jac[0, 0] + 1.0, jac[0, 1], jac[1, 0], jac[1, 1] + 1.0
+                        if C == 2:
+                            det = a00 * a11 - a01 * a10
+                        else:
+                            a02, a12 = jac[0, 2], jac[1, 2]
+                            a20, a21, a22 = jac[2, 0], jac[2, 1], jac[2, 2] + 1.0
+                            det = a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) \
+                                + a02 * (a10 * a21 - a11 * a20)
+                        low = min(low, det)
+            mins[x] = low
+
+    return {fn.__name__: numba_variants(fn) for fn in (compose_index, bounds_index, sample_index, min_det_index)}
 
 
 def _as_3d(field: torch.Tensor) -> torch.Tensor:
@@ -224,20 +274,60 @@ def _to_voxels(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.einsum("ij,j...->i...", torch.linalg.inv(grid.matrix).to(field), field)
 
 
-def velocity_bounds(velocity: torch.Tensor, grid: Grid) -> tuple[float, float]:
-    """(max |v| in voxels, max |difference of a component between neighbouring voxels| in voxels)
-    for `velocity: (d, *S)` in world units: the speed and slope of its index-space field, which
+def velocity_bounds(velocity: torch.Tensor, grid: Grid) -> tuple[float, float, float]:
+    """(speed, slope, product) of `velocity: (d, *S)` (world units) in voxel units: max |v|, the
+    largest difference of a component between neighbouring voxels, and the largest |v(x)| times
+    that difference at the same voxel x (the first-order error term of `x + v / 2^N`), which
     `StationaryVelocityField.squarings` bounds. One compiled pass on the CPU (numba), else torch."""
     u = _to_voxels(velocity.detach(), grid)
     if _fast(u):
         u3 = _as_3d(u).contiguous()
-        speeds = torch.zeros(u3.shape[1], dtype=torch.float64)
-        slopes = torch.zeros(u3.shape[1], dtype=torch.float64)
-        run_numba(_kernels()["bounds_index"], u3.numpy(), speeds.numpy(), slopes.numpy())
-        return float(speeds.max()) ** 0.5, float(slopes.max())
-    speed = float(u.norm(dim=0).max())
-    slope = max((float(torch.diff(u, dim=a).abs().max()) for a in range(1, u.dim()) if u.shape[a] > 1), default=0.0)
-    return speed, slope
+        out = torch.zeros(3, u3.shape[1], dtype=torch.float64)
+        run_numba(_kernels()["bounds_index"], u3.numpy(), *out.numpy())
+        speed, slope, product = out.amax(1).tolist()
+        return speed ** 0.5, slope, product
+    norm = u.norm(dim=0)                                                              # (*S)
+    local = torch.zeros_like(norm)
+    for a in range(1, u.dim()):
+        if u.shape[a] > 1:
+            diff = torch.diff(u, dim=a).abs().amax(0)
+            local = torch.maximum(local, torch.cat([diff, torch.zeros_like(diff.narrow(a - 1, 0, 1))], a - 1))
+    return float(norm.max()), float(local.max()), float((norm * local).max())
+
+
+def _one_sided_min_det(u: torch.Tensor) -> float:
+    """min of det(I + J) over the voxels and every choice of forward / backward differences per
+    axis (torch; the reference of the compiled pass). u: (d, *S) in voxels."""
+    d = u.shape[0]
+    sides = []
+    for a in range(d):
+        diff = torch.diff(u, dim=1 + a) if u.shape[1 + a] > 1 else torch.zeros_like(u)
+        first, last = diff.narrow(1 + a, 0, 1), diff.narrow(1 + a, diff.shape[1 + a] - 1, 1)
+        sides.append((torch.cat([diff, last], 1 + a), torch.cat([first, diff], 1 + a)) if u.shape[1 + a] > 1
+                     else (diff, diff))                                         # (forward, backward) (d, *S)
+    low = math.inf
+    for m in range(2 ** d):
+        J = torch.stack([sides[a][(m >> a) & 1] for a in range(d)], 1) + torch.eye(d, dtype=u.dtype).view(
+            d, d, *([1] * d))                                                   # (d, d, *S): J[c, a]
+        low = min(low, float(torch.linalg.det(J.movedim(0, -1).movedim(0, -1)).min()))
+    return low
+
+
+def min_jacobian_determinant(field: torch.Tensor, grid: Grid, corners: bool = False) -> float:
+    """min over the voxels of `det(I + grad u)` for a displacement `field: (d, *S)` in world units
+    on `grid`: the same central differences as `shapeflow.regularizers.jacobian_determinant` (the
+    determinant does not depend on the axes it is taken in). `corners`: also the one-sided
+    differences of the 2^d cells around each voxel (the linear interpolant's Jacobians, which a
+    finer grid's central differences see). One compiled pass on the CPU (numba)."""
+    from .regularizers import jacobian_determinant
+
+    u = _to_voxels(field.detach(), grid)
+    if not (_fast(u) and min(grid.shape) > 1):
+        low = float(jacobian_determinant(u, [1.0] * grid.dim).min()) if min(grid.shape) > 1 else math.inf
+        return min(low, _one_sided_min_det(u)) if corners else low
+    mins = torch.empty(grid.shape[0], dtype=torch.float64)
+    run_numba(_kernels()["min_det_index"], _as_3d(u).contiguous().numpy(), bool(corners), mins.numpy())
+    return float(mins.min())
 
 
 def scaling_and_squaring(velocity: torch.Tensor, grid: Grid, squarings: int) -> torch.Tensor:

@@ -171,16 +171,25 @@ def test_sampling_and_squaring_keep_gradients():
     assert torch.autograd.gradcheck(lambda v: scaling_and_squaring(v, grid, 2), (velocity,))
 
 
-def test_velocity_bounds_and_fewer_squarings_for_small_velocities():
+def test_velocity_bounds_and_fewer_squarings_for_small_velocities(monkeypatch):
+    from shapeflow import grids
     from shapeflow.grids import velocity_bounds
 
     grid = _random_grid((10, 9, 8))
     g = torch.Generator().manual_seed(3)
     velocity = torch.randn(3, 10, 9, 8, dtype=torch.float64, generator=g)
     voxels = torch.einsum("ij,j...->i...", torch.linalg.inv(grid.matrix), velocity)
-    slope = max(float(torch.diff(voxels, dim=a).abs().max()) for a in (1, 2, 3))
-    speed, found = velocity_bounds(velocity, grid)
-    assert speed == pytest.approx(float(voxels.norm(dim=0).max())) and found == pytest.approx(slope)
+    local = torch.zeros(10, 9, 8, dtype=torch.float64)
+    for a in (1, 2, 3):                        # |v_c(x + e_a) - v_c(x)|, at x, max over c and a
+        diff = torch.diff(voxels, dim=a).abs().amax(0)
+        local[tuple(slice(0, n - 1) if k == a - 1 else slice(None) for k, n in enumerate((10, 9, 8)))] = \
+            torch.maximum(local[tuple(slice(0, n - 1) if k == a - 1 else slice(None)
+                                      for k, n in enumerate((10, 9, 8)))], diff)
+    expected = (float(voxels.norm(dim=0).max()), float(local.max()), float((voxels.norm(dim=0) * local).max()))
+    assert velocity_bounds(velocity, grid) == pytest.approx(expected)
+    monkeypatch.setattr(grids, "_fast", lambda *t: False)                     # the torch fallback
+    assert velocity_bounds(velocity, grid) == pytest.approx(expected)
+    monkeypatch.undo()
     svf = StationaryVelocityField(grid)
     constant = torch.ones(3, 10, 9, 8, dtype=torch.float64) * torch.tensor([5.0, -3.0, 2.0]).view(3, 1, 1, 1)
     assert svf.squarings(constant) == 0                   # a translation is its own exponential
@@ -189,3 +198,22 @@ def test_velocity_bounds_and_fewer_squarings_for_small_velocities():
     u = scaling_and_squaring(velocity, grid, svf.squarings(velocity))
     reference = scaling_and_squaring(velocity, grid, 14)
     assert float((torch.einsum("ij,j...->i...", torch.linalg.inv(grid.matrix), u - reference)).norm(dim=0).max()) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 6), (11, 8)])
+def test_min_jacobian_determinant_matches_the_torch_reference(shape, monkeypatch):
+    from shapeflow import grids
+    from shapeflow.grids import min_jacobian_determinant
+    from shapeflow.synthetic import smooth_field
+
+    grid = _random_grid(shape, seed=5)
+    for amplitude in (6.0, 0.5):                   # folding, and not
+        u = smooth_field(grid.points(torch.float64), amplitude, 6.0)
+        local = (u.movedim(0, -1) @ grid.direction).movedim(-1, 0)             # components along the axes
+        central = float(jacobian_determinant(local, grid.spacing.tolist()).min())
+        fast = (min_jacobian_determinant(u, grid), min_jacobian_determinant(u, grid, corners=True))
+        assert fast[0] == pytest.approx(central, rel=1e-9, abs=1e-9) and fast[1] <= fast[0]
+        with monkeypatch.context() as patch:
+            patch.setattr(grids, "_fast", lambda *t: False)
+            assert (min_jacobian_determinant(u, grid), min_jacobian_determinant(u, grid, corners=True)) == \
+                pytest.approx(fast, rel=1e-9, abs=1e-9)

@@ -295,6 +295,15 @@ def velocity_bounds(velocity: torch.Tensor, grid: Grid) -> tuple[float, float, f
     return float(norm.max()), float(local.max()), float((norm * local).max())
 
 
+def _central_min_det(u: torch.Tensor) -> float:
+    """min of det(I + J) over the voxels, J by central differences (one-sided at the borders, as
+    `torch.gradient` and `shapeflow.regularizers.jacobian_determinant`). u: (d, *S) in voxels."""
+    d = u.shape[0]
+    J = torch.stack(torch.gradient(u, dim=list(range(1, d + 1))), 1)                  # (d, d, *S): J[c, a]
+    J = J + torch.eye(d, dtype=u.dtype).view(d, d, *([1] * d))
+    return float(torch.linalg.det(J.movedim(0, -1).movedim(0, -1)).min())
+
+
 def _one_sided_min_det(u: torch.Tensor) -> float:
     """min of det(I + J) over the voxels and every choice of forward / backward differences per
     axis (torch; the reference of the compiled pass). u: (d, *S) in voxels."""
@@ -319,11 +328,9 @@ def min_jacobian_determinant(field: torch.Tensor, grid: Grid, corners: bool = Fa
     determinant does not depend on the axes it is taken in). `corners`: also the one-sided
     differences of the 2^d cells around each voxel (the linear interpolant's Jacobians, which a
     finer grid's central differences see). One compiled pass on the CPU (numba)."""
-    from .regularizers import jacobian_determinant
-
     u = _to_voxels(field.detach(), grid)
     if not (_fast(u) and min(grid.shape) > 1):
-        low = float(jacobian_determinant(u, [1.0] * grid.dim).min()) if min(grid.shape) > 1 else math.inf
+        low = _central_min_det(u) if min(grid.shape) > 1 else math.inf
         return min(low, _one_sided_min_det(u)) if corners else low
     mins = torch.empty(grid.shape[0], dtype=torch.float64)
     run_numba(_kernels()["min_det_index"], _as_3d(u).contiguous().numpy(), bool(corners), mins.numpy())

@@ -130,7 +130,7 @@ class StationaryVelocityField(_GridDeformation):
     """`phi = exp(v)`: the flow for unit time of the stationary velocity `v: (d, *S)`, by scaling and
     squaring. The number of squarings (`squarings`) keeps each first step's Jacobian small enough
     that every step, and so the composition, is orientation preserving, and the error of the
-    first step under about 0.05 voxel. The inverse is `exp(-v)`; the trajectory is `exp(t v)`."""
+    first step a fraction of a voxel. The inverse is `exp(-v)`; the trajectory is `exp(t v)`."""
 
     diffeomorphic = True
 

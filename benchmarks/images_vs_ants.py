@@ -287,8 +287,10 @@ def run_shapeflow(case: dict, label: str, options: dict, repeats: int, save: Pat
     model = options.pop("model")
     loss = options.pop("loss", "ssd")
     fixed, moving = sf.read(case["fixed_path"]), sf.read(case["moving_path"])
-    seconds, times, cpu, res = timed(lambda: sf.register(moving, fixed, model=model, loss=loss, progress=False,
-                                                    snapshots=False, **options), repeats)
+    run = lambda: sf.register(moving, fixed, model=model, loss=loss, progress=False, snapshots=False, **options)
+    if repeats > 1:
+        run()                  # warm-up, untimed: numba kernels loaded (or compiled) once per process
+    seconds, times, cpu, res = timed(run, repeats)
     with torch.no_grad():
         pts = case["points"].reshape(-1, 3).float()
         u = (res.deformation(pts).double() - pts.double()).reshape(case["points"].shape).numpy()
@@ -665,10 +667,16 @@ def notes(out: dict) -> str:
         "halved on each finer one (8, 4, 2), 20 CG iterations per step, on the CPU through the one-pass numba kernel "
         "of the Gauss-Newton matvec (`shapeflow/solvers/_fused.py`; without numba the torch fallback is about 2-3x "
         "slower per matvec, see benchmarks/results/solver_core.md).",
-        f"* Threads: {out['machine']['threads']} for every tool. With 2 torch threads on this shared 2-core machine "
-        "shapeflow ran 2-7x slower and erratically whenever other jobs were running (64³ displacement 2.7 s -> 6.6-23 s, "
-        "svf 9 s -> 38-67 s), so 1 thread is the setting reported; ITK (ANTs, elastix) gets the same number through "
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, dipy/numpy through OMP/BLAS variables and threadpoolctl.",
+        f"* Threads: {out['machine']['threads']} for every tool (torch, numba through `torch.get_num_threads()`; ITK "
+        "(ANTs, elastix) through ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, dipy/numpy through OMP/BLAS variables and "
+        "threadpoolctl). 1 against 2 torch threads, shapeflow alone on the MNI152 pair (3 alternating runs, load "
+        "about 1.2): `svf` 2.05-2.71 s -> 1.23-1.45 s, `displacement` 1.61-1.92 s -> 1.15-1.40 s (CPU seconds about "
+        "1.2x higher at 2 threads). In the earlier run, with other jobs on this 2-core machine, 2 threads were 2-7x "
+        "slower and erratic, so 1 thread stays the reported setting.",
+        "* shapeflow rows are timed after one untimed warm-up call per configuration (numba's kernels load from "
+        "its cache, or compile, on first use in a process: about 3 s). The CPU-seconds column is this process's "
+        "CPU time (every tool in-process on the same thread count); shapeflow's can exceed its wall time (numba's "
+        "thread pool), so its CPU ratio is the pessimistic one.",
         "* Conventions (checked in the earlier run; `--check` repeats it): the translation check recovers the known shift with the right signs for every tool (table "
         "above), and on every run resampling the moving image at x + u(x) reproduces the tool's own warped image "
         "(`selfcheck_mean_abs` ~1e-8 for shapeflow, ANTs, dipy; ~1e-4 to 1e-3 for elastix, whose result image is "
@@ -683,9 +691,11 @@ def notes(out: dict) -> str:
         "* Not rerun here: itk-elastix and dipy are not installed in this environment, and the 128³ phantom was "
         "left out for time on a shared machine at load 5-8; their rows from the earlier run (2026-11-25, shapeflow "
         "before the numba sampling / squaring kernels and the fold guard) are in "
-        "[images_vs_ants.2026-11-25.md](images_vs_ants.2026-11-25.md). Wall seconds on this run are inflated and "
-        "erratic (the `load` column: other jobs shared the 2 cores); the CPU-seconds column (this process only, 1 "
-        "thread for every tool) is the steadier comparison.",
+        "[images_vs_ants.2026-11-25.md](images_vs_ants.2026-11-25.md). The 64³ rows and the MNI152 rows come "
+        "from two runs of this script minutes apart at load 1.5-2.5 (`machine.mni_run` in the JSON); attempts "
+        "while other jobs loaded the machine to 4-8 gave shapeflow wall times 5-30x longer (ANTs' much less), so "
+        "those were not kept. A user measured ANTsPy SyNOnly at 5.3-5.9 s on a quiet machine on the same template "
+        "with another known field; here it took 6.6 s.",
         "* antspyx 0.6.3 declares numpy<2.4 and scipy<1.16; it was installed with `--no-deps` next to numpy 2.4.6 and "
         "scipy 1.17.1 (so torch and the library were left alone) and everything used here worked.",
     ]

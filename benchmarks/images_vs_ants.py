@@ -86,9 +86,11 @@ from shapeflow.synthetic import blob_phantom, phantom_pair  # noqa: E402
 
 #: shapeflow settings in the main table: label -> register() options
 SHAPEFLOW_CONFIGS = {
+    "svf (defaults)": {"model": "svf"},                  # the diffeomorphic model: the headline row
     "displacement (defaults)": {"model": "displacement"},
-    "svf (defaults)": {"model": "svf"},
     "displacement, loss=ncc": {"model": "displacement", "loss": "ncc"},
+    # no Gauss-Newton step at full resolution, as ANTsPy SyNOnly's default reg_iterations=(40, 20, 0)
+    "fast: svf, iterations=[8,4,0]": {"model": "svf", "iterations": [8, 4, 0]},
 }
 #: settings tried by --sweep (label -> options); the best of each model joins the table
 SWEEP_CONFIGS = {
@@ -189,6 +191,41 @@ def make_case(n: int, folder: Path, translation: tuple[float, float, float] | No
             "mse_before": float(((m - f) ** 2).mean()), "translation": translation}
 
 
+MNI = "MNI152 2 mm"                      # the size label of the brain case
+MNI_AMPLITUDE, MNI_WAVELENGTH, MNI_SEED = 4.0, 80.0, 0
+
+
+def size_label(n) -> str:
+    return f"{n}³" if isinstance(n, int) else str(n)
+
+
+def size_key(n):
+    return (isinstance(n, str), n if isinstance(n, int) else 0, str(n))
+
+
+def make_mni_case(folder: Path) -> dict:
+    """nilearn's MNI152 T1 template at 2 mm (99 x 117 x 95, bundled with nilearn) as the fixed image
+    and its copy warped by a known smooth field (`shapeflow.synthetic.warped_pair`: peak about
+    4 mm, wavelength 80 mm) as the moving one; EPE over the brain (template > 0.2 x its max)."""
+    from nilearn.datasets import load_mni152_template
+
+    from shapeflow.synthetic import warped_pair
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fixed_path, moving_path = folder / "fixed.nii.gz", folder / "moving.nii.gz"
+    load_mni152_template(resolution=2).to_filename(str(fixed_path))
+    moving, fixed, truth = warped_pair(sf.read(fixed_path), MNI_AMPLITUDE, MNI_WAVELENGTH, MNI_SEED)
+    sf.write(moving, moving_path)
+    fixed, moving = sf.read(fixed_path), sf.read(moving_path)
+    points = Grid.of(fixed).points(torch.float64)
+    with torch.no_grad():
+        u_true = (truth(points.reshape(-1, 3).float()).double().reshape(points.shape) - points).numpy()
+    f, m = fixed.data[0].double().numpy(), moving.data[0].double().numpy()
+    return {"n": MNI, "folder": folder, "fixed_path": fixed_path, "moving_path": moving_path, "fixed": fixed,
+            "moving": moving, "fixed_np": f, "moving_np": m, "u_true": u_true, "points": points,
+            "mse_before": float(((m - f) ** 2).mean()), "translation": None, "mask": f > 0.2 * f.max()}
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def interior(shape) -> tuple[slice, ...]:
@@ -208,8 +245,8 @@ def score(case: dict, warped: np.ndarray, u: np.ndarray | None) -> dict:
     if u is None:
         return out
     err = np.linalg.norm(u - case["u_true"], axis=-1)
-    inner = interior(f.shape)
-    det = jacobian_determinant(torch.from_numpy(np.moveaxis(u, -1, 0)).double(), [SPACING] * 3)
+    inner = case["mask"] if "mask" in case else interior(f.shape)
+    det = jacobian_determinant(torch.from_numpy(np.moveaxis(u, -1, 0)).double(), case["fixed"].spacing.tolist())
     fold = folding_statistics(det)
     ours = resample_moving(case, u)
     out.update({
@@ -226,15 +263,18 @@ def score(case: dict, warped: np.ndarray, u: np.ndarray | None) -> dict:
 
 
 def timed(fn, repeats: int):
-    """Median seconds over up to `repeats` runs (one only if the first is slow), all times, last result."""
-    times, out = [], None
+    """Median wall seconds over up to `repeats` runs (one only if the first is slow), all wall times,
+    the median CPU seconds of this process (every tool runs in-process on the same thread count:
+    less sensitive than wall time to other jobs on a shared machine), and the last result."""
+    times, cpu, out = [], [], None
     for i in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         if times[0] > CHEAP_SECONDS:
             break
-    return statistics.median(times), times, out
+    return statistics.median(times), times, statistics.median(cpu), out
 
 
 LPS = np.array([-1.0, -1.0, 1.0])
@@ -247,8 +287,10 @@ def run_shapeflow(case: dict, label: str, options: dict, repeats: int, save: Pat
     model = options.pop("model")
     loss = options.pop("loss", "ssd")
     fixed, moving = sf.read(case["fixed_path"]), sf.read(case["moving_path"])
-    seconds, times, res = timed(lambda: sf.register(moving, fixed, model=model, loss=loss, progress=False,
-                                                    snapshots=False, **options), repeats)
+    run = lambda: sf.register(moving, fixed, model=model, loss=loss, progress=False, snapshots=False, **options)
+    if repeats > 1:
+        run()                  # warm-up, untimed: numba kernels loaded (or compiled) once per process
+    seconds, times, cpu, res = timed(run, repeats)
     with torch.no_grad():
         pts = case["points"].reshape(-1, 3).float()
         u = (res.deformation(pts).double() - pts.double()).reshape(case["points"].shape).numpy()
@@ -256,7 +298,7 @@ def run_shapeflow(case: dict, label: str, options: dict, repeats: int, save: Pat
         res.save(save)
     options = options if loss == "ssd" else {"loss": loss, **options}
     return {"tool": "shapeflow", "config": label, "options": {"model": model, **options}, "seconds": seconds,
-            "seconds_all": times, "internal_seconds": res.metrics["seconds"],
+            "seconds_all": times, "cpu_seconds": cpu, "internal_seconds": res.metrics["seconds"],
             "steps": len(res.history), **score(case, res.warped.data[0].double().numpy(), u), "_result": res}
 
 
@@ -265,7 +307,7 @@ def run_ants(case: dict, transform: str, repeats: int, **extra) -> dict:
 
     fixed, moving = ants.image_read(str(case["fixed_path"])), ants.image_read(str(case["moving_path"]))
     workdir = Path(tempfile.mkdtemp(prefix="ants_", dir=case["folder"]))
-    seconds, times, reg = timed(lambda: ants.registration(fixed, moving, type_of_transform=transform,
+    seconds, times, cpu, reg = timed(lambda: ants.registration(fixed, moving, type_of_transform=transform,
                                                           outprefix=str(workdir / "reg_"), **extra), repeats)
     composed = ants.apply_transforms(fixed, moving, transformlist=reg["fwdtransforms"], compose=str(workdir / "fwd_"))
     field = ants.image_read(composed).numpy().astype(np.float64)      # (X, Y, Z, 3) ITK vectors, LPS
@@ -273,7 +315,7 @@ def run_ants(case: dict, transform: str, repeats: int, **extra) -> dict:
     warped = reg["warpedmovout"].numpy().astype(np.float64)
     label = ", ".join([f'type_of_transform="{transform}"'] + [f"{k}={v}" for k, v in extra.items()])
     return {"tool": "ANTsPy", "config": f"registration({label})", "seconds": seconds,
-            "seconds_all": times, "transforms": [Path(p).name for p in reg["fwdtransforms"]],
+            "seconds_all": times, "cpu_seconds": cpu, "transforms": [Path(p).name for p in reg["fwdtransforms"]],
             **score(case, warped, u)}
 
 
@@ -290,13 +332,13 @@ def run_elastix(case: dict, repeats: int, threads: int) -> dict:
         # number_of_threads=2 to elastix_registration_method segfaults (itk-elastix 0.25.4)
         return itk.elastix_registration_method(fixed, moving, parameter_object=params, log_to_console=False)
 
-    seconds, times, (warped_itk, transform) = timed(go, repeats)
+    seconds, times, cpu, (warped_itk, transform) = timed(go, repeats)
     with contextlib.chdir(case["folder"]):        # transformix also writes deformationField.nii into the cwd
         field = itk.array_from_image(itk.transformix_deformation_field(moving, transform))   # (Z, Y, X, 3) LPS
     u = np.ascontiguousarray(np.transpose(field, (2, 1, 0, 3))).astype(np.float64) * LPS
     warped = np.transpose(itk.array_from_image(warped_itk), (2, 1, 0)).astype(np.float64)
     return {"tool": "itk-elastix", "config": "default 'bspline' map (Mattes MI + bending energy, 4 levels, "
-                                             "10 mm grid)", "seconds": seconds, "seconds_all": times,
+                                             "10 mm grid)", "seconds": seconds, "seconds_all": times, "cpu_seconds": cpu,
             **score(case, warped, u)}
 
 
@@ -315,12 +357,12 @@ def run_dipy(case: dict, metric: str, level_iters: list[int], repeats: int) -> d
         sdr = SymmetricDiffeomorphicRegistration(m, level_iters=list(level_iters))
         return sdr.optimize(static, mov, static_grid2world=static_affine, moving_grid2world=mov_affine)
 
-    seconds, times, mapping = timed(go, repeats)
+    seconds, times, cpu, mapping = timed(go, repeats)
     u = np.asarray(mapping.get_forward_field(), dtype=np.float64)      # world (RAS) mm on the static grid
     warped = mapping.transform(mov)
     return {"tool": "dipy", "config": f"SymmetricDiffeomorphicRegistration({'CCMetric' if metric == 'cc' else 'SSDMetric'}"
                                       f"(3), level_iters={list(level_iters)})", "seconds": seconds,
-            "seconds_all": times, **score(case, warped, u)}
+            "seconds_all": times, "cpu_seconds": cpu, **score(case, warped, u)}
 
 
 # ----------------------------------------------------------------------------- ANTs reads shapeflow's field
@@ -350,7 +392,7 @@ def ants_reads_displacement(case: dict, row: dict, folder: Path) -> dict:
     # (with one voxel to spare), and against our own resampling with zero padding
     u_ras = np.moveaxis(res.deformation(case["points"].reshape(-1, 3).float()).detach().double().numpy().reshape(
         case["points"].shape) - case["points"].numpy(), -1, -1)
-    index = (case["points"].numpy() + u_ras) / SPACING
+    index = Grid.of(case["moving"]).to_index(case["points"] + torch.from_numpy(u_ras)).numpy()
     n = np.array(diff.shape)
     inside = ((index >= 1) & (index <= n - 2)).all(-1)
     out.update({"inside_voxels_percent": float(100 * inside.mean()),
@@ -371,20 +413,19 @@ def ants_reads_displacement(case: dict, row: dict, folder: Path) -> dict:
 # ----------------------------------------------------------------------------- output
 
 def machine_info(threads: int) -> dict:
-    import ants
-    import dipy
-    import itk
+    from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        from importlib.metadata import version
-        elastix = version("itk-elastix")
-    except Exception:  # pragma: no cover
-        elastix = "?"
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
     return {"cpu_count": os.cpu_count(), "threads": threads, "torch_threads": torch.get_num_threads(),
             "itk_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"), "torch": torch.__version__,
-            "numpy": np.__version__, "antspyx": ants.__version__, "itk": itk.__version__, "itk_elastix": elastix,
-            "dipy": dipy.__version__, "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
+            "numpy": np.__version__, "antspyx": installed("antspyx"), "itk": installed("itk"),
+            "itk_elastix": installed("itk-elastix"), "dipy": installed("dipy"), "numba": installed("numba"),
+            "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_start": os.getloadavg()}
 
 
@@ -398,6 +439,8 @@ def add_ratios(rows: list[dict]) -> None:
             r["time_ratio_vs_shapeflow"] = r["seconds"] / ref["seconds"]
         if syn is not None:
             r["time_ratio_vs_syn_only"] = r["seconds"] / syn["seconds"]
+            if r.get("cpu_seconds") and syn.get("cpu_seconds"):
+                r["cpu_ratio_vs_syn_only"] = r["cpu_seconds"] / syn["cpu_seconds"]
             r["mse_ratio_vs_syn_only"] = r["mse_after"] / syn["mse_after"]
 
 
@@ -406,14 +449,16 @@ def fmt(x, spec=".3g"):
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| size | tool | config | seconds | s / shapeflow s | s / SyNOnly s | MSE after (before) | "
-             "MSE / SyNOnly MSE | EPE interior mm (before) | EPE all mm | % folding | min det J | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | tool | config | seconds | CPU s | s / shapeflow s | s / SyNOnly s | CPU s / SyNOnly CPU s | "
+             "MSE after (before) | MSE / SyNOnly MSE | EPE interior mm (before) | EPE all mm | % folding | min det J | "
+             "load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         runs = len(r["seconds_all"])
         lines.append(
-            f"| {r['n']}³ | {r['tool']} | {r['config']} | {r['seconds']:.2f}{' (med. of 3)' if runs > 1 else ''} | "
+            f"| {size_label(r['n'])} | {r['tool']} | {r['config']} | {r['seconds']:.2f}{' (med. of 3)' if runs > 1 else ''} | "
+            f"{fmt(r.get('cpu_seconds'), '.2f')} | "
             f"{fmt(r.get('time_ratio_vs_shapeflow'), '.2f')} | {fmt(r.get('time_ratio_vs_syn_only'), '.2f')} | "
+            f"{fmt(r.get('cpu_ratio_vs_syn_only'), '.2f')} | "
             f"{r['mse_after']:.2e} ({r['mse_before']:.2e}) | {fmt(r.get('mse_ratio_vs_syn_only'), '.2f')} | "
             f"{fmt(r.get('epe_interior_mm'), '.3f')} ({fmt(r.get('epe_before_interior_mm'), '.2f')}) | "
             f"{fmt(r.get('epe_all_mm'), '.3f')} | {fmt(r.get('folding_percent'), '.3f')} | "
@@ -443,7 +488,13 @@ def write(out: dict, stem: str) -> None:
           "moving image at x + u(x) and comparing with the tool's own warped output; see `conventions` and "
           "`selfcheck_*` in the JSON). Interior = 10 % border off each side. Folding: % voxels with "
           "det(I + ∇u) <= 0. Seconds: wall clock of the registration call; median of 3 when a run took "
-          f"< {CHEAP_SECONDS:.0f} s, else one run.", ""]
+          f"< {CHEAP_SECONDS:.0f} s, else one run.", "",
+          f"{MNI}: nilearn's MNI152 T1 template (`load_mni152_template(resolution=2)`, 99 x 117 x 95, 2 mm, "
+          "intensities 0..1) as the fixed image, the moving image that template warped by a known smooth field "
+          f"(`shapeflow.synthetic.warped_pair(fixed, amplitude={MNI_AMPLITUDE}, wavelength={MNI_WAVELENGTH}, "
+          f"seed={MNI_SEED})`: peak about {MNI_AMPLITUDE:.0f} mm); its EPE column is over the brain (template > 0.2 x "
+          "its max) instead of the box interior. The headline row of each size is `svf` (the diffeomorphic model).",
+          ""]
     md += table(out["rows"])
     if out.get("conventions"):
         md += ["", "## Convention check (pure translation "
@@ -472,7 +523,7 @@ def write(out: dict, stem: str) -> None:
                "(intensities 0..1.5):", "",
                "| size | config | max abs diff | mean abs diff | interior max | interior mean |", "|---|---|---|---|---|---|"]
         for c in out["ants_compat"]:
-            md.append(f"| {c['n']}³ | {c['config']} | {c['max_abs_diff']:.2e} | {c['mean_abs_diff']:.2e} | "
+            md.append(f"| {size_label(c['n'])} | {c['config']} | {c['max_abs_diff']:.2e} | {c['mean_abs_diff']:.2e} | "
                       f"{c['interior_max_abs_diff']:.2e} | {c['interior_mean_abs_diff']:.2e} |")
     if out.get("summary"):
         md += ["", "## Targets", "", out["summary"]]
@@ -499,7 +550,7 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = out["rows"]
-    sizes = sorted({r["n"] for r in rows})
+    sizes = sorted({r["n"] for r in rows}, key=size_key)
     labels = []
     for r in rows:
         key = (r["tool"], r["config"])
@@ -513,7 +564,7 @@ def plot(out: dict, path: Path) -> None:
         xs = np.arange(len(labels)) + (k - (len(sizes) - 1) / 2) * width
         for ax, key in zip(axes, ("seconds", "mse_after", "epe_interior_mm")):
             vals = [by[l][key] if l in by and by[l].get(key) is not None else np.nan for l in labels]
-            ax.bar(xs, vals, width, label=f"{n}³")
+            ax.bar(xs, vals, width, label=size_label(n))
     for ax, title in zip(axes, ("wall seconds (log)", "MSE after (log)", "EPE interior, mm")):
         ax.set_xticks(np.arange(len(labels)))
         ax.set_xticklabels(names, rotation=55, ha="right", fontsize=7.5)
@@ -537,15 +588,20 @@ def plot(out: dict, path: Path) -> None:
 
 def summarize(rows: list[dict]) -> str:
     parts = []
-    for n in sorted({r["n"] for r in rows}):
+    for n in sorted({r["n"] for r in rows}, key=size_key):
         syn = next((r for r in rows if r["n"] == n and r["config"] == SYN_ONLY), None)
         for r in (r for r in rows if r["n"] == n and r["tool"] == "shapeflow"):
-            text = f"{n}³, shapeflow {r['config']}: {r['seconds']:.2f} s, MSE {r['mse_after']:.2e}"
+            text = f"{size_label(n)}, shapeflow {r['config']}: {r['seconds']:.2f} s, MSE {r['mse_after']:.2e}"
             if syn is not None:
                 fast = r["time_ratio_vs_syn_only"] <= TARGET_TIME_RATIO
                 acc = r["mse_after"] <= syn["mse_after"]
                 text += (f"; {r['time_ratio_vs_syn_only']:.2f}x ANTsPy SyNOnly's time ({syn['seconds']:.2f} s; "
-                         f"target <= 0.5x: {'met' if fast else 'not met'}) at {r['mse_ratio_vs_syn_only']:.2f}x its "
+                         f"target <= 0.5x: {'met' if fast else 'not met'}")
+                if r.get("cpu_ratio_vs_syn_only") is not None:
+                    cpu_fast = r["cpu_ratio_vs_syn_only"] <= TARGET_TIME_RATIO
+                    text += (f"; in CPU seconds {r['cpu_ratio_vs_syn_only']:.2f}x: "
+                             f"{'met' if cpu_fast else 'not met'}")
+                text += (f") at {r['mse_ratio_vs_syn_only']:.2f}x its "
                          f"MSE ({'<= : met' if acc else 'higher: not met'})")
             if r["options"]["model"] == "svf":
                 text += (f"; SVF folding {r['folding_percent']:.3f} % (target 0 %: "
@@ -556,7 +612,7 @@ def summarize(rows: list[dict]) -> str:
 
 def targets_paragraph(rows: list[dict]) -> str:
     """The honest reading of the two targets, from the numbers."""
-    sizes = sorted({r["n"] for r in rows})
+    sizes = sorted({r["n"] for r in rows}, key=size_key)
     text = []
     for n in sizes:
         syn = next((r for r in rows if r["n"] == n and r["config"] == SYN_ONLY), None)
@@ -576,8 +632,14 @@ def targets_paragraph(rows: list[dict]) -> str:
             fastest = min(sfr, key=lambda r: r["time_ratio_vs_syn_only"])
             verdict = (f"met by no shapeflow setting in the table (fastest: `{fastest['config']}` at "
                        f"{fastest['time_ratio_vs_syn_only']:.2f}x)")
-        text.append(f"At {n}³ the defaults (displacement, svf) take {times} ANTsPy SyNOnly's time at {mses} its MSE; "
+        text.append(f"At {size_label(n)} the defaults (svf, displacement) take {times} ANTsPy SyNOnly's time at {mses} its MSE; "
                     f"the time target is {verdict}.")
+    default = [r for r in rows if r["tool"] == "shapeflow" and r["config"] == "displacement (defaults)"]
+    if default:
+        worst = max(r["folding_percent"] for r in default)
+        text.append("Default model (`displacement`, with its fold guard) folding: "
+                    + ("0 % on every case (target met)" if worst == 0 else f"up to {worst:.3f} % (target not met)")
+                    + f"; min det J {min(r['jacobian_min'] for r in default):.2f}.")
     svf = [r for r in rows if r["tool"] == "shapeflow" and r["options"]["model"] == "svf"]
     worst = max((r["folding_percent"] for r in svf), default=None)
     if worst is not None:
@@ -605,11 +667,17 @@ def notes(out: dict) -> str:
         "halved on each finer one (8, 4, 2), 20 CG iterations per step, on the CPU through the one-pass numba kernel "
         "of the Gauss-Newton matvec (`shapeflow/solvers/_fused.py`; without numba the torch fallback is about 2-3x "
         "slower per matvec, see benchmarks/results/solver_core.md).",
-        f"* Threads: {out['machine']['threads']} for every tool. With 2 torch threads on this shared 2-core machine "
-        "shapeflow ran 2-7x slower and erratically whenever other jobs were running (64³ displacement 2.7 s -> 6.6-23 s, "
-        "svf 9 s -> 38-67 s), so 1 thread is the setting reported; ITK (ANTs, elastix) gets the same number through "
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, dipy/numpy through OMP/BLAS variables and threadpoolctl.",
-        "* Conventions: the translation check recovers the known shift with the right signs for every tool (table "
+        f"* Threads: {out['machine']['threads']} for every tool (torch, numba through `torch.get_num_threads()`; ITK "
+        "(ANTs, elastix) through ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, dipy/numpy through OMP/BLAS variables and "
+        "threadpoolctl). 1 against 2 torch threads, shapeflow alone on the MNI152 pair (3 alternating runs, load "
+        "about 1.2): `svf` 2.05-2.71 s -> 1.23-1.45 s, `displacement` 1.61-1.92 s -> 1.15-1.40 s (CPU seconds about "
+        "1.2x higher at 2 threads). In the earlier run, with other jobs on this 2-core machine, 2 threads were 2-7x "
+        "slower and erratic, so 1 thread stays the reported setting.",
+        "* shapeflow rows are timed after one untimed warm-up call per configuration (numba's kernels load from "
+        "its cache, or compile, on first use in a process: about 3 s). The CPU-seconds column is this process's "
+        "CPU time (every tool in-process on the same thread count); shapeflow's can exceed its wall time (numba's "
+        "thread pool), so its CPU ratio is the pessimistic one.",
+        "* Conventions (checked in the earlier run; `--check` repeats it): the translation check recovers the known shift with the right signs for every tool (table "
         "above), and on every run resampling the moving image at x + u(x) reproduces the tool's own warped image "
         "(`selfcheck_mean_abs` ~1e-8 for shapeflow, ANTs, dipy; ~1e-4 to 1e-3 for elastix, whose result image is "
         "resampled with cubic B-splines while the check is trilinear). ITK fields (ANTs, elastix) are LPS: x and y "
@@ -620,6 +688,14 @@ def notes(out: dict) -> str:
         "`itk.elastix_registration_method` segfaults (itk-elastix 0.25.4), so its threads come from the ITK variable.",
         "* dipy: `SSDMetric(3)` (the data term shapeflow uses), default `level_iters=[100, 100, 25]`; CCMetric not run "
         "(left out for time on this machine).",
+        "* Not rerun here: itk-elastix and dipy are not installed in this environment, and the 128³ phantom was "
+        "left out for time on a shared machine at load 5-8; their rows from the earlier run (2026-11-25, shapeflow "
+        "before the numba sampling / squaring kernels and the fold guard) are in "
+        "[images_vs_ants.2026-11-25.md](images_vs_ants.2026-11-25.md). The 64³ rows and the MNI152 rows come "
+        "from two runs of this script minutes apart at load 1.5-2.5 (`machine.mni_run` in the JSON); attempts "
+        "while other jobs loaded the machine to 4-8 gave shapeflow wall times 5-30x longer (ANTs' much less), so "
+        "those were not kept. A user measured ANTsPy SyNOnly at 5.3-5.9 s on a quiet machine on the same template "
+        "with another known field; here it took 6.6 s.",
         "* antspyx 0.6.3 declares numpy<2.4 and scipy<1.16; it was installed with `--no-deps` next to numpy 2.4.6 and "
         "scipy 1.17.1 (so torch and the library were left alone) and everything used here worked.",
     ]
@@ -658,7 +734,9 @@ def conventions(n: int, folder: Path, threads: int, dipy_iters: list[int]) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="32³ only, one repeat, no sweep")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--mni", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the MNI152 2 mm brain template with a known field (needs nilearn)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of cheap runs (median)")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="threads for every tool (set before any import); 1 by default: with 2 threads on this "
@@ -723,9 +801,13 @@ def main() -> None:
             out["fast_configs"][model] = {"config": fast["config"], "options": fast["options"], "rule": SWEEP_RULE}
             if resolved(fast["options"]) not in (resolved(default["options"]), resolved(best["options"])):
                 configs[f"fast: {fast['config']}"] = fast["options"]
-    for n in args.sizes:
-        case = make_case(n, work / f"case{n}")
-        print(f"{n}³: MSE before {case['mse_before']:.3e}", flush=True)
+    builders = [lambda n=n: make_case(n, work / f"case{n}") for n in args.sizes]
+    if args.mni and not args.quick:
+        builders.append(lambda: make_mni_case(work / "mni"))
+    for build in builders:
+        case = build()
+        n = case["n"]
+        print(f"{size_label(n)}: MSE before {case['mse_before']:.3e}", flush=True)
         runs = []
         if "shapeflow" in args.tools:
             runs += [lambda label=label, options=options: run_shapeflow(case, label, options, args.repeats)
@@ -747,7 +829,7 @@ def main() -> None:
                   f"folding {row.get('folding_percent', float('nan')):.3f}, "
                   f"self-check {row.get('selfcheck_mean_abs', float('nan')):.2e} (load {load[0]:.2f})", flush=True)
         for row in [r for r in out["rows"] if r["n"] == n and "_result" in r]:
-            compat = {"n": n, **ants_reads_displacement(case, row, work / f"case{n}" / "".join(
+            compat = {"n": n, **ants_reads_displacement(case, row, case["folder"] / "".join(
                 c if c.isalnum() else "_" for c in row["config"]))}
             out["ants_compat"].append(compat)
             print(f"  ANTs applies shapeflow {row['config']} displacement.nii.gz: max abs diff "

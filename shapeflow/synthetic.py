@@ -5,7 +5,7 @@ import math
 
 import torch
 
-__all__ = ["smooth_deformation", "bend"]
+__all__ = ["smooth_deformation", "bend", "smooth_field", "phantom_pair", "warped_pair"]
 
 
 def smooth_deformation(points: torch.Tensor, amplitude: float = 0.05, frequency: float = 1.0,
@@ -108,3 +108,22 @@ def phantom_pair(shape: tuple[int, ...], spacing: float | list[float] = 1.0, amp
     fixed = Image(blob_phantom(points, extent, blobs, seed).float(), spacing=spacing_t)
     moving = Image(blob_phantom(inverse, extent, blobs, seed).float(), spacing=spacing_t)
     return moving, fixed, truth.float()
+
+
+def warped_pair(fixed, amplitude: float = 4.0, wavelength: float = 80.0, seed: int = 0):
+    """`(moving, fixed, truth)` from a real image: `moving` is `fixed: Image` resampled (trilinear,
+    border) at `truth^{-1}(x)` for the known smooth map `truth: x -> x + u(x)` on its grid (u from
+    `smooth_field`, peak about `amplitude` mm, `wavelength` mm), so that
+    `fixed(x) ~ moving(truth(x))` up to interpolation; `truth` is a `DisplacementField`."""
+    import dataclasses
+
+    from .deform import DisplacementField
+    from .grids import Grid, sample
+
+    grid = Grid.of(fixed)
+    points = grid.points(torch.float64)                                   # (*S, d)
+    truth = DisplacementField(grid).double()
+    truth.set_dense(smooth_field(points, amplitude, wavelength, seed))
+    inverse = truth.inverse(points.reshape(-1, grid.dim), tol=1e-6).reshape(points.shape)
+    data = sample(fixed.data.double(), grid, inverse).to(fixed.data.dtype)
+    return dataclasses.replace(fixed, data=data, labels=None, source=None), fixed, truth.float()

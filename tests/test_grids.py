@@ -131,3 +131,89 @@ def test_scaling_and_squaring_equals_repeated_world_composition(shape, spacing):
     for _ in range(3):
         u2 = compose_displacements(u2, u2, grid2)
     torch.testing.assert_close(scaling_and_squaring(v2, grid2, 3), u2, rtol=1e-10, atol=1e-10)
+
+
+def _random_grid(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = len(shape)
+    direction = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))[0]
+    return Grid(tuple(shape), torch.rand(d, dtype=torch.float64, generator=g) + 0.5,
+                torch.randn(d, dtype=torch.float64, generator=g), direction)
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 6), (11, 8), (6, 1, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_sampling_and_squaring_match_grid_sample(shape, dtype):
+    """The numba passes (no autograd) against torch's grid_sample path (taken under autograd)."""
+    pytest.importorskip("numba")
+    grid = _random_grid(shape)
+    g = torch.Generator().manual_seed(1)
+    field = torch.randn(2, *shape, dtype=dtype, generator=g)
+    points = grid.points(torch.float64) + 2 * torch.randn(*shape, len(shape), dtype=torch.float64, generator=g)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    fast = sample(field, grid, points)                                       # some points outside: border
+    reference = sample(field.clone().requires_grad_(True), grid, points)
+    torch.testing.assert_close(fast, reference.detach(), **tol)
+    velocity = 3 * torch.randn(len(shape), *shape, dtype=dtype, generator=g)
+    fast = scaling_and_squaring(velocity, grid, 4)
+    reference = scaling_and_squaring(velocity.clone().requires_grad_(True), grid, 4)
+    torch.testing.assert_close(fast, reference.detach(), **tol)
+
+
+def test_sampling_and_squaring_keep_gradients():
+    """Under autograd both run through grid_sample: gradcheck in float64."""
+    grid = _random_grid((5, 4, 3))
+    g = torch.Generator().manual_seed(2)
+    field = torch.randn(1, 5, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    points = grid.points(torch.float64)[1:-1, 1:-1] + 0.3 * torch.rand(3, 2, 3, 3, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda f: sample(f, grid, points), (field,))
+    velocity = (0.5 * torch.randn(3, 5, 4, 3, dtype=torch.float64, generator=g)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: scaling_and_squaring(v, grid, 2), (velocity,))
+
+
+def test_velocity_bounds_and_fewer_squarings_for_small_velocities(monkeypatch):
+    from shapeflow import grids
+    from shapeflow.grids import velocity_bounds
+
+    grid = _random_grid((10, 9, 8))
+    g = torch.Generator().manual_seed(3)
+    velocity = torch.randn(3, 10, 9, 8, dtype=torch.float64, generator=g)
+    voxels = torch.einsum("ij,j...->i...", torch.linalg.inv(grid.matrix), velocity)
+    local = torch.zeros(10, 9, 8, dtype=torch.float64)
+    for a in (1, 2, 3):                        # |v_c(x + e_a) - v_c(x)|, at x, max over c and a
+        diff = torch.diff(voxels, dim=a).abs().amax(0)
+        local[tuple(slice(0, n - 1) if k == a - 1 else slice(None) for k, n in enumerate((10, 9, 8)))] = \
+            torch.maximum(local[tuple(slice(0, n - 1) if k == a - 1 else slice(None)
+                                      for k, n in enumerate((10, 9, 8)))], diff)
+    expected = (float(voxels.norm(dim=0).max()), float(local.max()), float((voxels.norm(dim=0) * local).max()))
+    assert velocity_bounds(velocity, grid) == pytest.approx(expected)
+    monkeypatch.setattr(grids, "_fast", lambda *t: False)                     # the torch fallback
+    assert velocity_bounds(velocity, grid) == pytest.approx(expected)
+    monkeypatch.undo()
+    svf = StationaryVelocityField(grid)
+    constant = torch.ones(3, 10, 9, 8, dtype=torch.float64) * torch.tensor([5.0, -3.0, 2.0]).view(3, 1, 1, 1)
+    assert svf.squarings(constant) == 0                   # a translation is its own exponential
+    assert svf.squarings(velocity * 1e-3) == 0
+    assert svf.squarings(velocity * 0.1) < svf.squarings(velocity) <= svf.max_squarings
+    u = scaling_and_squaring(velocity, grid, svf.squarings(velocity))
+    reference = scaling_and_squaring(velocity, grid, 14)
+    assert float((torch.einsum("ij,j...->i...", torch.linalg.inv(grid.matrix), u - reference)).norm(dim=0).max()) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 6), (11, 8)])
+def test_min_jacobian_determinant_matches_the_torch_reference(shape, monkeypatch):
+    from shapeflow import grids
+    from shapeflow.grids import min_jacobian_determinant
+    from shapeflow.synthetic import smooth_field
+
+    grid = _random_grid(shape, seed=5)
+    for amplitude in (6.0, 0.5):                   # folding, and not
+        u = smooth_field(grid.points(torch.float64), amplitude, 6.0)
+        local = (u.movedim(0, -1) @ grid.direction).movedim(-1, 0)             # components along the axes
+        central = float(jacobian_determinant(local, grid.spacing.tolist()).min())
+        fast = (min_jacobian_determinant(u, grid), min_jacobian_determinant(u, grid, corners=True))
+        assert fast[0] == pytest.approx(central, rel=1e-9, abs=1e-9) and fast[1] <= fast[0]
+        with monkeypatch.context() as patch:
+            patch.setattr(grids, "_fast", lambda *t: False)
+            assert (min_jacobian_determinant(u, grid), min_jacobian_determinant(u, grid, corners=True)) == \
+                pytest.approx(fast, rel=1e-9, abs=1e-9)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InverseError, ShapeflowError
-from ..grids import Grid, bspline_upsample, control_shape, sample, scaling_and_squaring, spatial_gradient
+from ..grids import Grid, bspline_upsample, control_shape, sample, scaling_and_squaring, velocity_bounds
 from ..regularizers import grid_diffusion
 from .base import Deformation, register_deformation
 
@@ -24,6 +24,10 @@ __all__ = ["DisplacementField", "StationaryVelocityField"]
 
 class _GridDeformation(Deformation):
     """Shared parts: the grid, the control parameters and sampling of the dense field."""
+
+    #: True when every parameter value gives an orientation-preserving map (no folding); the image
+    #: pipeline rejects Gauss-Newton steps that fold the others
+    diffeomorphic: ClassVar[bool] = False
 
     def __init__(self, grid: Grid | dict, stride: int = 1):
         super().__init__()
@@ -71,8 +75,18 @@ class _GridDeformation(Deformation):
         return bspline_upsample(self.control if control is None else control, self.stride, self.grid.shape)
 
     def field(self) -> torch.Tensor:
-        """The displacement `phi(x) - x` at every voxel of the grid: `(d, *S)` in world units."""
-        return self.field_of(self.dense())
+        """The displacement `phi(x) - x` at every voxel of the grid: `(d, *S)` in world units.
+
+        Outside autograd the field is kept until the parameters change (in place or moved), so
+        warping an image, the metrics and the landmarks of one result share one computation."""
+        if torch.is_grad_enabled():
+            return self.field_of(self.dense())
+        key = (self.control._version, self.control.data_ptr(), self.control.dtype, self.control.device)
+        cached = self.__dict__.get("_field_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.field_of(self.dense()))
+            self.__dict__["_field_cache"] = cached
+        return cached[1]
 
     def _displace(self, displacement: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         flat = points.reshape(-1, self.dim)
@@ -114,9 +128,11 @@ class DisplacementField(_GridDeformation):
 @register_deformation
 class StationaryVelocityField(_GridDeformation):
     """`phi = exp(v)`: the flow for unit time of the stationary velocity `v: (d, *S)`, by scaling and
-    squaring. The number of squarings is chosen so each initial step moves at most a quarter voxel
-    per voxel (`|grad v| / 2^N <= 1/4`), which keeps every step, and so the composition,
-    orientation preserving. The inverse is `exp(-v)`; the trajectory is `exp(t v)`."""
+    squaring. The number of squarings (`squarings`) keeps each first step's Jacobian small enough
+    that every step, and so the composition, is orientation preserving, and the error of the
+    first step a fraction of a voxel. The inverse is `exp(-v)`; the trajectory is `exp(t v)`."""
+
+    diffeomorphic = True
 
     def __init__(self, grid: Grid | dict, stride: int = 1, max_squarings: int = 12):
         super().__init__(grid, stride)
@@ -126,11 +142,21 @@ class StationaryVelocityField(_GridDeformation):
         return {**super().config(), "max_squarings": self.max_squarings}
 
     def squarings(self, velocity: torch.Tensor) -> int:
-        """N such that `max |v| / 2^N` is at most a quarter voxel and the step is a small perturbation."""
-        speed = float(velocity.detach().norm(dim=0).max()) / float(self.grid.spacing.min())
-        slope = float(spatial_gradient(velocity.detach(), self.grid).abs().amax()) if velocity.numel() else 0.0
-        need = max(speed * 4, slope * 4 * self.dim, 1.0)
-        return min(max(int(math.ceil(math.log2(need))), 0) + 2, self.max_squarings)
+        """The fewest N (at most `max_squarings`) with `2^N >= max(2 p, 2 d g, 1)`, g = the largest
+        difference of a component of v between neighbouring voxels and p = the largest |v(x)| times
+        that difference at the same voxel, both in voxels (`grids.velocity_bounds`).
+
+        `2 d g / 2^N <= 1` keeps every entry of the first step's Jacobian at most 1/(2d), so its
+        norm is at most 1/2 and each step, and so the composition, is orientation preserving
+        (trilinear interpolation's derivatives are convex combinations of those differences).
+        `2 p / 2^N <= 1` bounds the error of `x + v / 2^N` for `exp(v / 2^N)`, which halves with
+        each squaring: measured at most 0.4 p / 2^N voxels on smooth fields (under 0.2 voxel
+        here), 0.06 voxel on a registered brain's velocity. A small or slowly varying velocity
+        takes few squarings (a constant one none: its flow is exactly the translation).
+        """
+        _, slope, product = velocity_bounds(velocity, self.grid) if velocity.numel() else (0.0, 0.0, 0.0)
+        need = max(2 * product, 2 * self.dim * slope, 1.0)
+        return min(int(math.ceil(math.log2(need))), self.max_squarings)
 
     def exponential(self, velocity: torch.Tensor) -> torch.Tensor:
         """Displacement of `exp(velocity)` on the grid: `(d, *S)`."""

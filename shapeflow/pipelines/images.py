@@ -13,7 +13,11 @@ pre-alignment, `image_affine.py`; u: the displacement of the model: a `Displacem
 (`shapeflow.solvers.normal.grid.gauss_newton_step`: coupled d x d blocks per voxel, L the grid
 Laplacian, CG matrix free or AMG on the assembled matrix). A step is kept only if the objective
 `mean r^2 + lam u^T L u / N` decreases (else halved, at most 3 times; the level stops when no step
-helps). Coarse to fine over a pyramid, optionally on a B-spline control grid with a `stride`.
+helps). For a model that can fold (`displacement`; not `svf`, a diffeomorphism by construction) a
+step whose map has `det(I + grad u) <= 0` at some voxel (central differences, as the metrics
+measure it) counts as no decrease, so the fitted map never folds on the fixed grid; on the coarser
+levels also by the one-sided differences of the cells around each voxel (what the finer grid's
+central differences see of the interpolated field), so the field carried up does not fold either. Coarse to fine over a pyramid, optionally on a B-spline control grid with a `stride`.
 
 Landmarks `(m_k, f_k)` (moving, fixed; world mm) with `landmark_weight` w > 0 add
 `w mean_k |r_k|^2 / D^2` to the objective, `r_k = f_k + u(f_k) - A^{-1}(m_k)` (u linearly
@@ -39,7 +43,8 @@ from .._options import CommonOptions, parse_options
 from .._registry import Registry
 from ..deform import IMAGE_MODELS, Compose, Deformation
 from ..errors import ShapeflowError
-from ..grids import Grid, bspline_upsample, control_shape, downsample, interpolation_weights, sample, spatial_gradient
+from ..grids import (Grid, bspline_upsample, control_shape, downsample, interpolation_weights, min_jacobian_determinant,
+                     sample, spatial_gradient)
 from ..io.landmarks import landmark_pair
 from ..losses import RESIDUALS, ImageResidual
 from ..metrics import image_registration_metrics, moving_on_fixed_grid
@@ -156,8 +161,9 @@ class GridProblem:
     """
 
     def __init__(self, model: Deformation, level: _Level, affine: Deformation | None, lam: float,
-                 opts: ImageOptions, stride: int, marks: _Marks | None = None):
+                 opts: ImageOptions, stride: int, marks: _Marks | None = None, finest: bool = True):
         self.model, self.level, self.affine, self.lam, self.opts = model, level, affine, lam, opts
+        self.finest = finest
         self.points = level.grid.points(opts.torch_dtype, opts.torch_device)            # (*S, d)
         self.spacing = level.grid.spacing.tolist()
         self.project = _projection(level.grid, stride, self.points) if stride > 1 else None
@@ -184,7 +190,11 @@ class GridProblem:
         if self.marks is not None:   # r_k = f_k + u(f_k) - A^{-1}(m_k): (d, K)
             marks = (self.marks.fixed + sample(field, self.level.grid, self.marks.fixed).T - self.marks.target).T
             term = self.marks.weight * float(marks.pow(2).sum(0).mean()) / self.marks.scale ** 2
-        return data + self.lam * reg + term, (raw, warped, data, marks, term)
+        total = data + self.lam * reg + term
+        if not self.model.diffeomorphic and min_jacobian_determinant(field, self.level.grid,
+                                                                     corners=not self.finest) <= 0:
+            total = math.inf                # a folding map: the step is halved (or the level stops)
+        return total, (raw, warped, data, marks, term)
 
     def linearize(self, x: torch.Tensor, state: tuple) -> Linearization:
         warped, marks = state[1], state[3]
@@ -426,7 +436,8 @@ def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual
             grid = level.grid
             model = model_cls.build(level.grid, model_opts).to(device, dtype)
             lam = float(opts.per_level(opts.regularization, number, built))
-            problem = GridProblem(model, level, affine, lam, opts, getattr(model_opts, "stride", 1), marks)
+            problem = GridProblem(model, level, affine, lam, opts, getattr(model_opts, "stride", 1), marks,
+                                  finest=number == built - 1)
 
             def record(step: GaussNewtonStep, number=number, problem=problem) -> None:
                 raw, _, data, _, landmarks = step.state

@@ -4,8 +4,8 @@
 displacements `u: (N, d)`; `phi(x_i) = x_i + u_i` there. Any other point takes a displacement
 interpolated from the nearest fitted points (`interpolation_weights`):
 
-* on a mesh, barycentric weights on the closest triangle among those around its nearest vertex
-  (the point projected onto each candidate triangle, the projection clipped to the triangle), so
+* on a mesh, barycentric weights on the closest triangle among those around its 3 nearest
+  vertices (the point projected onto each candidate triangle, the projection clipped to it), so
   the map is piecewise linear on the surface and constant along its normals;
 * on a cloud, inverse squared distance weights over its 4 nearest fitted points.
 
@@ -31,6 +31,8 @@ __all__ = ["PointDisplacement", "interpolation_weights", "vertex_rings"]
 
 #: fitted points a cloud's interpolation averages over
 CLOUD_NEIGHBOURS = 4
+#: a mesh's interpolation looks for the closest triangle among those around this many nearest vertices
+RING_VERTICES = 3
 
 
 def vertex_rings(faces: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,7 +74,7 @@ def interpolation_weights(reference: torch.Tensor, faces: torch.Tensor | None, p
     """How `points: (P, d)` take a field known at `reference: (N, d)`: `(indices (P, k), weights (P, k))`
     with `field(points) = sum_k weights * field[indices]` (weights sum to 1, differentiable in points).
 
-    faces: (F, 3) for a mesh (barycentric on the closest triangle around the nearest vertex,
+    faces: (F, 3) for a mesh (barycentric on the closest triangle around the 3 nearest vertices,
     k = 3), None for a cloud (inverse squared distances over the 4 nearest points). index, rings:
     a `PointIndex` of `reference` and `vertex_rings(faces)`, when the caller keeps them.
     """
@@ -83,9 +85,9 @@ def interpolation_weights(reference: torch.Tensor, faces: torch.Tensor | None, p
         extent = float((reference.max(0).values - reference.min(0).values).max())
         weights = 1.0 / (squared + (1e-9 * extent) ** 2)
         return near, weights / weights.sum(1, keepdim=True)
-    _, nearest = index.query(points, 1)
+    _, nearest = index.query(points, RING_VERTICES)
     rings = rings if rings is not None else vertex_rings(faces, reference.shape[0])
-    candidates = rings[nearest[:, 0]]                                            # (P, R)
+    candidates = rings[nearest].reshape(len(points), -1)                         # (P, k R)
     valid = candidates >= 0
     corners = faces[candidates.clamp_min(0)]                                     # (P, R, 3)
     tri = reference[corners]                                                     # (P, R, 3, d)
@@ -98,7 +100,7 @@ def interpolation_weights(reference: torch.Tensor, faces: torch.Tensor | None, p
     chosen, chosen_weights = corners[rows, best], weights[rows, best]
     isolated = ~valid.any(1)                                                     # a vertex in no face
     if bool(isolated.any()):
-        chosen = torch.where(isolated[:, None], nearest.expand(-1, 3), chosen)
+        chosen = torch.where(isolated[:, None], nearest[:, :1].expand(-1, 3), chosen)
         chosen_weights = torch.where(isolated[:, None], torch.tensor([1.0, 0.0, 0.0], dtype=points.dtype,
                                                                      device=points.device), chosen_weights)
     return chosen, chosen_weights

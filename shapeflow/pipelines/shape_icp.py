@@ -51,6 +51,9 @@ __all__ = ["IcpProblem", "PairTerm", "LandmarkTerm", "fit_point_displacement", "
 PRECONDITIONERS = Registry("preconditioner", {"auto": "auto", "factor": "factor", "jacobi": "jacobi", "amg": "amg"})
 #: "auto" factorises (on the CPU) up to this many points per level, and uses Jacobi above or on a GPU
 FACTOR_MAX_POINTS = 60000
+#: CG iterations per Gauss-Newton step at most: a truncated step is still a descent direction, and
+#: the next step (with fresh correspondences) goes on from it
+CG_MAXITER = 300
 #: a step whose CG took more iterations than this refactorises the preconditioner for the next one
 REFACTOR_AFTER = 10
 #: Gauss-Newton iterations per stiffness stage when `iterations` is not given
@@ -256,7 +259,7 @@ class IcpProblem:
             else:
                 op = sparse_normal_operator(blocks, self.coupling, lam=1.0, damping=mu)
                 M = op.diagonal() if self.preconditioner == "jacobi" else self._factored(blocks, mu)
-                step, info = conjugate_gradient(op, -g.reshape(-1), M=M, tol=self.cg_tol, maxiter=1000)
+                step, info = conjugate_gradient(op, -g.reshape(-1), M=M, tol=self.cg_tol, maxiter=CG_MAXITER)
             iterations = int(torch.as_tensor(info.iterations).max())
             self.cg_iterations += iterations
             if iterations > REFACTOR_AFTER:      # the weights moved away from the factorised ones

@@ -116,6 +116,13 @@ def targets(rows: list[dict]) -> list[str]:
           lambda r: f"{r['seconds']:.1f} s, {r['peak_mib']:.0f} MiB, RMSE {r['rmse_pct_diag']:.2f} %")
     check("1M points <= 60 s, memory linear in N", 1000000, lambda r: r["seconds"] <= 60,
           lambda r: f"{r['seconds']:.1f} s, {r['peak_mib']:.0f} MiB, RMSE {r['rmse_pct_diag']:.2f} %")
+    medium = cell.get(("shapeflow", 3000)), cell.get(("pycpd", 3000))
+    if all(medium):
+        ratio = medium[1]["seconds"] / medium[0]["seconds"]
+        ok = ratio >= 20 and medium[0]["rmse_pct_diag"] <= min(1.0, medium[1]["rmse_pct_diag"])
+        lines.append(f"| medium (3k here, 4k in the issue) >= 20x pycpd at RMSE <= 1 % and <= pycpd's | {ratio:.1f}x, "
+                     f"RMSE {medium[0]['rmse_pct_diag']:.2f} % vs {medium[1]['rmse_pct_diag']:.2f} % | "
+                     f"{'met' if ok else 'not met'} |")
     for n in (1000,):
         ours, peer = cell.get(("shapeflow", n)), cell.get(("pycpd", n))
         if ours and peer:
@@ -166,6 +173,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--pycpd-max", type=int, default=4000, help="largest N pycpd runs at (O(N^2) memory)")
     parser.add_argument("--from-json", action="store_true")
+    parser.add_argument("--merge", action="store_true", help="replace these cells in the saved .json, keep the rest")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -178,7 +186,11 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from shapes_vs_cpd import machine_info
 
-    rows = []
+    rows, meta = [], {}
+    if args.merge:
+        saved = json.loads((RESULTS / "shapes_scale.json").read_text())
+        meta = saved["meta"]
+        rows = [r for r in saved["rows"] if r["n"] not in args.sizes]
     for n in args.sizes:
         for method in ("shapeflow", "pycpd"):
             if method == "pycpd" and n > args.pycpd_max:
@@ -187,7 +199,9 @@ def main() -> None:
             print(rows[-1], flush=True)
     import torch
 
-    write(rows, {"machine": machine_info(torch.get_num_threads()), "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    meta = {**meta, "machine": machine_info(torch.get_num_threads())}
+    meta.setdefault("dates", []).append(time.strftime("%Y-%m-%dT%H:%M:%S") + f" sizes {args.sizes}")
+    write(rows, meta)
 
 
 if __name__ == "__main__":

@@ -296,10 +296,22 @@ def _in_world_units(parts: list[Deformation], source_center, target_center, scal
     return Normalized(inner, source_center, target_center, scale)
 
 
+#: `chamfer_before` is estimated on a seeded sample of this many points per shape above it
+BEFORE_POINTS = 200_000
+
+
+def _at_most(points: torch.Tensor, count: int) -> torch.Tensor:
+    """`points`, or a seeded random `count` of them when there are more."""
+    if len(points) <= count:
+        return points
+    keep = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:count]
+    return points[keep.to(points.device)]
+
+
 def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         **metrics.surface_distances(warped, y_world),
-        "chamfer_before": metrics.chamfer_distance(x_world, y_world),
+        "chamfer_before": metrics.chamfer_distance(_at_most(x_world, BEFORE_POINTS), _at_most(y_world, BEFORE_POINTS)),
         "bbox_diagonal": float((y_world.max(0).values - y_world.min(0).values).norm()),
     }
     # two meshes (or curves) with the same cells: the vertices correspond
@@ -312,9 +324,6 @@ def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bo
         out["flipped_triangles_percent"] = metrics.flipped_triangles_percent(
             deformation, x_world, src.faces.to(x_world.device), warped)
     with torch.no_grad():   # on a seeded sample of the points above MAX_JACOBIAN_POINTS (a mean: the same)
-        sample = x_world
-        if len(sample) > metrics.MAX_JACOBIAN_POINTS:
-            keep = torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))
-            sample = sample[keep[:metrics.MAX_JACOBIAN_POINTS].to(sample.device)]
+        sample = _at_most(x_world, metrics.MAX_JACOBIAN_POINTS)
         out["energy"] = float(deformation.energy(sample)) if not deformation.linear else 0.0
     return out

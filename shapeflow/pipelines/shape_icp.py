@@ -124,7 +124,6 @@ class IcpProblem:
         self.target_mass = shape_mass(y, target_faces)
         self.target_normals = vertex_normals(y, target_faces) if target_faces is not None else None
         self.target_index = target_index or (PointIndex(y) if pairs.pairing == "closest" else None)
-        self.cg_iterations = 0
         self._factor = None
         if preconditioner == "auto":
             small = len(x) <= FACTOR_MAX_POINTS and x.device.type == "cpu"
@@ -261,7 +260,6 @@ class IcpProblem:
                 M = op.diagonal() if self.preconditioner == "jacobi" else self._factored(blocks, mu)
                 step, info = conjugate_gradient(op, -g.reshape(-1), M=M, tol=self.cg_tol, maxiter=CG_MAXITER)
             iterations = int(torch.as_tensor(info.iterations).max())
-            self.cg_iterations += iterations
             if iterations > REFACTOR_AFTER:      # the weights moved away from the factorised ones
                 self._factor = None
             return step.reshape(u.shape), iterations
@@ -284,7 +282,7 @@ def _regularizer(x: Tensor, faces: Tensor | None, options: Any) -> Tensor:
     return L
 
 
-def prolongate(x: Tensor, faces: Tensor | None, laplacian: Tensor, sampled: Tensor, coarse: Tensor,
+def prolongate(x: Tensor, laplacian: Tensor, sampled: Tensor, coarse: Tensor,
                iterations: int = 200) -> Tensor:
     """Extend a field known at `x[sampled]` (`coarse: (n, d)`) to every point of `x: (N, d)`: the
     minimiser of `u^T L u + kappa sum_sampled |u_s - coarse_s|^2` (kappa large: the smoothest field
@@ -337,7 +335,7 @@ def fit_point_displacement(x: Tensor, y: Tensor, source_faces: Tensor | None, ta
             u_coarse, stopped = _run_stages(x[sampled], ys, None, None, options, pairs, lambdas[:-2], per_stage,
                                             landmarks, history, f"{prefix}coarse", advance, t_index)
             full_regularizer = _regularizer(x, source_faces, options)
-            u = prolongate(x, source_faces, full_regularizer, sampled, u_coarse)
+            u = prolongate(x, full_regularizer, sampled, u_coarse)
             if stopped:
                 return u.to(dtype), True
             fine_lambdas = lambdas[-2:]

@@ -86,36 +86,38 @@ from shapeflow.synthetic import blob_phantom, phantom_pair  # noqa: E402
 
 #: shapeflow settings in the main table: label -> register() options
 SHAPEFLOW_CONFIGS = {
-    "svf (defaults)": {"model": "svf"},                  # the diffeomorphic model: the headline row
-    "displacement (defaults)": {"model": "displacement"},
-    "displacement, loss=ncc": {"model": "displacement", "loss": "ncc"},
+    "svf (defaults, no affine)": {"prealign": None, "model": "svf"},                  # the diffeomorphic model: the headline row
+    "displacement (defaults, no affine)": {"prealign": None, "model": "displacement"},
+    "displacement, loss=ncc": {"prealign": None, "model": "displacement", "loss": "ncc"},
+    # the whole default (affine pre-alignment, then svf): ANTsPy SyN's counterpart (affine + SyN)
+    "affine + svf (the default)": {"model": "svf"},
     # no Gauss-Newton step at full resolution, as ANTsPy SyNOnly's default reg_iterations=(40, 20, 0)
-    "fast: svf, iterations=[8,4,0]": {"model": "svf", "iterations": [8, 4, 0]},
+    "fast: svf, iterations=[8,4,0]": {"prealign": None, "model": "svf", "iterations": [8, 4, 0]},
 }
 #: settings tried by --sweep (label -> options); the best of each model joins the table
 SWEEP_CONFIGS = {
-    "displacement (defaults)": {"model": "displacement"},
-    "svf (defaults)": {"model": "svf"},
-    "displacement, iterations=[10,6,3]": {"model": "displacement", "iterations": [10, 6, 3]},
-    "displacement, regularization=0.001": {"model": "displacement", "regularization": 0.001},
-    "displacement, regularization=0.01": {"model": "displacement", "regularization": 0.01},
-    "displacement, cg_iterations=20": {"model": "displacement", "cg_iterations": 20},
-    "displacement, cg_iterations=10": {"model": "displacement", "cg_iterations": 10},
-    "displacement, cg_tol=1e-2": {"model": "displacement", "cg_tol": 1e-2},
-    "displacement, stride=2": {"model": "displacement", "stride": 2},
-    "displacement, iterations=[8,4,1], cg_iterations=10": {"model": "displacement", "iterations": [8, 4, 1],
+    "displacement (defaults, no affine)": {"prealign": None, "model": "displacement"},
+    "svf (defaults, no affine)": {"prealign": None, "model": "svf"},
+    "displacement, iterations=[10,6,3]": {"prealign": None, "model": "displacement", "iterations": [10, 6, 3]},
+    "displacement, regularization=0.001": {"prealign": None, "model": "displacement", "regularization": 0.001},
+    "displacement, regularization=0.01": {"prealign": None, "model": "displacement", "regularization": 0.01},
+    "displacement, cg_iterations=20": {"prealign": None, "model": "displacement", "cg_iterations": 20},
+    "displacement, cg_iterations=10": {"prealign": None, "model": "displacement", "cg_iterations": 10},
+    "displacement, cg_tol=1e-2": {"prealign": None, "model": "displacement", "cg_tol": 1e-2},
+    "displacement, stride=2": {"prealign": None, "model": "displacement", "stride": 2},
+    "displacement, iterations=[8,4,1], cg_iterations=10": {"prealign": None, "model": "displacement", "iterations": [8, 4, 1],
                                                            "cg_iterations": 10},
-    "displacement, iterations=[4,2,1], cg_iterations=10": {"model": "displacement", "iterations": [4, 2, 1],
+    "displacement, iterations=[4,2,1], cg_iterations=10": {"prealign": None, "model": "displacement", "iterations": [4, 2, 1],
                                                            "cg_iterations": 10},
-    "displacement, iterations=[8,4,0], cg_iterations=20": {"model": "displacement", "iterations": [8, 4, 0],
+    "displacement, iterations=[8,4,0], cg_iterations=20": {"prealign": None, "model": "displacement", "iterations": [8, 4, 0],
                                                            "cg_iterations": 20},
-    "svf, iterations=[10,6,3]": {"model": "svf", "iterations": [10, 6, 3]},
-    "svf, regularization=0.001": {"model": "svf", "regularization": 0.001},
-    "svf, cg_iterations=20": {"model": "svf", "cg_iterations": 20},
-    "svf, iterations=[8,4,1], cg_iterations=10": {"model": "svf", "iterations": [8, 4, 1], "cg_iterations": 10},
-    "svf, iterations=[8,4,0], cg_iterations=20": {"model": "svf", "iterations": [8, 4, 0], "cg_iterations": 20},
-    "svf, iterations=[10,6,3], cg_iterations=20": {"model": "svf", "iterations": [10, 6, 3], "cg_iterations": 20},
-    "svf, regularization=0.001, cg_iterations=20": {"model": "svf", "regularization": 0.001, "cg_iterations": 20},
+    "svf, iterations=[10,6,3]": {"prealign": None, "model": "svf", "iterations": [10, 6, 3]},
+    "svf, regularization=0.001": {"prealign": None, "model": "svf", "regularization": 0.001},
+    "svf, cg_iterations=20": {"prealign": None, "model": "svf", "cg_iterations": 20},
+    "svf, iterations=[8,4,1], cg_iterations=10": {"prealign": None, "model": "svf", "iterations": [8, 4, 1], "cg_iterations": 10},
+    "svf, iterations=[8,4,0], cg_iterations=20": {"prealign": None, "model": "svf", "iterations": [8, 4, 0], "cg_iterations": 20},
+    "svf, iterations=[10,6,3], cg_iterations=20": {"prealign": None, "model": "svf", "iterations": [10, 6, 3], "cg_iterations": 20},
+    "svf, regularization=0.001, cg_iterations=20": {"prealign": None, "model": "svf", "regularization": 0.001, "cg_iterations": 20},
 }
 SWEEP_RULE = ("`best`: per model, the fastest setting at the sweep size whose MSE is within 5 % of the defaults', "
               "interior EPE within 0.02 mm of the defaults' and folding no higher; `fast`: per model, the fastest "
@@ -147,7 +149,7 @@ def drop_duplicate_rows(out: dict) -> None:
     keep = []
     for r in out["rows"]:
         if r["tool"] == "shapeflow" and r["config"].startswith(("best: ", "fast: ")):
-            same = [d for d in out["rows"] if d["n"] == r["n"] and d["config"].endswith("(defaults)")
+            same = [d for d in out["rows"] if d["n"] == r["n"] and d["config"].endswith("(defaults, no affine)")
                     and resolved(d["options"]) == resolved(r["options"])]
             if same:
                 continue
@@ -536,7 +538,7 @@ def write(out: dict, stem: str) -> None:
 def short_name(tool: str, config: str) -> str:
     """A short plot label for a row."""
     if tool == "shapeflow":
-        return "shapeflow " + config.replace("(defaults)", "default").replace("cg_iterations", "cg").replace(
+        return "shapeflow " + config.replace("(defaults, no affine)", "default").replace("cg_iterations", "cg").replace(
             "iterations=", "it=").replace("displacement", "disp")
     if tool == "ANTsPy":
         return "ANTs " + config.split('"')[1] + (" (40,20,10)" if "reg_iterations" in config else "")
@@ -620,7 +622,7 @@ def targets_paragraph(rows: list[dict]) -> str:
         if syn is None or not sfr:
             continue
         met = [r for r in sfr if r["time_ratio_vs_syn_only"] <= TARGET_TIME_RATIO and r["mse_after"] <= syn["mse_after"]]
-        defaults = [r for r in sfr if "(defaults)" in r["config"]]
+        defaults = [r for r in sfr if "(defaults, no affine)" in r["config"]]
         times = ", ".join(format(r["time_ratio_vs_syn_only"], ".2f") + "x" for r in defaults)
         mses = ", ".join(format(r["mse_ratio_vs_syn_only"], ".2f") + "x" for r in defaults)
         if met:
@@ -634,7 +636,7 @@ def targets_paragraph(rows: list[dict]) -> str:
                        f"{fastest['time_ratio_vs_syn_only']:.2f}x)")
         text.append(f"At {size_label(n)} the defaults (svf, displacement) take {times} ANTsPy SyNOnly's time at {mses} its MSE; "
                     f"the time target is {verdict}.")
-    default = [r for r in rows if r["tool"] == "shapeflow" and r["config"] == "displacement (defaults)"]
+    default = [r for r in rows if r["tool"] == "shapeflow" and r["config"] == "displacement (defaults, no affine)"]
     if default:
         worst = max(r["folding_percent"] for r in default)
         text.append("Default model (`displacement`, with its fold guard) folding: "
@@ -720,7 +722,7 @@ def notes(out: dict) -> str:
 def conventions(n: int, folder: Path, threads: int, dipy_iters: list[int]) -> list[dict]:
     """Every tool on a pure translation: the recovered field must be the known shift."""
     case = make_case(n, folder / f"translation{n}", translation=TRANSLATION_MM)
-    rows = [run_shapeflow(case, "displacement (defaults)", {"model": "displacement"}, 1),
+    rows = [run_shapeflow(case, "displacement (defaults, no affine)", {"prealign": None, "model": "displacement"}, 1),
             run_ants(case, "SyNOnly", 1), run_ants(case, "SyN", 1), run_elastix(case, 1, threads),
             run_dipy(case, "ssd", dipy_iters, 1)]
     for r in rows:
@@ -787,7 +789,7 @@ def main() -> None:
         print(f"  sweep reference ANTsPy SyNOnly: {syn['seconds']:.2f} s, MSE {syn['mse_after']:.3e}", flush=True)
         out["best_configs"], out["fast_configs"] = {}, {}
         for model in ("displacement", "svf"):
-            default = next(r for r in out["sweep"] if r["config"] == f"{model} (defaults)")
+            default = next(r for r in out["sweep"] if r["config"] == f"{model} (defaults, no affine)")
             ok = [r for r in out["sweep"] if r["options"]["model"] == model and r["mse_after"] <= default["mse_after"] * 1.05
                   and r["epe_interior_mm"] <= default["epe_interior_mm"] + 0.02
                   and r["folding_percent"] <= default["folding_percent"]]

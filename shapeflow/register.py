@@ -31,7 +31,7 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     source, target: shapes (`PointCloud`, `Mesh`, `Curve`, `Landmarks`), file paths, or `(N, d)` arrays
         (arrays in, arrays out), d = 2 or 3, the same for both; or two `Image`s / image files.
     model: shapes: a name in `shapeflow.deform.MODELS` ("rigid", "similarity", "affine", "resnet"
-        (default), "node", "lddmm", "displacement" (per-point field by non-rigid ICP, loss "chamfer")); images: in `IMAGE_MODELS` ("displacement" (default), "svf" or "affine").
+        (default), "node", "lddmm", "displacement" (per-point field by non-rigid ICP, loss "chamfer")); images: in `IMAGE_MODELS` ("svf" (default), "displacement" or "affine").
     loss: shapes: a name in `shapeflow.losses.LOSSES` ("sinkhorn" (default), "chamfer", "l2"; l2
         needs point-to-point correspondence; "varifold", "currents": between two meshes or two
         `Curve`s, reading their faces or edges); images: in `RESIDUALS` ("ssd" (default), "ncc", "mind").
@@ -47,7 +47,7 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
         if not (isinstance(source, Image) and isinstance(target, Image)):
             raise ShapeflowError("register(): source and target must both be images, or both shapes")
         with torch_threads(auto_threads(target.data[0].numel(), threads)):
-            return register_images(source, target, model or "displacement", loss or "ssd", **options)
+            return register_images(source, target, model or "svf", loss or "ssd", **options)
     array_in = not isinstance(source, PointCloud)
     src = source if isinstance(source, PointCloud) else PointCloud(check_points(source, "source"))
     tgt = target if isinstance(target, PointCloud) else PointCloud(check_points(target, "target"))

@@ -9,6 +9,8 @@ Each holds torch tensors, checks its input once at construction and names the pr
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -172,6 +174,10 @@ class Image:
     per axis of S; origin: (d,) world position of voxel 0; direction: (d, d) whose column k is the
     world direction of axis k. A voxel index `i` sits at `origin + direction @ (spacing * i)`.
     labels: optional integer label map `S` (0 = background) that travels with the image.
+    valid: optional boolean map `S`, False at voxels that hold no data. NaN voxels (e.g. outside
+    the head of a skull-stripped scan) are such voxels: they become `valid` False, and the data
+    there is filled with each channel's smallest value so it can be interpolated; registration
+    leaves them out of the data term, and writers put NaN back. Infinite values are an error.
     """
 
     data: torch.Tensor
@@ -180,6 +186,7 @@ class Image:
     direction: Any = None
     labels: torch.Tensor | None = None
     source: str | None = field(default=None, compare=False)
+    valid: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         where = _where(self.source)
@@ -190,9 +197,21 @@ class Image:
             raise ShapeflowError(f"{where}image is empty (shape {tuple(data.shape)})")
         if not data.is_floating_point():
             data = data.to(torch.get_default_dtype())
-        if not torch.isfinite(data).all():
-            raise ShapeflowError(f"{where}image has {int((~torch.isfinite(data)).sum())} NaN or infinite voxel(s)")
-        self.data = data
+        if torch.isinf(data).any():
+            raise ShapeflowError(f"{where}image has {int(torch.isinf(data).sum())} infinite voxel(s)")
+        valid = None if self.valid is None else torch.as_tensor(np.asarray(self.valid)).bool()
+        if valid is not None and tuple(valid.shape) != tuple(data.shape[1:]):
+            raise ShapeflowError(f"{where}valid has shape {tuple(valid.shape)} but the image grid is "
+                                 f"{tuple(data.shape[1:])}")
+        missing = torch.isnan(data)
+        if missing.any():
+            known = ~missing.any(0)                                                   # (*S)
+            valid = known if valid is None else valid & known
+            if not known.any():
+                raise ShapeflowError(f"{where}every voxel is NaN: the image holds no data")
+            fill = torch.where(missing, torch.full_like(data, math.inf), data).flatten(1).amin(1)   # (C,)
+            data = torch.where(missing, fill.view(-1, *([1] * (data.ndim - 1))).expand_as(data), data)
+        self.data, self.valid = data, (None if valid is None or bool(valid.all()) else valid)
         d = data.ndim - 1
         self.spacing = self._vector(self.spacing, 1.0, "spacing", d)
         if (self.spacing <= 0).any():
@@ -239,10 +258,18 @@ class Image:
         out[:d, d] = self.origin
         return out
 
-    def with_data(self, data: torch.Tensor, labels: torch.Tensor | None = None) -> "Image":
-        """The same grid holding new `data: (C, *S)` (and `labels`)."""
-        return replace(self, data=data, labels=labels, source=None)
+    def with_data(self, data: torch.Tensor, labels: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None) -> "Image":
+        """The same grid holding new `data: (C, *S)` (and `labels`, `valid`)."""
+        return replace(self, data=data, labels=labels, source=None, valid=valid)
+
+    def data_with_nan(self) -> torch.Tensor:
+        """`data` with NaN at the voxels that hold none (`valid` False): what writers store."""
+        if self.valid is None:
+            return self.data
+        return self.data.masked_fill(~self.valid.to(self.data.device), float("nan"))
 
     def to(self, device=None, dtype=None) -> "Image":
         labels = None if self.labels is None else self.labels.to(device)
-        return replace(self, data=self.data.to(device=device, dtype=dtype), labels=labels)
+        valid = None if self.valid is None else self.valid.to(device)
+        return replace(self, data=self.data.to(device=device, dtype=dtype), labels=labels, valid=valid)

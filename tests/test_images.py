@@ -57,7 +57,8 @@ def test_real_volumes_load_with_their_affine():
 
 @pytest.mark.parametrize("make, message", [
     (lambda: sf.Image(torch.zeros(1, 0, 4)), "empty"),
-    (lambda: sf.Image(torch.tensor([[[1.0, float("nan")]]])), "NaN"),
+    (lambda: sf.Image(torch.tensor([[[float("nan"), float("nan")]]])), "every voxel is NaN"),
+    (lambda: sf.Image(torch.tensor([[[1.0, float("inf")]]])), "infinite"),
     (lambda: sf.Image(torch.zeros(1, 4, 4), direction=[[1, 0], [1, 0]]), "not invertible"),
     (lambda: sf.Image(torch.zeros(1, 4, 4), spacing=[1, 0]), "spacing must be positive"),
     (lambda: sf.Image(torch.zeros(4, 4)), "(C, H, W)"),

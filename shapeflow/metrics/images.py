@@ -136,6 +136,23 @@ def moving_on_fixed_grid(moving: Image, fixed: Image, device, dtype) -> torch.Te
     return sample(moving.data.to(device, dtype), Grid.of(moving), points).cpu()
 
 
+def _valid_image(image: Image) -> Image:
+    """`image`'s valid voxels as a one-channel 0/1 image on its grid."""
+    return image.with_data(image.valid[None].to(image.data.dtype))
+
+
+def _both_valid(fixed: Image, other: torch.Tensor | None) -> torch.Tensor | None:
+    """The voxels `(*S)` of the fixed grid holding data in the fixed image and in `other` (None: all)."""
+    if fixed.valid is None:
+        return other
+    return fixed.valid if other is None else fixed.valid & other
+
+
+def _mean_square(difference: torch.Tensor, valid: torch.Tensor | None) -> float:
+    """mean of `difference: (C, *S)` squared over the voxels where `valid` (None: all)."""
+    return float(difference.pow(2).mean() if valid is None else difference[:, valid].pow(2).mean())
+
+
 def image_registration_metrics(moving: Image, fixed: Image, warped: Image, deformation, device, dtype,
                                moving_marks: torch.Tensor | None = None, fixed_marks: torch.Tensor | None = None) -> dict:
     """MSE before/after, Jacobian statistics of the map on the fixed grid, Dice/HD95 per label when
@@ -145,8 +162,11 @@ def image_registration_metrics(moving: Image, fixed: Image, warped: Image, defor
     before = moving_on_fixed_grid(moving, fixed, device, dtype)
     out: dict[str, Any] = {}
     if before.shape[0] == fixed.data.shape[0]:
-        out["mse_before"] = float((before - fixed.data).pow(2).mean())
-        out["mse_after"] = float((warped.data - fixed.data).pow(2).mean())
+        # over the voxels that hold data in both (NaN voxels of either image are left out)
+        valid_before = _both_valid(fixed, moving_on_fixed_grid(_valid_image(moving), fixed, device, dtype)[0] >= 0.5
+                                   if moving.valid is not None else None)
+        out["mse_before"] = _mean_square(before - fixed.data, valid_before)
+        out["mse_after"] = _mean_square(warped.data - fixed.data, _both_valid(fixed, warped.valid))
     grid = Grid.of(fixed)
     with torch.no_grad():
         points = grid.points(dtype, device)

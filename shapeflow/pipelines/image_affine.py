@@ -25,12 +25,17 @@ __all__ = ["AffineProblem", "fit_affine"]
 class AffineProblem:
     """The affine least-squares problem on one pyramid level, in x = (vec M (d*d,), t (d,)).
 
-    moving: (C, *S_m) on `moving_grid`; fixed: (C, *S) on `grid`. cost: `mean r^2`.
+    moving: (C, *S_m) on `moving_grid`; fixed: (C, *S) on `grid`. cost: `mean m r^2`, m the masks'
+    weight: `fixed_weight (1, *S)` times `moving_weight (1, *S_m)` sampled where the voxel lands
+    (either None: 1).
     """
 
     def __init__(self, moving: torch.Tensor, moving_grid: Grid, fixed: torch.Tensor, grid: Grid,
-                 landmarks: tuple[torch.Tensor, torch.Tensor, float, float] | None = None):
+                 landmarks: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
+                 fixed_weight: torch.Tensor | None = None, moving_weight: torch.Tensor | None = None):
         d = grid.dim
+        self.fixed_weight = None if fixed_weight is None else fixed_weight.reshape(1, -1)         # (1, N)
+        self.moving_weight = moving_weight
         self.landmarks = landmarks     # (fixed (K, d), moving (K, d), weight w, length D) or None
         self.d, self.moving, self.moving_grid = d, moving, moving_grid
         dtype, device = fixed.dtype, fixed.device
@@ -47,11 +52,17 @@ class AffineProblem:
         matrix, shift = self.split(x)
         where = (self.points - self.centre) @ matrix.T + self.moving_centre + shift        # (N, d)
         residual = sample(self.moving, self.moving_grid, where) - self.fixed               # (C, N)
+        mask = self.fixed_weight
+        if self.moving_weight is not None:
+            moved = sample(self.moving_weight, self.moving_grid, where)                   # (1, N)
+            mask = moved if mask is None else mask * moved
+        if mask is not None:       # rows of the residual (and, in linearize, of J) times sqrt(m)
+            residual = residual * mask.clamp_min(0).sqrt()
         cost = float(residual.pow(2).mean())
         if self.landmarks is not None:
             fixed_marks, moving_marks, weight, length = self.landmarks
             cost += weight * float(self._landmark_residual(x).pow(2).sum(1).mean()) / length ** 2
-        return cost, (residual, where)
+        return cost, (residual, where, mask)
 
     def _landmark_residual(self, x: torch.Tensor) -> torch.Tensor:
         """`T(f_k) - m_k`: (K, d)."""
@@ -60,9 +71,11 @@ class AffineProblem:
         return (fixed_marks - self.centre) @ matrix.T + self.moving_centre + shift - moving_marks
 
     def linearize(self, x: torch.Tensor, state: tuple) -> Linearization:
-        residual, where = state
+        residual, where, mask = state
         d, n = self.d, self.points.shape[0]
         g = sample(self.moving_gradient.flatten(0, 1), self.moving_grid, where).view(-1, d, n)              # (C, d, N)
+        if mask is not None:
+            g = g * mask.clamp_min(0).sqrt()[:, None]
         jac = torch.cat([(g[:, :, None, :] * (self.points - self.centre).T[None, None]).flatten(1, 2), g], 1)  # (C, P, N)
         jac = jac.transpose(1, 2).reshape(-1, d * d + d)                                                     # (C N, P)
         hessian, gradient = jac.T @ jac, jac.T @ residual.reshape(-1)
@@ -95,18 +108,20 @@ class AffineProblem:
 
 
 def fit_affine(levels: list[tuple[torch.Tensor, Grid, torch.Tensor, Grid]], history: list,
-               iterations: int = 40, landmarks: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
-               ) -> tuple[Affine, bool]:
+               iterations: int = 40, landmarks: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
+               weights: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> tuple[Affine, bool]:
     """Affine map (fixed world -> moving world) fitted coarse to fine.
 
     levels: (moving features (C, *S_m), moving grid, fixed features (C, *S), fixed grid) per
-    pyramid level, coarse first; landmarks: (fixed (K, d), moving (K, d), weight, length) or None.
+    pyramid level, coarse first; landmarks: (fixed (K, d), moving (K, d), weight, length) or None;
+    weights: per level (fixed mask weight (1, *S), moving mask weight (1, *S_m)), either None.
     Appends one history row per iteration. Returns the `Affine` and whether Ctrl-C stopped the fit
     (the map is then the best one reached).
     """
     affine = None
     for number, (moving, moving_grid, fixed, grid) in enumerate(levels):
-        problem = AffineProblem(moving, moving_grid, fixed, grid, landmarks)
+        problem = AffineProblem(moving, moving_grid, fixed, grid, landmarks,
+                                *(weights[number] if weights is not None else (None, None)))
         d = grid.dim
         x0 = (torch.cat([torch.eye(d, dtype=fixed.dtype, device=fixed.device).reshape(-1),
                          torch.zeros(d, dtype=fixed.dtype, device=fixed.device)])

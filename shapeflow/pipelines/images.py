@@ -12,12 +12,18 @@ pre-alignment, `image_affine.py`; u: the displacement of the model: a `Displacem
 
 (`shapeflow.solvers.normal.grid.gauss_newton_step`: coupled d x d blocks per voxel, L the grid
 Laplacian, CG matrix free or AMG on the assembled matrix). A step is kept only if the objective
-`mean r^2 + lam u^T L u / N` decreases (else halved, at most 3 times; the level stops when no step
-helps). For a model that can fold (`displacement`; not `svf`, a diffeomorphism by construction) a
-step whose map has `det(I + grad u) <= 0` at some voxel (central differences, as the metrics
-measure it) counts as no decrease, so the fitted map never folds on the fixed grid; on the coarser
-levels also by the one-sided differences of the cells around each voxel (what the finer grid's
-central differences see of the interpolated field), so the field carried up does not fold either. Coarse to fine over a pyramid, optionally on a B-spline control grid with a `stride`.
+`mean r^2 + lam u^T L u / N` decreases (else halved, at most `MAX_HALVINGS` times; the level stops
+when no step helps). For every model a step whose map has `det(I + grad u) <= 0` at some voxel
+(central differences, as the metrics measure it) counts as no decrease, so the fitted map never
+folds on the fixed grid; on the coarser levels also by the one-sided differences of the cells
+around each voxel (what the finer grid's central differences see of the interpolated field), so
+the field carried up does not fold either. `svf` needs the check too (on `exp(v)` and on its
+inverse `exp(-v)`): `exp(v)` of the continuous
+velocity is a diffeomorphism, but scaling and squaring composes linearly interpolated fields on
+the grid, and a rough velocity (measured: neighbouring voxels 17 voxels apart where a rotated
+picture's empty corner pulls the field) makes that discrete map fold although each squaring's
+first step is orientation preserving. Coarse to fine over a pyramid, optionally on a B-spline
+control grid with a `stride`.
 
 Landmarks `(m_k, f_k)` (moving, fixed; world mm) with `landmark_weight` w > 0 add
 `w mean_k |r_k|^2 / D^2` to the objective, `r_k = f_k + u(f_k) - A^{-1}(m_k)` (u linearly
@@ -61,6 +67,9 @@ __all__ = ["ImageOptions", "register_images", "GridProblem"]
 #: the solver names `register(solver=...)` accepts for images
 IMAGE_SOLVERS = Registry("image solver", GRID_SOLVERS)
 
+#: halvings of a Gauss-Newton step that does not decrease the objective (or folds) before the level stops
+MAX_HALVINGS = 8
+
 #: the smallest image side (voxels) that can be registered (gradients need two voxels per axis)
 MIN_SIDE = 2
 
@@ -93,10 +102,13 @@ class ImageOptions(CommonOptions):
     cg_iterations: int = 20              # non-linear models: inner CG iterations per Gauss-Newton step
     cg_tol: float = 1e-3                 # non-linear models: inner relative residual
     solver: str = "cg"                   # non-linear models: "cg" (matrix free, Jacobi) or "amg" (pyamg, CPU)
-    prealign: str | None = None          # "affine": fit an affine map first (non-linear models)
+    prealign: str | None = "affine"      # non-linear models: fit an affine map first ("affine"), or not
+                                         # (None or "none")
     normalize: bool = True               # rescale intensities to [0, 1] (1st and 99th percentiles)
     labels_moving: Any = None            # label maps (paths, Images or integer tensors) for Dice/HD95
     labels_fixed: Any = None
+    mask_moving: Any = None              # masks (paths, Images or arrays on the image's grid; nonzero =
+    mask_fixed: Any = None               # use): the data term counts only voxels inside both
     snapshots: bool = True               # keep a 2D slice per step for the animation
 
     _what = "image option"
@@ -131,6 +143,17 @@ class _Level:
     moving_grid: Grid
     fixed_features: torch.Tensor  # (C, *S) the fixed features before `after_warp` (for scores)
     after_warp: Callable[[torch.Tensor], torch.Tensor] | None = None   # (C, *S) -> (C, *S), see `ImageResidual`
+    fixed_weight: torch.Tensor | None = None    # (1, *S) in [0, 1]: the fixed mask (None: every voxel)
+    moving_weight: torch.Tensor | None = None   # (1, *S_m) in [0, 1]: the moving mask, sampled where warped
+
+    def weight(self, where: torch.Tensor) -> torch.Tensor | None:
+        """Per-voxel weight `(1, *S)` of the data term for the moving positions `where: (*S, d)`
+        (the fixed mask times the moving mask sampled there), or None when neither image has one."""
+        weight = self.fixed_weight
+        if self.moving_weight is not None:
+            moved = sample(self.moving_weight, self.moving_grid, where)
+            weight = moved if weight is None else weight * moved
+        return weight
 
 
 @dataclass
@@ -153,9 +176,9 @@ class _Marks:
 class GridProblem:
     """One pyramid level as a least-squares problem in the parameter field x: (d, *S).
 
-    cost: `mean (F(warped) - F(fixed))^2 + lam u^T L u / N (+ w mean_k |r_k|^2 / D^2)`; state:
-    (raw warped features, residual features, data term, landmark residuals (d, K) or None,
-    landmark term). linearize: the symmetric (ESM) gradient, the mean of the warped and fixed
+    cost: `mean m (F(warped) - F(fixed))^2 + lam u^T L u / N (+ w mean_k |r_k|^2 / D^2)` (m: the
+    masks' weight, `_Level.weight`, 1 without masks); state: (raw warped features, residual
+    features, data term, landmark residuals (d, K) or None, landmark term, m or None). linearize: the symmetric (ESM) gradient, the mean of the warped and fixed
     gradients, which converges in fewer steps than the warped one alone (Vercauteren et al. 2009),
     and `gauss_newton_step` as the normal-equation solve (the landmarks as its `PointTerm`).
     """
@@ -182,24 +205,30 @@ class GridProblem:
 
     def cost(self, x: torch.Tensor) -> tuple[float, tuple]:
         field = self.model.field_of(x)                                                   # (d, *S)
-        raw = sample(self.level.moving, self.level.moving_grid, self.where(x, field))    # (C, *S)
+        where = self.where(x, field)
+        raw = sample(self.level.moving, self.level.moving_grid, where)                   # (C, *S)
         warped = raw if self.level.after_warp is None else self.level.after_warp(raw)
-        data = float((warped - self.level.fixed).pow(2).mean())
+        weight = self.level.weight(where)                                                # (1, *S) or None
+        square = (warped - self.level.fixed).pow(2)
+        data = float((square if weight is None else weight * square).mean())
         reg = float(grid_diffusion(x, self.spacing)) / x[0].numel()
         marks, term = None, 0.0
         if self.marks is not None:   # r_k = f_k + u(f_k) - A^{-1}(m_k): (d, K)
             marks = (self.marks.fixed + sample(field, self.level.grid, self.marks.fixed).T - self.marks.target).T
             term = self.marks.weight * float(marks.pow(2).sum(0).mean()) / self.marks.scale ** 2
         total = data + self.lam * reg + term
-        if not self.model.diffeomorphic and min_jacobian_determinant(field, self.level.grid,
-                                                                     corners=not self.finest) <= 0:
+        if any(min_jacobian_determinant(f, self.level.grid, corners=not self.finest) <= 0
+               for f in self.model.checked_fields(x, field)):
             total = math.inf                # a folding map: the step is halved (or the level stops)
-        return total, (raw, warped, data, marks, term)
+        return total, (raw, warped, data, marks, term, weight)
 
     def linearize(self, x: torch.Tensor, state: tuple) -> Linearization:
-        warped, marks = state[1], state[3]
+        warped, marks, weight = state[1], state[3], state[5]
         gradient = (spatial_gradient(warped, self.level.grid) + self.fixed_gradient) / 2   # (C, d, *S)
         residual = warped - self.level.fixed
+        if weight is not None:      # the masked data term: rows of the residual and its Jacobian times sqrt(w)
+            root = weight.clamp_min(0).sqrt()
+            residual, gradient = residual * root, gradient * root[:, None]
         points = None if marks is None else PointTerm(self.mark_index, self.mark_weights, self.mark_coefficient, marks)
 
         def solve(mu: float) -> tuple[torch.Tensor, int]:
@@ -223,8 +252,10 @@ def _projection(grid: Grid, stride: int, like: torch.Tensor):
     return up, lambda w: transpose(w)[0]
 
 
-def _normalise(data: torch.Tensor) -> torch.Tensor:
-    lo, hi = torch.quantile(data.flatten()[:: max(1, data.numel() // 200_000)].float(), torch.tensor([0.01, 0.99]))
+def _normalise(data: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Intensities rescaled so the 1st and 99th percentiles (of the `valid` voxels) become 0 and 1."""
+    values = data.flatten() if valid is None else data[:, valid.to(data.device)].flatten()
+    lo, hi = torch.quantile(values[:: max(1, values.numel() // 200_000)].float(), torch.tensor([0.01, 0.99]))
     return ((data - lo) / (hi - lo).clamp_min(1e-8)).clamp(-0.5, 1.5)
 
 
@@ -277,7 +308,32 @@ def attach_labels(image: Image, labels: Any, name: str) -> Image:
                                  f"{image.shape} (spacing {[round(s, 4) for s in image.spacing.tolist()]})")
         labels = labels.data[0]
     labels = torch.as_tensor(np.asarray(labels)).round().long()
-    return Image(image.data, image.spacing, image.origin, image.direction, labels=labels, source=image.source)
+    return dataclasses.replace(image, labels=labels)
+
+
+def mask_weight(image: Image, mask: Any, name: str) -> torch.Tensor | None:
+    """The data-term weight `(1, *S)` (1 inside, 0 outside) of `image` from its `valid` voxels and
+    the `mask` option (a path, an `Image` on the same grid, or an array `S`; nonzero = inside), or
+    None when every voxel counts."""
+    inside = image.valid
+    if mask is not None:
+        from ..io import read
+
+        if not isinstance(mask, (Image, torch.Tensor, np.ndarray)):
+            mask = read(mask, kind="image")
+        where = getattr(mask, "source", None) or name
+        if isinstance(mask, Image):
+            if mask.shape != image.shape or not torch.allclose(mask.index_to_world, image.index_to_world, atol=1e-3):
+                raise ShapeflowError(f"{where}: mask grid {mask.shape} does not match its image {image.shape}")
+            mask = mask.data[0]
+        mask = torch.as_tensor(np.asarray(mask))
+        if tuple(mask.shape) != image.shape:
+            raise ShapeflowError(f"{where}: mask has shape {tuple(mask.shape)} but its image is {image.shape}")
+        mask = mask != 0
+        if not mask.any():
+            raise ShapeflowError(f"{where}: the mask is empty (no nonzero voxel)")
+        inside = mask if inside is None else inside & mask
+    return None if inside is None else inside[None].float()
 
 
 def _landmark_name(value: Any, role: str) -> str:
@@ -334,8 +390,8 @@ def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str
                                  f"({', '.join(k for k, v in IMAGE_MODELS.items() if not v.linear)}), "
                                  f"not to model {model!r}")
         return
-    if opts.prealign not in (None, "affine"):
-        raise ShapeflowError(f"register(): image prealign must be None or 'affine', got {opts.prealign!r}")
+    if opts.prealign not in (None, "none", "affine"):
+        raise ShapeflowError(f"register(): image prealign must be 'affine' or None ('none'), got {opts.prealign!r}")
     if opts.solver == "amg":
         if getattr(model_opts, "stride", 1) != 1:
             raise ShapeflowError(f"register(): solver='amg' needs stride=1 (a dense field), got stride={model_opts.stride}")
@@ -345,7 +401,7 @@ def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str
         import_optional("pyamg", "register(): solver='amg'")
 
 
-def register_images(moving: Image, fixed: Image, model: str = "displacement", loss: str = "ssd",
+def register_images(moving: Image, fixed: Image, model: str = "svf", loss: str = "ssd",
                     **options: Any) -> Result:
     """Register `moving` onto `fixed` (both `Image`s of the same dimension). See the module docstring.
 
@@ -371,11 +427,17 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
     device, dtype = opts.torch_device, opts.torch_dtype
     start = time.perf_counter()
     fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
-    prep = _normalise if opts.normalize else (lambda x: x)
-    f_data, m_data = prep(fixed.data.to(device, dtype)), prep(moving.data.to(device, dtype))
+    prep = _normalise if opts.normalize else (lambda x, valid: x)
+    f_data, m_data = prep(fixed.data.to(device, dtype), fixed.valid), prep(moving.data.to(device, dtype), moving.valid)
     fixed_levels = _pyramid(f_data, fixed_grid, opts.levels)
     moving_levels = _pyramid(m_data, moving_grid, len(fixed_levels))
     levels = [_level(term, f, m, g, mg) for (f, g), (m, mg) in zip(fixed_levels, moving_levels)]
+    for side, image, mask in (("fixed", fixed, opts.mask_fixed), ("moving", moving, opts.mask_moving)):
+        weight = mask_weight(image, mask, f"mask_{side}")
+        if weight is not None:    # the mask on every level (averaged down: fractional weights at the edges)
+            grid = fixed_grid if side == "fixed" else moving_grid
+            for level, (w, _) in zip(levels, _pyramid(weight.to(device, dtype), grid, len(levels))):
+                setattr(level, f"{side}_weight", w)
 
     history: list[dict] = []
     snapshots: list[torch.Tensor] = []
@@ -387,7 +449,8 @@ def register_images(moving: Image, fixed: Image, model: str = "displacement", lo
             affine_marks = (fixed_marks.to(device, dtype), moving_marks.to(device, dtype),
                             float(opts.landmark_weight), diagonal)
         affine, interrupted = fit_affine([(lv.moving, lv.moving_grid, lv.fixed_features, lv.grid) for lv in levels],
-                                         history, landmarks=affine_marks)
+                                         history, landmarks=affine_marks,
+                                         weights=[(lv.fixed_weight, lv.moving_weight) for lv in levels])
     if not model_cls.linear and not interrupted:
         slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
         marks = None
@@ -440,7 +503,7 @@ def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual
                                   finest=number == built - 1)
 
             def record(step: GaussNewtonStep, number=number, problem=problem) -> None:
-                raw, _, data, _, landmarks = step.state
+                raw, _, data, _, landmarks, _ = step.state
                 history.append({"stage": f"level{number}", "phase": "gauss-newton", "iteration": step.iteration,
                                 "total": step.cost, "data": data, "cg_iterations": step.inner_iterations,
                                 "accepted": step.accepted})
@@ -453,7 +516,7 @@ def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual
                     snapshots.append(slicer(problem, step.x))
 
             fit = minimize_least_squares(problem, params, maxiter=opts.steps(number, built), damping=0.0,
-                                         line_search="decrease", max_halvings=3, gtol=0.0, xtol=0.0, ftol=-1.0,
+                                         line_search="decrease", max_halvings=MAX_HALVINGS, gtol=0.0, xtol=0.0, ftol=-1.0,
                                          callback=record)
             params = fit.x
             if fit.interrupted:
@@ -475,7 +538,10 @@ def _warp(moving: Image, moving_grid: Grid, fixed: Image, deformation, device, d
         labels = None
         if moving.labels is not None:
             labels = sample(moving.labels[None].to(device, dtype), moving_grid, where, mode="nearest")[0].round().long().cpu()
-    return dataclasses.replace(fixed, data=data, labels=labels, source=None)
+        valid = None   # the voxels that sample the moving image's NaN voxels hold no data either
+        if moving.valid is not None:
+            valid = sample(moving.valid[None].to(device, dtype), moving_grid, where)[0].cpu() >= 0.5
+    return dataclasses.replace(fixed, data=data, labels=labels, source=None, valid=valid)
 
 
 def _middle_slice(grid: Grid, device, dtype):

@@ -20,7 +20,9 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
     pass per chosen point on the CPU with numba (`_fps_kernel`), torch operations otherwise. When
     `count` is at least half of N the subset covers the shape anyway, and a seeded random subset
     is taken instead (O(N)). Above `PRESAMPLE` x count points (and 50000), the greedy runs on a
-    seeded random presample of that many points, which keeps the cost O(count^2) at any N.
+    presample of that many points (`_presample`: one point per occupied cell of a voxel grid, so
+    sparse parts and outliers stay in reach, filled up at random), which keeps the cost
+    O(count^2) at any N.
     """
     n = points.shape[0]
     if count >= n:
@@ -30,7 +32,7 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
         return torch.randperm(n, generator=gen)[:count].sort().values.to(points.device)
     pool = max(PRESAMPLE * count, 50000)
     if n > pool:
-        subset = torch.randperm(n, generator=gen)[:pool].sort().values.to(points.device)
+        subset = torch.from_numpy(_presample(points.detach().cpu().double().numpy(), pool, seed)).to(points.device)
         return subset[farthest_point_sample(points[subset], count, seed)]
     first = int(torch.randint(n, (1,), generator=gen))
     x = points.detach()
@@ -45,6 +47,33 @@ def farthest_point_sample(points: torch.Tensor, count: int, seed: int = 0) -> to
         chosen[i] = torch.argmax(dist)
         dist = torch.minimum(dist, (x - x[chosen[i]]).pow(2).sum(1))
     return chosen
+
+
+def _presample(x: np.ndarray, pool: int, seed: int) -> np.ndarray:
+    """Sorted indices of about `pool` points of `x: (N, d)` spread over all of it: one point (drawn
+    at random) per occupied cell of a voxel grid whose size is adjusted until it has between pool/2
+    and pool occupied cells, then random other points up to `pool`. O(N log N)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    y = x[order] - x.min(0)
+    size = (np.ptp(x, 0).max() + 1e-300) / pool ** (1.0 / x.shape[1])    # pool cells if the points filled the box
+    keep, dimension = order[:0], float(x.shape[1])
+    for _ in range(12):
+        cells = np.floor(y / size).astype(np.int64)                        # (N, d)
+        key = np.zeros(len(y), dtype=np.int64)
+        for column in cells.T:                                             # one integer per cell
+            key = key * (int(column.max()) + 1) + column
+        _, first = np.unique(key, return_index=True)
+        if len(first) <= pool:
+            keep = order[first]
+            if len(first) >= pool // 2:
+                break
+        # the count goes as size^-dimension (2 on a surface, 3 in a volume): aim at 3/4 pool
+        size *= (len(first) / (0.75 * pool)) ** (1.0 / dimension)
+        dimension = 2.0
+    rest = np.setdiff1d(order, keep, assume_unique=True)
+    extra = rng.permutation(rest)[: pool - len(keep)]
+    return np.sort(np.concatenate([keep, extra]))
 
 
 def _fps_kernel(x, first, out):  # pragma: no cover - compiled by numba

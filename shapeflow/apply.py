@@ -12,7 +12,7 @@ from .errors import ShapeflowError
 from .grids import Grid, sample
 from .shapes import Image, PointCloud
 
-__all__ = ["warp", "warp_shape", "warp_image"]
+__all__ = ["warp", "warp_shape", "warp_image", "is_label_like", "INTERPOLATIONS"]
 
 
 def _where(obj: Any) -> str:
@@ -38,16 +38,37 @@ def _grid_of(deformation: Deformation) -> Grid | None:
     return None
 
 
-def warp_image(deformation: Deformation, image: Image, reference: Image | None = None) -> Image:
+#: how `warp_image` interpolates: "linear" (bi/trilinear) or "nearest" (label maps)
+INTERPOLATIONS = ("linear", "nearest")
+
+
+def is_label_like(image: Image) -> bool:
+    """True when `image` holds one channel of whole numbers (a label map, or any integer image):
+    `warp_image` then resamples it by nearest neighbour unless told otherwise."""
+    data = image.data
+    return data.shape[0] == 1 and bool(torch.equal(data, data.round()))
+
+
+def warp_image(deformation: Deformation, image: Image, reference: Image | None = None,
+               interpolation: str | None = None) -> Image:
     """`image` (in the moving image's space) resampled on the grid of `reference` (the fixed image)
     through `deformation`, which maps fixed world points into the moving image as an image
-    registration's does: `warped(x) = image(phi(x))`, linear interpolation; labels by nearest neighbour.
+    registration's does: `warped(x) = image(phi(x))`. `image.data: (C, *S)` -> `(C, *S_ref)`.
 
     reference: None takes the grid the deformation lives on (a displacement or velocity field);
     a purely affine deformation has none, so it needs one.
+    interpolation: "linear" or "nearest"; None picks "nearest" for a one-channel image of whole
+    numbers (`is_label_like`: a label map keeps its labels, as antsApplyTransforms'
+    `-n NearestNeighbor`), else "linear". A nearest-neighbour result of whole numbers also carries
+    itself as `labels`, so NIfTI writes it as integers. An image's own labels: nearest neighbour.
     """
     if image.dim != deformation.dim:
         raise ShapeflowError(f"{_where(image)}image is {image.dim}D but the deformation is {deformation.dim}D")
+    if interpolation is None:
+        interpolation = "nearest" if is_label_like(image) else "linear"
+    if interpolation not in INTERPOLATIONS:
+        raise ShapeflowError(f"warp(): unknown interpolation {interpolation!r}; "
+                             f"choose from {', '.join(INTERPOLATIONS)}")
     if reference is None:
         grid = _grid_of(deformation)
         if grid is None:
@@ -61,22 +82,29 @@ def warp_image(deformation: Deformation, image: Image, reference: Image | None =
     with torch.no_grad():
         points = grid.points(dtype, device)
         where = deformation(points.reshape(-1, grid.dim)).reshape(points.shape)
-        data = sample(image.data.to(device, dtype), Grid.of(image), where).cpu()
+        if interpolation == "nearest":   # in float64: labels up to 2^53 survive exactly
+            data = sample(image.data.to(device, torch.float64), Grid.of(image), where.double(), mode="nearest").cpu()
+        else:
+            data = sample(image.data.to(device, dtype), Grid.of(image), where).cpu()
         labels = None
         if image.labels is not None:
             labels = sample(image.labels[None].to(device, dtype), Grid.of(image), where, mode="nearest")[0]
             labels = labels.round().long().cpu()
-    return Image(data, grid.spacing, grid.origin, grid.direction, labels=labels)
+        elif interpolation == "nearest" and is_label_like(image):
+            labels = data[0].round().long()
+    return Image(data.to(image.data.dtype), grid.spacing, grid.origin, grid.direction, labels=labels)
 
 
 def warp(deformation: Deformation, obj: PointCloud | Image, *, inverse: bool = False,
-         reference: Image | None = None) -> PointCloud | Image:
+         reference: Image | None = None, interpolation: str | None = None) -> PointCloud | Image:
     """Apply `deformation` to a shape (`warp_shape`) or an image (`warp_image`)."""
     if isinstance(obj, Image):
         if inverse:
             raise ShapeflowError(f"{_where(obj)}images are warped by resampling on the fixed grid; --inverse "
                                  "applies to shapes (points) only")
-        return warp_image(deformation, obj, reference)
+        return warp_image(deformation, obj, reference, interpolation)
     if reference is not None:
         raise ShapeflowError(f"{_where(obj)}a reference grid applies to images only")
+    if interpolation is not None:
+        raise ShapeflowError(f"{_where(obj)}interpolation applies to images only")
     return warp_shape(deformation, obj, inverse=inverse)

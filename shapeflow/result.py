@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._files import default_mode
-from .deform import Deformation
-from .errors import ShapeflowError
+import torch
 
-__all__ = ["Result"]
+from ._files import default_mode
+from .deform import Affine, Compose, Deformation, Normalized
+from .errors import ShapeflowError
+from .shapes import Image
+
+__all__ = ["Result", "linear_maps", "world_parts"]
 
 
 @dataclass
@@ -38,13 +41,15 @@ class Result:
     snapshots: list = field(default_factory=list, repr=False)
 
     def report(self) -> dict[str, Any]:
-        """A JSON-able summary: metrics, options, and the loss at the start and end."""
+        """A JSON-able summary: metrics, options, the loss at the start and end, the deformation's
+        description, and for linear maps their parameters in world units (`linear_maps`)."""
         fit_rows = [r for r in self.history if str(r.get("stage", "")).startswith("fine")] or self.history
         return {"metrics": self.metrics, "options": self.options,
                 "loss_start": fit_rows[0]["total"] if fit_rows else None,
                 "loss_end": min(r["total"] for r in fit_rows) if fit_rows else None,
                 "iterations": len(self.history),
-                "deformation": self.deformation.describe()}
+                "deformation": self.deformation.describe(),
+                **linear_maps(self.deformation, bool(self.options.get("prealign")), isinstance(self.target, Image))}
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False, name: str | None = None,
              gif: str | os.PathLike | None = None, frames: int = 24) -> Path:
@@ -82,3 +87,62 @@ class Result:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+
+def world_parts(deformation: Deformation) -> list[Deformation]:
+    """The maps `deformation` applies one after the other, the linear ones (`Rigid`,
+    `Similarity`, `Affine`) expressed in world units (a map fitted in normalised coordinates
+    inside `Normalized` is conjugated back); the others are returned as they are."""
+    if isinstance(deformation, Normalized):
+        inner = deformation.inner
+        parts = list(inner.parts) if isinstance(inner, Compose) else [inner]
+        out, center = [], deformation.source_center
+        for part in parts:
+            out.append(part.conjugated(center, deformation.target_center, deformation.scale) if part.linear else part)
+            center = deformation.target_center      # later parts map target space to target space
+        return out
+    if isinstance(deformation, Compose):
+        return [q for part in deformation.parts for q in world_parts(part)]
+    return [deformation]
+
+
+def _homogeneous(part: Deformation) -> torch.Tensor:
+    """`(d+1, d+1)`: `[[matrix, translation], [0, 1]]` of a linear map, float64 on the CPU."""
+    d = part.dim
+    out = torch.eye(d + 1, dtype=torch.float64)
+    out[:d, :d] = part.matrix.detach().cpu().double()
+    out[:d, d] = part.translation.detach().cpu().double()
+    return out
+
+
+def _summary(part: Deformation, maps: str) -> dict[str, Any]:
+    """rotation (d, d), translation (d,), scale and the homogeneous matrix (d+1, d+1) of a linear map."""
+    return {"rotation": part.rotation.detach().cpu().double().tolist(),
+            "translation": part.translation.detach().cpu().double().tolist(),
+            "scale": float(part.scale), "matrix": _homogeneous(part).tolist(), "maps": maps}
+
+
+def linear_maps(deformation: Deformation, prealigned: bool, image: bool) -> dict[str, Any]:
+    """The report's entries for linear maps, in world units (the data's own; mm in the RAS world
+    for images): `linear` when the whole map is linear (a rigid, similarity or affine model, also
+    after a prealignment), `prealign` for the prealignment; each with `rotation` (d, d),
+    `translation` (d,), `scale`, and `matrix`, the homogeneous (d+1, d+1) `[[A, t], [0, 1]]` with
+    `phi(x) = A x + t`. For images the maps go from the fixed world to the moving world (the
+    resampling convention), for shapes from the source to the target. An affine map's rotation
+    is that of its polar decomposition, its scale `|det A|^(1/d)`."""
+    maps = "fixed world -> moving world" if image else "source -> target"
+    parts = world_parts(deformation)
+    linear = [p for p in parts if p.linear]
+    out: dict[str, Any] = {}
+    if linear and len(linear) == len(parts):
+        total = linear[0]
+        if len(linear) > 1:                       # compose them: the later ones act on the earlier's output
+            h = torch.eye(deformation.dim + 1, dtype=torch.float64)
+            for part in linear:
+                h = _homogeneous(part) @ h
+            total = Affine(deformation.dim).double()
+            total.set_matrix(h[:-1, :-1], h[:-1, -1])
+        out["linear"] = _summary(total, maps)
+    if prealigned and linear:
+        out["prealign"] = _summary(linear[0], maps)
+    return out

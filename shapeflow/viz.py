@@ -169,6 +169,17 @@ def _middle(data: torch.Tensor) -> np.ndarray:
     return data.cpu().numpy()
 
 
+def _show(ax, image: np.ndarray, dim: int, **style) -> None:
+    """Draw a 2D array as a picture. A 2D image is drawn as any viewer shows a picture: axis 0
+    (rows) top-down, axis 1 left to right; the middle slice of a 3D volume with its first axis
+    (x) to the right and the second (y) up, the NIfTI/RAS way."""
+    if dim == 2:
+        ax.imshow(image, origin="upper", **style)
+    else:
+        ax.imshow(image.T, origin="lower", **style)
+    ax.axis("off")
+
+
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     """Alternate square tiles of two 2D arrays of the same shape."""
     rows, cols = np.indices(a.shape)
@@ -183,7 +194,8 @@ def _display_range(*arrays: np.ndarray) -> tuple[float, float]:
 
 def overlay(result: Any, path: str | os.PathLike) -> Path:
     """PNG with, on the middle slice: checkerboards of fixed/moving before and fixed/warped after,
-    and the absolute differences before and after."""
+    and the absolute differences before and after. 2D images are drawn as pictures (axis 0 as
+    rows, top-down); 3D middle slices with x to the right and y up."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -203,41 +215,67 @@ def overlay(result: Any, path: str | os.PathLike) -> Path:
     FigureCanvasAgg(fig)
     for k, (title, image, cmap, (vmin, vmax)) in enumerate(panels):
         ax = fig.add_subplot(1, 4, k + 1)
-        ax.imshow(image.T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+        _show(ax, image, fixed.dim, cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_title(title, fontsize=9)
-        ax.axis("off")
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
+def _image_paths(result: Any, frames: int) -> tuple[list[torch.Tensor], list[float], int]:
+    """`frames` sampling positions `(*slice, d)` of the fixed middle slice in the moving image,
+    from the identity (t = 0) to the final map (t = 1), with the fitting step each one stands
+    for and the number of steps. Between two kept snapshots (one per Gauss-Newton step) the
+    positions are interpolated linearly; without snapshots (an affine model) the path is the
+    straight line from each point to its image."""
+    from .grids import Grid
+
+    grid = Grid.of(result.target)
+    points = grid.points(torch.float64)
+    if grid.dim == 3:
+        points = points[:, :, grid.shape[2] // 2]
+    if result.snapshots:
+        path = [points] + [s.double() for s in result.snapshots]
+    else:
+        phi = result.deformation
+        with torch.no_grad():
+            moved = phi(points.reshape(-1, grid.dim).to(phi.device, phi.dtype)).cpu().double()
+        path = [points, moved.reshape(points.shape)]
+    steps = len(path) - 1
+    where = np.linspace(0.0, steps, frames)
+    out = []
+    for w in where:
+        k = min(int(np.floor(w)), steps - 1)
+        t = w - k
+        out.append((1 - t) * path[k] + t * path[k + 1])
+    return out, list(where), len(result.snapshots)
+
+
 def _image_frames(result: Any, frames: int, size) -> list[np.ndarray]:
-    """The middle slice of the moving image as the registration proceeded, beside the fixed one."""
+    """The middle slice of the moving image as the registration proceeded, beside the fixed one:
+    exactly `frames` frames from the unregistered moving image to the registered one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from .grids import Grid, sample
 
-    if not result.snapshots:
-        raise ShapeflowError("animate(): this image registration kept no snapshots (snapshots=False)")
-    picks = np.unique(np.linspace(0, len(result.snapshots) - 1, min(frames, len(result.snapshots))).round().astype(int))
-    moving, grid = result.source.data.float(), Grid.of(result.source)
+    moving, grid, dim = result.source.data.float(), Grid.of(result.source), result.target.dim
     fixed = _middle(result.target.data)
-    slices = [_middle(sample(moving, grid, result.snapshots[k].to(moving))[..., None] if grid.dim == 3 else
-                      sample(moving, grid, result.snapshots[k].to(moving))) for k in picks]
+    positions, where, steps = _image_paths(result, frames)
+    slices = [sample(moving, grid, p.to(moving)).mean(0).numpy() for p in positions]      # (*slice)
     lo, hi = _display_range(fixed, *slices)
     images = []
-    for number, (k, warped) in enumerate(zip(picks, slices)):
+    for w, warped in zip(where, slices):
+        label = f"moving, step {w:.1f} of {steps}" if steps else f"moving, t = {w:.2f}"
         fig = Figure(figsize=(2 * size[0] / 100, size[1] / 100), dpi=100)
         canvas = FigureCanvasAgg(fig)
-        for col, (title, image, cmap, vmax) in enumerate([(f"moving, step {k + 1}/{len(result.snapshots)}", warped, "gray", hi),
-                                                           ("fixed", fixed, "gray", hi),
-                                                           ("|fixed - moving|", np.abs(fixed - warped), "magma", hi - lo)]):
+        panels = [(label, warped, "gray", hi), ("fixed", fixed, "gray", hi),
+                  ("|fixed - moving|", np.abs(fixed - warped), "magma", hi - lo)]
+        for col, (title, image, cmap, vmax) in enumerate(panels):
             ax = fig.add_subplot(1, 3, col + 1)
-            ax.imshow(image.T, cmap=cmap, vmin=0 if cmap == "magma" else lo, vmax=vmax, origin="lower")
+            _show(ax, image, dim, cmap=cmap, vmin=0 if cmap == "magma" else lo, vmax=vmax)
             ax.set_title(title, fontsize=8)
-            ax.axis("off")
         fig.tight_layout()
         canvas.draw()
         images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())

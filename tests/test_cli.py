@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import shapeflow as sf
@@ -78,6 +79,16 @@ BAD_CASES = {
                                           "same.xyz: all 30 points coincide"),
     "nearly identical points": lambda d: ([_write(d / "near.csv", "1000,1000,1000\n1000,1000,1000.000001\n" * 5),
                                            ASSETS / "ant.ply"], "near.csv: all 10 points coincide"),
+    "--reach with chamfer": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--loss", "chamfer", "--reach", "0.1"],
+                                       "option 'reach' applies to loss 'sinkhorn', not to loss 'chamfer'"),
+    "--blur with rigid chamfer": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--model", "rigid", "--loss",
+                                             "chamfer", "--blur", "0.1"], "option 'blur' applies to loss 'sinkhorn'"),
+    "--dtype float16": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--dtype", "float16"],
+                                  "--dtype float16: choose float32 or float64"),
+    "--frames 1": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--gif", "a.gif", "--frames", "1"],
+                             "an animation needs at least 2 frames"),
+    "missing landmarks": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--landmarks-source", d / "no.csv",
+                                     "--landmarks-target", d / "no2.csv"], "no.csv: no such file"),
 }
 
 
@@ -186,3 +197,198 @@ def test_landmark_flags_pass_through_for_shapes(tmp_path):
                                    "--landmark-weight", "0.5"])
     assert run.exit_code == 0, run.stderr
     assert json.loads((out / "report.json").read_text())["options"]["landmark_weight"] == 0.5
+
+
+def test_first_class_fit_options_reach_register(tmp_path):
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q", "--iterations", "3", "--dtype", "float64", "--reach", "0.5",
+                                   "--blur", "0.05", "--subsample", "100"])
+    assert run.exit_code == 0, run.stderr
+    options = json.loads((out / "report.json").read_text())["options"]
+    assert (options["dtype"], options["reach"], options["blur"], options["subsample"]) == ("float64", 0.5, 0.05, 100)
+    state = torch.load(out / "deformation.pt", weights_only=True)["state"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float64}   # fitted in float64
+
+
+def _imports(*args) -> str:
+    """The modules `shapeflow ARGS` imports (python -X importtime), one name a line."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "shapeflow_cli.main", *map(str, args)],
+                         capture_output=True, text=True)
+    return "\n".join(line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:"))
+
+
+def test_help_and_bad_paths_answer_without_importing_torch(tmp_path):
+    for args in (["--help"], ["register", "--help"], ["warp", "--help"],
+                 ["register", tmp_path / "missing.ply", ASSETS / "ant.ply"],
+                 ["warp", tmp_path / "missing.pt", ASSETS / "ant.ply", "-o", tmp_path / "x.ply"]):
+        modules = _imports(*args).splitlines()
+        assert "torch" not in modules and "shapeflow" not in modules, args
+    run = shapeflow("register", tmp_path / "missing.ply", ASSETS / "ant.ply")
+    assert run.returncode == 2 and run.stderr.strip() == f"shapeflow: error: {tmp_path / 'missing.ply'}: no such file"
+
+
+def test_quiet_prints_nothing_and_silences_warnings(tmp_path, monkeypatch):
+    import warnings
+
+    points = np.loadtxt(ASSETS / "horse_contour.csv", delimiter=",", skiprows=1)
+    cloud = np.c_[points, np.sin(points[:, :1])]                       # a small 3D cloud: the GIF goes through VTK
+    np.savetxt(tmp_path / "a.csv", cloud, delimiter=",")
+    np.savetxt(tmp_path / "b.csv", cloud * 1.1 + 0.2, delimiter=",")
+    run = subprocess.run([sys.executable, "-m", "shapeflow_cli.main", "register", tmp_path / "a.csv", tmp_path / "b.csv",
+                          "-o", tmp_path / "out", "-q", "--iterations", "2", "--loss", "chamfer", "--gif", "f.gif",
+                          "--frames", "2"], capture_output=True, text=True,
+                         env={**os.environ, "DISPLAY": ":99", "PYTHONWARNINGS": "always"})   # VTK would log "bad X server"
+    assert run.returncode == 0 and run.stdout == "" and run.stderr == "", run.stderr
+    assert (tmp_path / "out" / "f.gif").exists()
+
+    real = sf.register
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a library warning", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sf, "register", noisy)
+    args = ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"), "--loss", "chamfer",
+            "--iterations", "2"]
+    for quiet, expected in ((True, 0), (False, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = CliRunner().invoke(app, [*args, "-o", str(tmp_path / f"q{quiet}"), *(["-q"] if quiet else [])])
+        assert run.exit_code == 0, run.stderr
+        assert len([w for w in caught if "a library warning" in str(w.message)]) == expected
+        assert (run.output == "") == quiet
+
+
+def _similar(points, angle=0.5, scale=1.2, shift=(3.0, -1.0)):
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s], [s, c]])
+    return scale * points @ rotation.T + np.array(shift), rotation
+
+
+def test_report_has_the_linear_map_in_world_units(tmp_path):
+    source = np.loadtxt(ASSETS / "horse_contour.csv", delimiter=",", skiprows=1)
+    target, rotation = _similar(source)
+    np.savetxt(tmp_path / "a.csv", source, delimiter=",")
+    np.savetxt(tmp_path / "b.csv", target, delimiter=",")
+    for model, key, extra in (("similarity", "linear", []), ("resnet", "prealign", ["--prealign", "similarity", "--iterations", "2"])):
+        out = tmp_path / model
+        run = CliRunner().invoke(app, ["register", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "-o", str(out), "-q",
+                                       "--model", model, "--loss", "l2", *extra])
+        assert run.exit_code == 0, run.stderr
+        report = json.loads((out / "report.json").read_text())
+        linear = report[key]
+        assert ("linear" in report) == (model == "similarity")
+        matrix = np.array(linear["matrix"])
+        assert matrix.shape == (3, 3) and np.allclose(matrix[2], [0, 0, 1])
+        np.testing.assert_allclose(source @ matrix[:2, :2].T + matrix[:2, 2], target, atol=1e-3)
+        np.testing.assert_allclose(linear["rotation"], rotation, atol=1e-4)
+        np.testing.assert_allclose(linear["translation"], matrix[:2, 2])
+        assert abs(linear["scale"] - 1.2) < 1e-4 and linear["maps"] == "source -> target"
+
+
+# --- images drawn as pictures, animations, warping label maps ---------------------------------
+def _picture(shift=(0, 0)):
+    """A 48 x 64 (rows x columns) picture: grey, a bright block top-left, a dark one bottom-right."""
+    import scipy.ndimage as ndi
+
+    image = np.full((48, 64), 100.0)
+    image[4:16, 6:26] = 250.0
+    image[30:44, 44:60] = 0.0
+    return ndi.shift(ndi.gaussian_filter(image, 1.0), shift, order=1, mode="nearest").round().astype(np.uint8)
+
+
+def _panel_layout(rgb):
+    """Where the grey picture lies in a rendered panel `(H, W, 3)`, and the centroids of its bright
+    and dark blocks relative to that box (0 = top/left, 1 = bottom/right): (box, bright, dark)."""
+    grey = rgb.mean(-1)
+    picture = np.abs(grey - 100) < 20                              # the picture's grey background
+    rows = np.flatnonzero(picture.sum(1) > 0.3 * picture.sum(1).max())     # not the title's anti-aliasing
+    cols = np.flatnonzero(picture.sum(0) > 0.3 * picture.sum(0).max())
+    top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
+    inside = grey[top:bottom + 1, left:right + 1]
+
+    def centroid(mask):
+        r, c = np.nonzero(mask)
+        return r.mean() / inside.shape[0], c.mean() / inside.shape[1]
+
+    return (bottom - top + 1, right - left + 1), centroid(inside > 230), centroid(inside < 25)
+
+
+def test_2d_pictures_are_drawn_upright_and_gif_has_the_frames(tmp_path):
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "moving.png", _picture((2, -1)))
+    iio.imwrite(tmp_path / "fixed.png", _picture())
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(tmp_path / "moving.png"), str(tmp_path / "fixed.png"), "-o", str(out), "-q",
+                                   "--iterations", "2", "--gif", "flow.gif", "--frames", "7"])
+    assert run.exit_code == 0, run.stderr
+    overlay = iio.imread(out / "overlay.png")[..., :3]
+    (height, width), bright, dark = _panel_layout(overlay[:, : overlay.shape[1] // 4])    # "before" checkerboard
+    assert width > 1.2 * height                                     # 64 columns across, 48 rows down
+    assert bright[0] < 0.4 and bright[1] < 0.4                      # top-left, as in the file
+    assert dark[0] > 0.6 and dark[1] > 0.6                          # bottom-right
+    frames = iio.imread(out / "flow.gif", index=None)
+    assert len(frames) == 7
+    fixed_panel = frames[-1][:, frames.shape[2] // 3: 2 * frames.shape[2] // 3]
+    (height, width), bright, dark = _panel_layout(fixed_panel)
+    assert width > 1.2 * height and bright[0] < 0.4 and bright[1] < 0.4 and dark[0] > 0.6 and dark[1] > 0.6
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 0.1       # the moving panel moves
+    for count in (3, 40):                                          # fewer, and more frames than fitting steps
+        sf.viz.animate(_registered(out, tmp_path), tmp_path / f"f{count}.gif", frames=count)
+        assert len(iio.imread(tmp_path / f"f{count}.gif", index=None)) == count
+
+
+def _registered(out, folder):
+    """The registration behind `out`, redone in Python (the CLI does not return it)."""
+    return sf.register(sf.read(folder / "moving.png"), sf.read(folder / "fixed.png"), iterations=2, progress=False)
+
+
+def test_image_affine_report_maps_fixed_to_moving(tmp_path):
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "moving.png", _picture((3, -2)))
+    iio.imwrite(tmp_path / "fixed.png", _picture())
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(tmp_path / "moving.png"), str(tmp_path / "fixed.png"), "-o", str(out),
+                                   "-q", "--model", "affine", "--gif", "flow.gif", "--frames", "4"])
+    assert run.exit_code == 0, run.stderr
+    linear = json.loads((out / "report.json").read_text())["linear"]
+    assert linear["maps"] == "fixed world -> moving world"
+    matrix = np.array(linear["matrix"])
+    grid = np.stack(np.meshgrid(np.arange(48.0), np.arange(64.0), indexing="ij"), -1).reshape(-1, 2)
+    phi = sf.load_deformation(out / "deformation.pt")
+    np.testing.assert_allclose(grid @ matrix[:2, :2].T + matrix[:2, 2], phi(grid), atol=1e-3)   # the saved map itself
+    centre = np.array([23.5, 31.5])
+    # moving = fixed shifted by (3, -2): fixed pixel x shows what moving holds at x + (3, -2)
+    np.testing.assert_allclose(matrix[:2, :2] @ centre + matrix[:2, 2], centre + [3.0, -2.0], atol=0.5)
+    assert len(iio.imread(out / "flow.gif", index=None)) == 4          # an affine fit animates too
+
+
+def test_warp_resamples_label_maps_by_nearest_neighbour(tmp_path):
+    import nibabel as nib
+
+    labels = np.zeros((40, 30), dtype=np.int16)
+    labels[5:20, 4:15], labels[22:35, 10:26], labels[8:14, 18:28] = 3, 7, 12
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "labels.nii.gz"))
+    shift = np.array([1.6, -2.3])
+    phi = sf.Affine(2)
+    phi.set_matrix(np.eye(2), shift)                                    # fixed x -> moving x + shift
+    phi.save(tmp_path / "phi.pt")
+    base = ["warp", str(tmp_path / "phi.pt"), str(tmp_path / "labels.nii.gz"), "--reference", str(tmp_path / "labels.nii.gz")]
+    run = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "nearest.nii.gz")])
+    assert run.exit_code == 0 and "nearest neighbour" in run.output, run.output
+    warped = nib.load(str(tmp_path / "nearest.nii.gz"))
+    assert np.issubdtype(warped.get_data_dtype(), np.integer)
+    values = np.asarray(warped.dataobj)
+    # ground truth: the label at the nearest moving voxel, rows +2 and columns -2 (inside the grid)
+    np.testing.assert_array_equal(values[:38, 2:], labels[2:, :28])
+    assert set(np.unique(values)) <= {0, 3, 7, 12}
+
+    run = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "linear.nii.gz"), "--interpolation", "linear"])
+    assert run.exit_code == 0 and "nearest" not in run.output
+    blended = np.asarray(nib.load(str(tmp_path / "linear.nii.gz")).dataobj)
+    assert not np.array_equal(blended, np.round(blended))             # linear blends the labels' edges
+    run = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "x.nii.gz"), "--interpolation", "cubic"])
+    assert run.exit_code == 2 and "--interpolation cubic: choose linear or nearest" in run.stderr

@@ -76,7 +76,8 @@ def write_image_outputs(result: Any, folder: Path, name: str | None = None) -> N
         suffix = ".nii.gz"
     write(dataclasses.replace(result.warped, labels=None), folder / f"warped{suffix}")
     if result.warped.labels is not None:
-        labels = dataclasses.replace(result.warped, data=result.warped.labels[None].float(), labels=None)
+        # the label map carried as its own labels: NIfTI then stores whole numbers as integers
+        labels = dataclasses.replace(result.warped, data=result.warped.labels[None].float())
         write(labels, folder / f"warped_labels{'.nii.gz' if result.warped.dim == 3 else '.png'}")
     atomic_write(folder / "displacement.nii.gz", lambda tmp: write_displacement_nifti(displacement_image(result), tmp))
     overlay(result, folder / "overlay.png")

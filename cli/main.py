@@ -74,11 +74,11 @@ def register(
     source: Path = typer.Argument(..., help="The shape or image that moves (.ply .obj .stl .off .vtk .vtp .xyz .txt .csv .npy; .nii .nii.gz .png .jpg .tif .mha .nrrd .dcm, or a folder of DICOM slices)."),
     target: Path = typer.Argument(..., help="The shape or image it moves onto (fixed)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: SOURCE_to_TARGET)."),
-    model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine, resnet (default), node, lddmm or displacement (per-point field, non-rigid ICP). Images: displacement (default), svf or affine."),
+    model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine, resnet (default), node, lddmm or displacement (per-point field, non-rigid ICP). Images: svf (default, diffeomorphic), displacement or affine."),
     loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer, l2 (corresponding points), varifold or currents (meshes: they read the faces; --set widths=[1,0.4,0.2,0.1] --set oriented=false). Images: ssd (default), ncc (local NCC: bias fields, contrast changes) or mind (multi-modal)."),
     iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (60). Images: Gauss-Newton steps per level (8, halved per finer level)."),
     regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
-    prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow. Images: affine."),
+    prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow (default none). Images: affine (the default) or none."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default) or float64: the precision the fit runs in."),
     reach: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: unbalanced transport reach, relative to the target's size (default none: balanced); tolerates outliers and missing parts."),
     blur: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: entropic blur, relative to the target's size (0.02)."),
@@ -86,6 +86,8 @@ def register(
     solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs the amg extra: pip install 'shapeflow\\[amg]')."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
+    mask_moving: Optional[Path] = typer.Option(None, help="Images: mask of the moving image (nonzero = inside); the data term counts only voxels inside both masks."),
+    mask_fixed: Optional[Path] = typer.Option(None, help="Images: mask of the fixed image (nonzero = inside)."),
     landmarks_source: Optional[Path] = typer.Option(None, help="Landmarks (K points, .csv/.txt/.xyz/.npy; images: world mm) on SOURCE (the moving image); give --landmarks-target too. Reported as landmark_error (and tre for images); fitted with --landmark-weight."),
     landmarks_target: Optional[Path] = typer.Option(None, help="The K corresponding landmarks on TARGET (the fixed image), in the same order."),
     landmark_weight: Optional[float] = typer.Option(None, help="Weight of the landmark term in the fit (images: default 0, landmarks only measured; 1 pulls them visibly)."),
@@ -100,6 +102,7 @@ def register(
     """Register SOURCE onto TARGET; write the warped shape or image, deformation.pt and report.json
     (images also: displacement.nii.gz, warped labels, overlay.png)."""
     _check_inputs(source=source, target=target, labels_moving=labels_moving, labels_fixed=labels_fixed,
+                  mask_moving=mask_moving, mask_fixed=mask_fixed,
                   landmarks_source=landmarks_source, landmarks_target=landmarks_target)
     output = output or Path(f"{source.stem}_to_{target.stem}")
     if output.exists() and not overwrite:
@@ -115,8 +118,11 @@ def register(
     landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
     given = dict(iterations=iterations, regularization=regularization, prealign=prealign, dtype=dtype, reach=reach,
                  blur=blur, subsample=subsample, solver=solver, labels_moving=labels_moving,
-                 labels_fixed=labels_fixed, landmarks=landmarks, landmark_weight=landmark_weight)
+                 labels_fixed=labels_fixed, mask_moving=mask_moving, mask_fixed=mask_fixed, landmarks=landmarks,
+                 landmark_weight=landmark_weight)
     options = {k: v for k, v in given.items() if v is not None}
+    if prealign is not None and prealign.lower() == "none":
+        options["prealign"] = None          # explicit: images pre-align by default
     for item in option:
         name, value = _parse_set(item)
         if name in options or name in ("seed", "device", "progress"):

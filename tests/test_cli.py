@@ -392,3 +392,28 @@ def test_warp_resamples_label_maps_by_nearest_neighbour(tmp_path):
     assert not np.array_equal(blended, np.round(blended))             # linear blends the labels' edges
     run = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "x.nii.gz"), "--interpolation", "cubic"])
     assert run.exit_code == 2 and "--interpolation cubic: choose linear or nearest" in run.stderr
+
+
+def test_image_masks_and_prealign_none_reach_register(tmp_path):
+    """--mask-fixed/--mask-moving become the mask options; --prealign none switches off the images'
+    default affine start (the report's options say which ran); a missing mask file is one line."""
+    from shapeflow.synthetic import phantom_pair
+
+    moving, fixed, _ = phantom_pair((32, 32), amplitude=2.0, seed=4)
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("moving", "fixed", "mask")}
+    sf.write(moving, paths["moving"])
+    sf.write(fixed, paths["fixed"])
+    mask = np.zeros((1, 32, 32), dtype=np.float32)
+    mask[:, 4:28, 4:28] = 1
+    sf.write(fixed.with_data(torch.from_numpy(mask)), paths["mask"])
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(paths["moving"]), str(paths["fixed"]), "-o", str(out), "-q",
+                                   "--mask-fixed", str(paths["mask"]), "--mask-moving", str(paths["mask"]),
+                                   "--prealign", "none"])
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["prealign"] is None and report["options"]["model"] == "svf"
+    assert report["options"]["mask_fixed"].endswith("mask.nii.gz")
+    run = CliRunner().invoke(app, ["register", str(paths["moving"]), str(paths["fixed"]), "-o", str(tmp_path / "o2"),
+                                   "-q", "--mask-fixed", str(tmp_path / "nope.nii.gz")])
+    assert run.exit_code == 2 and "nope.nii.gz: no such file" in run.output

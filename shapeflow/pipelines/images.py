@@ -336,6 +336,13 @@ def mask_weight(image: Image, mask: Any, name: str) -> torch.Tensor | None:
     return None if inside is None else inside[None].float()
 
 
+def _input_name(value: Any) -> str | None:
+    """How the report names an image-like option: its path, its source file, "array", or None."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return None if value is None else str(value)
+    return getattr(value, "source", None) or "array"
+
+
 def _landmark_name(value: Any, role: str) -> str:
     """The name errors use for one side of `landmarks` (the file, as `landmark_pair` names it)."""
     if isinstance(value, (str, os.PathLike)):
@@ -476,7 +483,9 @@ def register_images(moving: Image, fixed: Image, model: str = "svf", loss: str =
     metrics["seconds"] = seconds
     metrics["interrupted"] = interrupted
     record = {"model": model, "loss": loss,
-              **{k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith("labels_") and k != "landmarks"},
+              **{k: v for k, v in dataclasses.asdict(opts).items()
+                 if not k.startswith(("labels_", "mask_")) and k != "landmarks"},
+              **{k: _input_name(getattr(opts, k)) for k in ("mask_moving", "mask_fixed")},
               **_landmark_files(opts.landmarks), **dataclasses.asdict(parts["model"]), **dataclasses.asdict(parts["loss"]),
               "source": moving.source, "target": fixed.source}
     return Result(warped=warped, deformation=deformation, history=history, metrics=metrics, source=moving,

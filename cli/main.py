@@ -203,7 +203,7 @@ def warp(
             moving = sf.read(shape)
             moved = apply_warp(sf.load_deformation(deformation), moving, inverse=inverse, interpolation=interpolation,
                                reference=None if reference is None else sf.read(reference))
-            sf.write(moved, output)
+            sf.write(moved, output, overwrite=overwrite)
         except _library_errors() as exc:
             _fail(str(exc))
     if not quiet:

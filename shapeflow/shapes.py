@@ -197,7 +197,7 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return normals / torch.where(length > 0, length, torch.ones_like(length))
 
 
-def _polygon_sizes(polygons: np.ndarray) -> np.ndarray:
+def polygon_sizes(polygons: np.ndarray) -> np.ndarray:
     """The vertex count of each polygon of a flat `[n0, i..., n1, ...]` array (one pass)."""
     first = int(polygons[0])
     if first > 0 and len(polygons) % (first + 1) == 0 and (polygons[:: first + 1] == first).all():
@@ -223,7 +223,7 @@ def _check_polygons(polygons: Any, source: str | None) -> tuple[np.ndarray, np.n
                              f"got shape {flat.shape} of {flat.dtype}")
     flat = flat.astype(np.int64)
     try:
-        sizes = _polygon_sizes(flat)
+        sizes = polygon_sizes(flat)
     except ValueError:
         raise ShapeflowError(f"{where}polygons: the vertex counts do not match the array's length") from None
     if sizes.min() < 3:

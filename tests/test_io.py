@@ -376,7 +376,6 @@ def test_mesh_formats_keep_full_precision(ant, tmp_path):
         np.testing.assert_array_equal(back.points.numpy(), far.points.numpy())
 
 
-@pytest.mark.xfail(strict=True, reason="needs pipelines/shapes.py to centre in float64 before casting (issue 17 item 4)")
 def test_a_rigid_registration_far_from_the_origin_keeps_every_distinct_coordinate(tmp_path):
     points = np.random.default_rng(0).random((200, 3)) + 1e6
     sf.write(sf.PointCloud(points), tmp_path / "a.csv")

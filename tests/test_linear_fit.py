@@ -98,7 +98,7 @@ def test_set_matrix_round_trips_every_rotation(dim):
 
 def _shape(assets, dim: int) -> np.ndarray:
     if dim == 2:
-        return sf.read(assets / "horse_contour.csv").points.double().numpy()
+        return sf.read(assets / "horse_contour.csv").points.float().double().numpy()
     return sf.read(assets / "ant.ply").points.double().numpy()
 
 
@@ -161,7 +161,7 @@ def test_the_linear_models_name_the_procrustes_fitter():
 
 
 def test_history_iterations_and_prealign_go_through_the_closed_form(assets):
-    contour = sf.read(assets / "horse_contour.csv").points
+    contour = sf.read(assets / "horse_contour.csv").points.float()
     y = 1.2 * contour @ random_rotation(2, 0, 2.0).T.float() + 5.0
     capped = sf.register(contour, y, model="similarity", iterations=3, progress=False)
     stages = [row["stage"] for row in capped.history]

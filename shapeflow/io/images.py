@@ -180,7 +180,7 @@ def _write_nifti(image: Image, path: Path) -> None:
     affine = np.eye(4)
     affine[:d, :d] = (image.direction * image.spacing).numpy()
     affine[:d, 3] = image.origin.numpy()
-    data = image.data.detach().cpu().numpy()
+    data = image.data_with_nan().detach().cpu().numpy()
     array = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
     if d == 2 and data.shape[0] > 1:     # (X, Y, 1, C): the channels stay on the 4th axis
         array = array[:, :, None]
@@ -204,7 +204,7 @@ def _write_picture(image: Image, path: Path) -> None:
 def _write_itk(image: Image, path: Path) -> None:
     sitk = import_optional("SimpleITK", "writing .mha/.nrrd")
     d = image.dim
-    data = image.data.detach().cpu().numpy()
+    data = image.data_with_nan().detach().cpu().numpy()
     array = np.moveaxis(data, list(range(1, d + 1)), list(range(d, 0, -1)))     # (C, z, y, x)
     img = sitk.GetImageFromArray(array[0] if data.shape[0] == 1 else np.moveaxis(array, 0, -1),
                                  isVector=data.shape[0] > 1)
@@ -223,7 +223,7 @@ def _write_vtk_image(image: Image, path: Path) -> None:
     if path.suffix.lower() == ".vtk" and not torch.equal(image.direction, torch.eye(image.dim, dtype=torch.float64)):
         raise ShapeflowError(f"{path}: a legacy .vtk image cannot hold a direction (the grid is rotated); "
                              "write .vti or .nii.gz")
-    data = image.data.detach().cpu().numpy()
+    data = image.data_with_nan().detach().cpu().numpy()
     spacing, origin, direction = np.ones(3), np.zeros(3), np.eye(3)
     spacing[:image.dim], origin[:image.dim] = image.spacing.numpy(), image.origin.numpy()
     direction[:image.dim, :image.dim] = image.direction.numpy()
@@ -237,7 +237,7 @@ def _write_vtk_image(image: Image, path: Path) -> None:
 
 def _write_npy(image: Image, path: Path) -> None:
     with open(path, "wb") as handle:
-        np.save(handle, image.data.detach().cpu().numpy())
+        np.save(handle, image.data_with_nan().detach().cpu().numpy())
 
 
 IMAGE_WRITERS: dict[str, Callable[[Image, Path], None]] = {

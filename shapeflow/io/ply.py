@@ -234,9 +234,9 @@ def write_ply(points: np.ndarray, polygons: np.ndarray | None, point_data: dict,
 
 
 def _sizes(polygons: np.ndarray) -> np.ndarray:
-    from ..shapes import _polygon_sizes
+    from ..shapes import polygon_sizes
 
-    return _polygon_sizes(polygons)
+    return polygon_sizes(polygons)
 
 
 def _face_bytes(polygons: np.ndarray, sizes: np.ndarray, count_kind: str, face: list) -> bytes:

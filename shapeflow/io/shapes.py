@@ -68,9 +68,9 @@ def _polygons(shape: PointCloud) -> np.ndarray | None:
 
 
 def _split(polygons: np.ndarray) -> list[np.ndarray]:
-    from ..shapes import _polygon_sizes
+    from ..shapes import polygon_sizes
 
-    sizes = _polygon_sizes(polygons)
+    sizes = polygon_sizes(polygons)
     starts = np.cumsum(np.r_[0, sizes[:-1] + 1]) + 1
     return [polygons[s: s + n] for s, n in zip(starts, sizes)]
 

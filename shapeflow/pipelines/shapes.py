@@ -67,7 +67,7 @@ def check_extent(shape: PointCloud, role: str) -> None:
     points = shape.points.double()
     extent = float((points.max(0).values - points.min(0).values).max())
     magnitude = float(points.abs().max())
-    if extent <= 1e-6 * magnitude or extent == 0.0:
+    if extent <= 1e-9 * magnitude or extent == 0.0:
         raise ShapeflowError(f"{_named(shape) or role + ': '}all {len(points)} points coincide (extent {extent:.3g} "
                              f"in every direction); there is nothing to register")
 
@@ -122,24 +122,28 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     device, dtype = opts.torch_device, opts.torch_dtype
     start = time.perf_counter()
 
-    x_world = src.points.to(device, dtype)
-    y_world = tgt.points.to(device, dtype)
-    source_center, target_center = x_world.mean(0), y_world.mean(0)
-    scale = float((y_world - target_center).pow(2).sum(1).mean().sqrt()) if opts.normalize else 1.0
+    # centre and scale in float64, then cast: float32 world coordinates far from the origin (a
+    # unit-size shape at 1e6) would keep only a few distinct values
+    x64, y64 = src.points.to(device, torch.float64), tgt.points.to(device, torch.float64)
+    x_world, y_world = x64.to(dtype), y64.to(dtype)
+    source_center, target_center = x64.mean(0), y64.mean(0)
+    scale = float((y64 - target_center).pow(2).sum(1).mean().sqrt()) if opts.normalize else 1.0
     if not opts.normalize:
         source_center, target_center = torch.zeros_like(source_center), torch.zeros_like(target_center)
-    y = (y_world - target_center) / scale
+    y = ((y64 - target_center) / scale).to(dtype)
     iterations = opts.iterations if opts.iterations is not None else 60
     stages = loss_cls.stages(parts["loss"], iterations, src, tgt)
     guard = StartGuard.make(stages, loss_cls, x_world, y_world, scale, opts.seed)
     weight = opts.landmark_weight if opts.landmark_weight is not None else 1.0
     world_marks = None if marks is None else (marks[0].to(device, dtype), marks[1].to(device, dtype), float(weight))
     start_pose = "centroids"
-    if opts.normalize and guard is not None and guard.as_given_is_closer(source_center, target_center, world_marks):
+    if opts.normalize and guard is not None and guard.as_given_is_closer(source_center.to(dtype),
+                                                                         target_center.to(dtype), world_marks):
         source_center, start_pose = target_center, "as given"     # the shapes overlap better where they are
-    x = (x_world - source_center) / scale
-    landmarks = None if marks is None else ((world_marks[0] - source_center) / scale,
-                                            (world_marks[1] - target_center) / scale, world_marks[2])
+    x = ((x64 - source_center) / scale).to(dtype)
+    landmarks = None if marks is None else (((marks[0].to(device, torch.float64) - source_center) / scale).to(dtype),
+                                            ((marks[1].to(device, torch.float64) - target_center) / scale).to(dtype),
+                                            world_marks[2])
 
     history: list[dict] = []
     fitted: list[Deformation] = []
@@ -160,10 +164,12 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     fitted.append(core)
     kept = guard.keep_the_best(fitted, identity, x, y, landmarks) if guard else "fit"
 
-    deformation = _in_world_units(fitted, source_center, target_center, scale)
-    with torch.no_grad():
-        warped_points = deformation(x_world)
-    warped = dataclasses.replace(src, points=warped_points.detach().cpu().to(src.points.dtype), source=None)
+    deformation = _in_world_units(fitted, source_center.to(dtype), target_center.to(dtype), scale)
+    with torch.no_grad():   # the fitted map on the normalised source, back to world units in float64
+        inner = fitted[0] if len(fitted) == 1 else Compose(fitted)
+        warped64 = scale * inner(x).double() + target_center
+        warped_points = warped64.to(dtype)
+    warped = dataclasses.replace(src.with_points(warped64.cpu().to(src.points.dtype)), source=None)
     result_metrics = _metrics(deformation, src, tgt, x_world, y_world, warped_points, loss_cls.correspondence)
     if marks is not None:
         result_metrics["landmark_error"] = metrics.landmark_errors(deformation, marks[0].to(device, dtype),
@@ -388,7 +394,7 @@ class StartGuard:
 def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str) -> None:
     """`poor_fit` in the metrics, and one `ShapeflowWarning` naming the measured value, when the mean
     closest-point distance after the fit (`chamfer`) is above `POOR_FIT` times the target's RMS
-    radius or above `chamfer_before` (the shapes as given), or when the fit scored worse than its
+    radius or above `chamfer_before` (the shapes as given; by more than 1e-4 of the radius), or when the fit scored worse than its
     start (which is then kept)."""
     radius = float((y_world - y_world.mean(0)).square().sum(1).mean().sqrt())
     chamfer = result_metrics["chamfer"]
@@ -396,7 +402,7 @@ def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str)
     if kept != "fit":
         reasons.append(f"the fitted map scored worse than the {'pre-aligned ' if kept == 'prealign' else ''}start, "
                        f"which is kept")
-    if chamfer > result_metrics["chamfer_before"]:
+    if chamfer > result_metrics["chamfer_before"] + 1e-4 * radius:     # rounding is not a worse fit
         reasons.append(f"the mean closest-point distance went up, from {result_metrics['chamfer_before']:.4g} to "
                        f"{chamfer:.4g}")
     elif chamfer > POOR_FIT * radius:

@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ def load_features(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ShapeflowError(f"{path}: no such feature model file")
+    if not zipfile.is_zipfile(path):       # torch.save writes a zip archive; a cut one loses its directory
+        raise ShapeflowError(f"{path}: not a readable feature model (not a torch file, or truncated or corrupt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -25,6 +25,8 @@ def test_output_shapes_in_2d_and_3d(dim, size):
             with torch.no_grad():
                 out = net(image, modality)
             assert out.shape == (2, 12, *size) and 0 < float(out.min()) and float(out.max()) < 1
+        tiny = torch.rand(1, 1, *([2] * dim))            # a coarse level of a tiny image: 1 voxel after pooling
+        assert net(tiny).shape == (1, 12, *([2] * dim))
     gradient, residual = build_features("learngn", dim, width=4)(image, torch.rand_like(image))
     assert gradient.shape == (2, dim, *size) and residual.shape == (2, 1, *size)
 

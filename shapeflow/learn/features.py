@@ -51,8 +51,23 @@ def _conv(dim: int):
     return nn.Conv2d if dim == 2 else nn.Conv3d
 
 
+class _InstanceNorm(nn.Module):
+    """Instance norm with a learned scale and shift per channel (as `nn.InstanceNorm2d/3d(affine=True)`),
+    that also takes a single voxel (torch's refuses one; coarse pyramid levels of tiny images give it)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return standardise(x, self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
 def _norm(dim: int, channels: int) -> nn.Module:
-    return (nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    return _InstanceNorm(channels)
 
 
 def _check_dim(who: str, dim: Any) -> None:

@@ -191,7 +191,8 @@ class UNetFeatures(nn.Module):
         mode = "bilinear" if self.dim == 2 else "trilinear"
         skips = [self.stem[modality](standardise(image))]
         for block in self.down:
-            skips.append(block(pool(skips[-1], 2, ceil_mode=True)))
+            window = [min(2, n) for n in skips[-1].shape[2:]]       # an axis of one voxel stays one
+            skips.append(block(pool(skips[-1], window, window, ceil_mode=True)))
         out = skips.pop()
         for block in reversed(self.up):
             skip = skips.pop()

@@ -173,10 +173,10 @@ class UNetFeatures(nn.Module):
         self.modalities, self.width, self.depth = modalities, width, depth
         self.stem = nn.ModuleList(_Block(dim, in_channels, width) for _ in range(modalities))
         sizes = [width * 2 ** k for k in range(depth + 1)]
-        self.down = nn.ModuleList(nn.Sequential(_Block(dim, sizes[k], sizes[k + 1]), _Block(dim, sizes[k + 1], sizes[k + 1]))
-                                  for k in range(depth))
-        self.up = nn.ModuleList(nn.Sequential(_Block(dim, sizes[k + 1] + sizes[k], sizes[k]), _Block(dim, sizes[k], sizes[k]))
-                                for k in range(depth))
+        self.down = nn.ModuleList(nn.Sequential(_Block(dim, sizes[k], sizes[k + 1]),
+                                                _Block(dim, sizes[k + 1], sizes[k + 1])) for k in range(depth))
+        self.up = nn.ModuleList(nn.Sequential(_Block(dim, sizes[k + 1] + sizes[k], sizes[k]),
+                                              _Block(dim, sizes[k], sizes[k])) for k in range(depth))
         self.head = _conv(dim)(width, out_channels, 1)
 
     def config(self) -> dict[str, Any]:

@@ -58,8 +58,8 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 def build_features(name: str, dim: int, **hyper: Any) -> nn.Module:
     """A new (untrained) registered network `name` for `dim`-dimensional images."""
     if not FEATURE_NETWORKS:
-        raise ShapeflowError(f"build_features(): no feature network is registered; import shapeflow.learn "
-                             f"(it registers suits, learngn and unet)")
+        raise ShapeflowError("build_features(): no feature network is registered; import shapeflow.learn "
+                             "(it registers suits, learngn and unet)")
     return FEATURE_NETWORKS.lookup(name, "build_features()")(dim, **hyper)
 
 
@@ -101,7 +101,8 @@ def load_features(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise ShapeflowError(f"{path}: not a shapeflow feature model (it holds Python objects beyond tensors; "
                              "refusing to unpickle them)") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise ShapeflowError(f"{path}: not a readable feature model (truncated or corrupt: {type(exc).__name__})") from None
+        raise ShapeflowError(f"{path}: not a readable feature model (truncated or corrupt: "
+                             f"{type(exc).__name__})") from None
     tag = payload.get("format") if isinstance(payload, dict) else None
     if not isinstance(tag, str) or not tag.startswith("shapeflow-"):
         raise ShapeflowError(f"{path}: a torch file but not a shapeflow feature model (no {FORMAT_NAME!r} format tag)")

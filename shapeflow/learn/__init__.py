@@ -1,6 +1,12 @@
-"""Learning through the solver core: differentiable Gauss-Newton layers (`layers.py`) and the
-training data (`phantoms.py`: multi-modal label phantoms, pairs from a folder)."""
+"""Learning through the solver core: differentiable Gauss-Newton layers (`layers.py`), the
+training data (`phantoms.py`: multi-modal label phantoms, pairs from a folder) and the networks
+(`features.py`: SUITS features, LearnGN's gradient/residual CNN, a DIO UNet; saved and loaded
+with `save_features` / `load_features`, used at inference by `register(loss="learned")`)."""
+from .features import (FEATURE_NETWORKS, LearnGNNet, SuitsNet, UNetFeatures, build_features, load_features,
+                       mind_targets, pretrain_mind, save_features)
 from .layers import gauss_newton_layer
 from .phantoms import SPLITS, PairFolder, phantom_pair, split_seeds
 
-__all__ = ["gauss_newton_layer", "phantom_pair", "PairFolder", "SPLITS", "split_seeds"]
+__all__ = ["gauss_newton_layer", "phantom_pair", "PairFolder", "SPLITS", "split_seeds",
+           "FEATURE_NETWORKS", "SuitsNet", "UNetFeatures", "LearnGNNet", "build_features", "pretrain_mind",
+           "mind_targets", "save_features", "load_features"]

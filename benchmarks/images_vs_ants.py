@@ -42,6 +42,7 @@ Writes benchmarks/results/images_vs_ants.json, .md and .png (``--quick`` writes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import datetime
 import json
@@ -723,8 +724,11 @@ def conventions(n: int, folder: Path, threads: int, dipy_iters: list[int]) -> li
     """Every tool on a pure translation: the recovered field must be the known shift."""
     case = make_case(n, folder / f"translation{n}", translation=TRANSLATION_MM)
     rows = [run_shapeflow(case, "displacement (defaults, no affine)", {"prealign": None, "model": "displacement"}, 1),
-            run_ants(case, "SyNOnly", 1), run_ants(case, "SyN", 1), run_elastix(case, 1, threads),
-            run_dipy(case, "ssd", dipy_iters, 1)]
+            run_ants(case, "SyNOnly", 1), run_ants(case, "SyN", 1)]
+    if importlib.util.find_spec("itk") is not None:
+        rows.append(run_elastix(case, 1, threads))
+    if importlib.util.find_spec("dipy") is not None:
+        rows.append(run_dipy(case, "ssd", dipy_iters, 1))
     for r in rows:
         r["n"] = n
         print(f"  translation {r['tool']} {r['config']}: mean u {np.round(r['mean_displacement_mm'], 3)} "
@@ -818,9 +822,9 @@ def main() -> None:
             runs += [lambda t=t: run_ants(case, t, args.repeats) for t in ("SyNOnly", "SyN")]
             # ANTsPy's default reg_iterations=(40, 20, 0) skips the full-resolution level: also with 10 there
             runs.append(lambda: run_ants(case, "SyNOnly", args.repeats, reg_iterations=(40, 20, 10)))
-        if "elastix" in args.tools:
+        if "elastix" in args.tools and importlib.util.find_spec("itk") is not None:
             runs.append(lambda: run_elastix(case, args.repeats, args.threads))
-        if "dipy" in args.tools:
+        if "dipy" in args.tools and importlib.util.find_spec("dipy") is not None:
             runs.append(lambda: run_dipy(case, args.dipy_metric, args.dipy_iters, args.repeats))
         for run in runs:
             load = os.getloadavg()

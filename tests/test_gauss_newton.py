@@ -157,3 +157,26 @@ def test_image_registration_and_affine_prealignment_run_the_one_loop(monkeypatch
     moving, fixed, _ = phantom_pair((24, 24), amplitude=1.0, seed=1)
     sf.register(moving, fixed, prealign="affine", levels=2, progress=False)
     assert calls.count("AffineProblem") == 2 and calls.count("GridProblem") == 2
+
+
+def test_infeasible_steps_get_their_own_halvings():
+    """A step the problem refuses (infinite cost) is halved up to `infeasible_halvings` times; a
+    feasible step that does not decrease only up to `max_halvings`. Here every x > 0.05 is refused:
+    the full step to the minimum x = 1 needs 5 halvings to become feasible."""
+    import math
+
+    from shapeflow.solvers import Linearization, minimize_least_squares
+
+    class Fenced:
+        def cost(self, x):
+            return (math.inf if float(x) > 0.05 else float((x - 1) ** 2)), None
+
+        def linearize(self, x, state):
+            return Linearization(2 * (x - 1), lambda mu: (1 - x, 0))
+
+    x0 = torch.zeros(1, dtype=torch.float64)
+    stuck = minimize_least_squares(Fenced(), x0, maxiter=1, damping=0.0, line_search="decrease", max_halvings=2)
+    assert float(stuck.x) == 0.0
+    moved = minimize_least_squares(Fenced(), x0, maxiter=1, damping=0.0, line_search="decrease", max_halvings=2,
+                                   infeasible_halvings=8)
+    assert float(moved.x) == 1 / 32

@@ -12,8 +12,8 @@ pre-alignment, `image_affine.py`; u: the displacement of the model: a `Displacem
 
 (`shapeflow.solvers.normal.grid.gauss_newton_step`: coupled d x d blocks per voxel, L the grid
 Laplacian, CG matrix free or AMG on the assembled matrix). A step is kept only if the objective
-`mean r^2 + lam u^T L u / N` decreases (else halved, at most `MAX_HALVINGS` times; the level stops
-when no step helps). For every model a step whose map has `det(I + grad u) <= 0` at some voxel
+`mean r^2 + lam u^T L u / N` decreases (else halved, at most `MAX_HALVINGS` times, `FOLD_HALVINGS`
+while it folds; the level stops when no step helps). For every model a step whose map has `det(I + grad u) <= 0` at some voxel
 (central differences, as the metrics measure it) counts as no decrease, so the fitted map never
 folds on the fixed grid; on the coarser levels also by the one-sided differences of the cells
 around each voxel (what the finer grid's central differences see of the interpolated field), so
@@ -67,8 +67,9 @@ __all__ = ["ImageOptions", "register_images", "GridProblem"]
 #: the solver names `register(solver=...)` accepts for images
 IMAGE_SOLVERS = Registry("image solver", GRID_SOLVERS)
 
-#: halvings of a Gauss-Newton step that does not decrease the objective (or folds) before the level stops
-MAX_HALVINGS = 8
+#: halvings of a Gauss-Newton step that does not decrease the objective before the level stops, and
+#: of one that folds the map (a fold needs more: a shorter step always unfolds, and each costs little)
+MAX_HALVINGS, FOLD_HALVINGS = 3, 8
 
 #: the smallest image side (voxels) that can be registered (gradients need two voxels per axis)
 MIN_SIDE = 2
@@ -526,7 +527,8 @@ def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual
                     snapshots.append(slicer(problem, step.x))
 
             fit = minimize_least_squares(problem, params, maxiter=opts.steps(number, built), damping=0.0,
-                                         line_search="decrease", max_halvings=MAX_HALVINGS, gtol=0.0, xtol=0.0, ftol=-1.0,
+                                         line_search="decrease", max_halvings=MAX_HALVINGS,
+                                         infeasible_halvings=FOLD_HALVINGS, gtol=0.0, xtol=0.0, ftol=-1.0,
                                          callback=record)
             params = fit.x
             if fit.interrupted:

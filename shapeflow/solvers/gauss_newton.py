@@ -115,6 +115,7 @@ def minimize_least_squares(
     line_search: str = "armijo",
     max_halvings: int = 14,
     max_damping_tries: int = 30,
+    infeasible_halvings: int | None = None,
     gtol: float = 1e-10,
     xtol: float = 1e-12,
     ftol: float = 1e-15,
@@ -123,7 +124,8 @@ def minimize_least_squares(
     """Minimise a least-squares `problem` from `x0` by damped Gauss-Newton (see the module docstring).
 
     x0: any shape (not modified). damping: initial Levenberg-Marquardt mu (0: plain Gauss-Newton,
-    never raised). line_search: a name in `LINE_SEARCHES`. callback: called after every
+    never raised). infeasible_halvings: halvings allowed while the cost is infinite (a step the
+    problem refuses, e.g. one that folds a map), when more than `max_halvings` (default: the same). line_search: a name in `LINE_SEARCHES`. callback: called after every
     iteration with a `GaussNewtonStep`. Returns a `GaussNewtonResult`.
     """
     accept = LINE_SEARCHES.lookup(line_search, "minimize_least_squares()")
@@ -151,9 +153,11 @@ def minimize_least_squares(
                     dx, inner = lin.solve(mu)
                     slope = float((lin.gradient * dx).sum())
                     t = 1.0
-                    for halving in range(max_halvings + 1):
+                    limit = max(max_halvings, infeasible_halvings or 0)
+                    for halving in range(limit + 1):
                         f_new, state_new = problem.cost(x + t * dx)
-                        if accept(f_new, f, t, slope) or halving == max_halvings:
+                        if accept(f_new, f, t, slope) or halving == limit or (
+                                halving >= max_halvings and math.isfinite(f_new)):
                             break
                         t *= 0.5
                 if math.isfinite(f_new) and (f_new < f or (f_new == f and slope == 0)):

@@ -1,0 +1,218 @@
+"""Training through the solver: config checks, loss going down, resume = straight, checkpoints, CLI."""
+import importlib
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from shapeflow.errors import ShapeflowError
+from shapeflow.learn import METHODS, load_config, train
+from shapeflow.learn.methods import MethodOptions, as_pair
+from shapeflow.learn.phantoms import phantom_pair
+
+training = importlib.import_module("shapeflow.learn.train")
+
+
+# ----------------------------------------------------------------------------- tiny networks
+
+
+class TinyFeatures(nn.Module):
+    """A Y-shaped stand-in: one first convolution per modality, a shared second one."""
+
+    def __init__(self, dim: int, channels: int = 4, name: str = "suits"):
+        super().__init__()
+        conv = nn.Conv2d if dim == 2 else nn.Conv3d
+        self.dim, self.channels, self.name = dim, channels, name
+        self.first = nn.ModuleList([conv(1, 6, 3, padding=1) for _ in range(2)])
+        self.rest = nn.Sequential(nn.ReLU(), conv(6, channels, 3, padding=1))
+
+    def forward(self, image, modality: int = 0):
+        return torch.sigmoid(self.rest(self.first[modality](image)))
+
+    def config(self):
+        return {"name": self.name, "dim": self.dim, "channels": self.channels}
+
+
+class TinyLearnGN(nn.Module):
+    def __init__(self, dim: int, width: int = 6):
+        super().__init__()
+        conv = nn.Conv2d if dim == 2 else nn.Conv3d
+        self.dim, self.width = dim, width
+        self.body = nn.Sequential(conv(2, width, 3, padding=1), nn.ReLU(), conv(width, dim + 1, 3, padding=1))
+
+    def forward(self, warped, fixed):
+        out = self.body(torch.cat([warped, fixed], 1))
+        return out[:, :self.dim], out[:, self.dim:]
+
+    def config(self):
+        return {"name": "learngn", "dim": self.dim, "width": self.width}
+
+
+def _stand_in_features() -> types.ModuleType:
+    """`shapeflow.learn.features` with its interface, for as long as the real one is not there."""
+    module = types.ModuleType("shapeflow.learn.features")
+    module.FEATURE_NETWORKS = {"suits": TinyFeatures, "unet": TinyFeatures, "learngn": TinyLearnGN}
+
+    def build_features(name, dim, **hyper):
+        if name not in module.FEATURE_NETWORKS:
+            raise ShapeflowError(f"build_features(): unknown network {name!r}; choose from suits, unet, learngn")
+        if name == "learngn":
+            return TinyLearnGN(dim, **hyper)
+        return TinyFeatures(dim, name=name, **hyper)
+
+    def save_features(path, net, extra=None):
+        torch.save({"config": json.dumps(net.config()), "weights": net.state_dict(),
+                    "extra": json.dumps(extra or {})}, path)
+
+    def load_features(path):
+        state = torch.load(path, weights_only=True)
+        config = json.loads(state["config"])
+        net = build_features(config.pop("name"), config.pop("dim"), **config)
+        net.load_state_dict(state["weights"])
+        return net, {"extra": json.loads(state["extra"])}
+
+    module.build_features, module.save_features, module.load_features = build_features, save_features, load_features
+    return module
+
+
+@pytest.fixture(autouse=True)
+def features(monkeypatch):
+    try:
+        importlib.import_module("shapeflow.learn.features")
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "shapeflow.learn.features", _stand_in_features())
+
+
+def config(method="suits", network="suits", steps=4, **train):
+    return {
+        "data": {"size": [32, 32], "train": 2, "validation": 1, "test": 1, "amplitude": 0.08},
+        "network": {"name": network, **({"width": 6} if network == "learngn" else {"channels": 4})},
+        "method": {"name": method, "iterations": [2, 3], "lam": 0.1, "cg_iterations": 40},
+        "train": {"steps": steps, "batch": 2, "lr": 3e-3, "seed": 3, "validate_every": 2, "checkpoint_every": 2,
+                  **train},
+    }
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["train"].update(epochs=3), r"\[train\]: unknown key 'epochs'; valid keys: steps, batch"),
+    (lambda c: c["method"].update(name="voxelmorph"), r"unknown method 'voxelmorph'; choose from suits, learngn, dio"),
+    (lambda c: c.pop("method"), r"missing section \[method\]"),
+    (lambda c: c.update(optimiser={}), r"unknown section \[optimiser\]; valid sections: data, network, method, train"),
+    (lambda c: c["method"].update(iterations=[4, 2]), r"\[method\] iterations"),
+    (lambda c: c["network"].update(name="learngn"), r"method 'suits' trains a feature network"),
+    (lambda c: c["data"].update(size=[32]), r"\[data\] size"),
+])
+def test_bad_configs_give_one_line_errors(change, message):
+    bad = config()
+    change(bad)
+    with pytest.raises(ShapeflowError, match=message) as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_toml_config_is_read_and_checked(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nsize = [32, 32]\n[network]\nname = "suits"\n[method]\nname = "dio"\n'
+                    'backward = "jfb"\n[train]\nsteps = 1\n')
+    loaded = load_config(path)
+    assert loaded["method"]["backward"] == "jfb" and loaded["method"]["iterations"] == [1, 6]
+    path.write_text("[data\nsize = 3")
+    with pytest.raises(ShapeflowError, match="not valid TOML"):
+        load_config(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("method, network, lr", [("suits", "suits", 1e-2), ("learngn", "learngn", 3e-3),
+                                                 ("dio", "unet", 1e-2)])
+def test_a_few_steps_lower_the_loss_on_a_fixed_pair(method, network, lr):
+    from shapeflow.learn.features import build_features
+
+    torch.manual_seed(0)
+    hyper = {k: v for k, v in config(network=network)["network"].items() if k != "name"}
+    net = build_features(network, 2, **hyper)
+    pair = as_pair(*phantom_pair(4, (32, 32), amplitude=0.08))
+    options = MethodOptions(name=method, iterations=(3, 3), lam=0.1, cg_iterations=40, backward="ift")
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(6):
+        loss, metrics = METHODS[method](net, [pair], options)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(metrics["loss"])
+    assert losses[-1] < losses[0] - 0.005, losses
+
+
+def _weights(path):
+    return torch.load(path / "checkpoint.pt", weights_only=True)["weights"]
+
+
+def test_resume_after_ctrl_c_equals_straight_training(tmp_path, monkeypatch):
+    straight = train(config(steps=6), tmp_path / "straight", progress=False)
+    assert straight["test"]["pairs"] == 1 and len(straight["validation"]) == 3
+    assert sorted(straight["files"]) == ["checkpoint.pt", "curve.png", "model.pt", "report.json"]
+
+    calls = {"n": 0}
+    original = METHODS["suits"]
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(METHODS, "suits", interrupted)
+    stopped = train(config(steps=6), tmp_path / "resumed", progress=False)
+    assert stopped["interrupted"] and stopped["step"] == 3
+    monkeypatch.setitem(METHODS, "suits", original)
+    resumed = train(config(steps=6), tmp_path / "resumed", progress=False)
+    for name, value in _weights(tmp_path / "straight").items():
+        assert torch.equal(value, _weights(tmp_path / "resumed")[name]), name
+    assert resumed["validation"] == straight["validation"]
+
+
+def test_foreign_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ShapeflowError, match="not a readable training checkpoint") as info:
+        train(config(steps=1), out, progress=False)
+    assert "\n" not in str(info.value)
+    torch.save({"weights": {}}, out / "checkpoint.pt")
+    with pytest.raises(ShapeflowError, match="not a shapeflow training checkpoint"):
+        train(config(steps=1), out, progress=False)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    train(config(steps=0), tmp_path, progress=False)
+    changed = config(steps=1)
+    changed["method"]["lam"] = 0.2
+    with pytest.raises(ShapeflowError, match=r"another config \(method.lam: 0.1 then, 0.2 now\)"):
+        train(changed, tmp_path, progress=False)
+
+
+def test_cli_trains_a_two_step_config(tmp_path):
+    from shapeflow_cli.main import app
+
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nsize = [32, 32]\ntrain = 2\nvalidation = 1\ntest = 1\n'
+                    '[network]\nname = "suits"\nchannels = 4\n'
+                    '[method]\nname = "suits"\niterations = [1, 2]\ncg_iterations = 30\n'
+                    '[train]\nsteps = 2\nbatch = 1\nvalidate_every = 0\n')
+    run = CliRunner().invoke(app, ["train", str(path), "-o", str(tmp_path / "run")])
+    assert run.exit_code == 0, run.output
+    assert "trained suits for 2 steps" in run.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 2 and report["test"]["pairs"] == 1
+    path.write_text('[data]\n[network]\nname = "suits"\n[method]\nname = "suits"\nlam = -1\n[train]\n')
+    run = CliRunner().invoke(app, ["train", str(path), "-o", str(tmp_path / "bad")])
+    assert run.exit_code == 2 and "[method] lam" in run.output and len(run.output.strip().splitlines()) == 1

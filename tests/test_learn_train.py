@@ -23,6 +23,8 @@ training = importlib.import_module("shapeflow.learn.train")
 class TinyFeatures(nn.Module):
     """A Y-shaped stand-in: one first convolution per modality, a shared second one."""
 
+    kind = "features"
+
     def __init__(self, dim: int, channels: int = 4, name: str = "suits"):
         super().__init__()
         conv = nn.Conv2d if dim == 2 else nn.Conv3d
@@ -38,6 +40,8 @@ class TinyFeatures(nn.Module):
 
 
 class TinyLearnGN(nn.Module):
+    kind = "gauss-newton"
+
     def __init__(self, dim: int, width: int = 6):
         super().__init__()
         conv = nn.Conv2d if dim == 2 else nn.Conv3d
@@ -75,7 +79,11 @@ def _stand_in_features() -> types.ModuleType:
         net.load_state_dict(state["weights"])
         return net, {"extra": json.loads(state["extra"])}
 
+    def pretrain_mind(net, images, steps, lr=1e-3):
+        return [0.0] * steps
+
     module.build_features, module.save_features, module.load_features = build_features, save_features, load_features
+    module.pretrain_mind = pretrain_mind
     return module
 
 

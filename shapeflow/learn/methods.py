@@ -19,6 +19,7 @@ moving image at `x + u(x)` (world units), as everywhere in shapeflow.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
@@ -35,20 +36,21 @@ __all__ = ["METHODS", "LOSSES", "MethodOptions", "Pair", "as_pair", "register_pa
 
 
 class Pair(NamedTuple):
-    """One registration pair on the fixed grid: images `(C, *S)`, integer labels `(*S)`, the
-    network's modality index of each image (SUITS's first block per modality)."""
+    """One registration pair on the fixed grid: images `(C, *S)`, integer labels `(*S)`, and the
+    feature network's modality branch of each image (moving 0, fixed 1: the defaults of
+    `loss="learned"` and of `pretrain_mind`, so a trained network is used as it was trained)."""
 
     moving: torch.Tensor
     fixed: torch.Tensor
     moving_labels: torch.Tensor
     fixed_labels: torch.Tensor
     grid: Grid
-    modalities: tuple[int, int] = (0, 0)
+    modalities: tuple[int, int] = (0, 1)
 
 
-def as_pair(moving: Image, fixed: Image, *, multimodal: bool = True, device=None,
+def as_pair(moving: Image, fixed: Image, *, modalities: tuple[int, int] = (0, 1), device=None,
             dtype: torch.dtype = torch.float32) -> Pair:
-    """A `Pair` from two `Image`s with label maps on one grid (moving modality 1 when `multimodal`)."""
+    """A `Pair` from two `Image`s with label maps on grids of one size (the fixed grid is used)."""
     if moving.labels is None or fixed.labels is None:
         raise ShapeflowError("as_pair(): both images need label maps (Image.labels) to train on")
     if tuple(moving.shape) != tuple(fixed.shape):
@@ -57,7 +59,7 @@ def as_pair(moving: Image, fixed: Image, *, multimodal: bool = True, device=None
     grid = Grid.of(fixed)
     to = dict(device=device, dtype=dtype)
     return Pair(moving.data.to(**to), fixed.data.to(**to), moving.labels.to(device).long(),
-                fixed.labels.to(device).long(), grid, (1 if multimodal else 0, 0))
+                fixed.labels.to(device).long(), grid, tuple(modalities))
 
 
 @dataclass(frozen=True)
@@ -181,14 +183,23 @@ def suits(network, batch: list[Pair], options: MethodOptions,
     return loss, {**metrics, "k": k}
 
 
+def _takes_spacing(network) -> bool:
+    """Whether `network.forward` takes `spacing=` (LearnGNNet: its hand-crafted gradient in world units)."""
+    try:
+        return "spacing" in inspect.signature(network.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _learngn_steps(network, pair: Pair, options: MethodOptions, k: int) -> torch.Tensor:
     """k Gauss-Newton steps with the network's gradient and residual at the current warp -> u."""
     grid = pair.grid
     points = grid.points(pair.moving.dtype, pair.moving.device)
     u = torch.zeros(grid.dim, *grid.shape, dtype=pair.moving.dtype, device=pair.moving.device)
+    spacing = {"spacing": grid.spacing.tolist()} if _takes_spacing(network) else {}
     for _ in range(k):
         warped = sample(pair.moving, grid, points + u.movedim(0, -1))
-        gradient, residual = network(warped[None], pair.fixed[None])                          # (1, d, *S), (1, 1, *S)
+        gradient, residual = network(warped[None], pair.fixed[None], **spacing)               # (1, d, *S), (1, 1, *S)
         du = gauss_newton_system_layer(gradient, residual[0], u, grid, options.lam, "implicit",
                                        tol=options.cg_tol, maxiter=options.cg_iterations)
         u = u + options.step * du
@@ -221,15 +232,16 @@ def dio(network, batch: list[Pair], options: MethodOptions,
 #: training methods: (network, batch of pairs, MethodOptions, generator) -> (loss, metrics)
 METHODS: Registry[Callable] = Registry("method", {"suits": suits, "learngn": learngn, "dio": dio})
 
-#: the network kind each method trains ("features": image -> features; "learngn": (warped, fixed) -> system)
-NETWORK_KINDS = {"suits": "features", "learngn": "learngn", "dio": "features"}
+#: the network kind (its class attribute `kind`) each method trains: "features" (image -> features) or
+#: "gauss-newton" ((warped, fixed) -> (gradient, residual))
+NETWORK_KINDS = {"suits": "features", "learngn": "gauss-newton", "dio": "features"}
 
 
 def register_pair(network, pair: Pair, options: MethodOptions) -> torch.Tensor:
     """Inference: u (d, *S) after `options.iterations[1]` steps of the method's Gauss-Newton, no graph."""
     k = options.iterations[1]
     with torch.no_grad():
-        if NETWORK_KINDS[options.name] == "learngn":
+        if NETWORK_KINDS[options.name] == "gauss-newton":
             return _learngn_steps(network, pair, options, k)
         moving, fixed = _features(network, pair)
         return _gauss_newton(moving, fixed, pair.grid, options.lam, k, options.step, options.cg_tol,

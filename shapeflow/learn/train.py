@@ -4,8 +4,10 @@ The config (a TOML file or a dict) has four sections, every key checked:
 
     [data]     source = "phantoms" | "folder", size = [96, 96], modality = "multi" | "mono",
                amplitude = 0.06, train = 200, validation = 8, test = 16, folder = "DIR"
-    [network]  name = "suits" | "unet" | "learngn", init = "model.pt" (optional), and the
-               network's own hyper-parameters (passed to `build_features`)
+    [network]  name = "suits" | "unet" | "learngn", init = "model.pt" (optional: start from
+               these weights), pretrain_mind = 0 (steps of `pretrain_mind` on the training
+               images before training; feature networks), and the network's own
+               hyper-parameters (passed to `build_features`, e.g. width, out_channels)
     [method]   name = "suits" | "learngn" | "dio", iterations = [1, 8], lam = 0.1, step = 1.0,
                backward = "ift" | "jfb" | "unrolled", loss = "dice" | "ce", cg_tol, cg_iterations
     [train]    steps = 200, batch = 4, lr = 1e-3, seed = 0, validate_every = 50,
@@ -33,7 +35,7 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +53,11 @@ __all__ = ["train", "load_config", "load_checkpoint", "evaluate", "DataOptions",
 #: the config's sections, all required
 SECTIONS = ("data", "network", "method", "train")
 CHECKPOINT_FORMAT = "shapeflow-train-checkpoint/1"
+#: the kind of each built-in network (`.kind`), checked against the method before anything is built
+KNOWN_NETWORKS = {"suits": "features", "unet": "features", "learngn": "gauss-newton"}
+_KIND_NAMES = {"features": "a feature network (suits, unet)", "gauss-newton": "a Gauss-Newton network (learngn)"}
+#: [network] keys of the training itself; the others are the network's hyper-parameters
+NETWORK_KEYS = ("name", "init", "pretrain_mind")
 #: [train] keys that may change between a run and its resumption
 RESUMABLE_CHANGES = ("steps", "threads", "checkpoint_every")
 
@@ -168,10 +175,15 @@ def load_config(config: dict | str | Path) -> dict:
         raise ShapeflowError("[network]: missing key 'name' (e.g. name = \"suits\")")
     if "init" in network and not isinstance(network["init"], str):
         raise ShapeflowError(f"[network] init: expected the path of a model.pt, got {network['init']!r}")
-    kind = "learngn" if network["name"] == "learngn" else "features"
-    if NETWORK_KINDS[method.name] != kind:
-        want = "learngn" if NETWORK_KINDS[method.name] == "learngn" else "a feature network (suits, unet)"
-        raise ShapeflowError(f"[network] name: method {method.name!r} trains {want}, got {network['name']!r}")
+    if isinstance(network.get("pretrain_mind", 0), bool) or not isinstance(network.get("pretrain_mind", 0), int) \
+            or network.get("pretrain_mind", 0) < 0:
+        raise ShapeflowError(f"[network] pretrain_mind: expected an int >= 0 (steps), got {network['pretrain_mind']!r}")
+    kind = KNOWN_NETWORKS.get(network["name"])
+    if kind is not None and NETWORK_KINDS[method.name] != kind:
+        raise ShapeflowError(f"[network] name: method {method.name!r} trains {_KIND_NAMES[NETWORK_KINDS[method.name]]}, "
+                             f"got {network['name']!r}")
+    if kind == "gauss-newton" and network.get("pretrain_mind"):
+        raise ShapeflowError("[network] pretrain_mind: only feature networks (suits, unet) are pre-trained on MIND")
     return _jsonable({"data": asdict(data), "network": network, "method": asdict(method), "train": asdict(options)})
 
 
@@ -183,7 +195,6 @@ class _Split:
 
     def __init__(self, data: DataOptions, split: str, count: int, device):
         self.data, self.split, self.count, self.device = data, split, count, device
-        self.multimodal = data.modality == "multi"
         self._cache: dict[int, Pair] = {}
         if data.source == "phantoms":
             self.seeds = split_seeds(split, count)
@@ -202,28 +213,37 @@ class _Split:
                 moving, fixed = phantom_pair(self.seeds[i], self.data.size, self.data.modality, self.data.amplitude)
             else:
                 moving, fixed = self.folder.pair(i)
-            self._cache[i] = as_pair(moving, fixed, multimodal=self.multimodal, device=self.device)
+            self._cache[i] = as_pair(moving, fixed, device=self.device)
         return self._cache[i]
 
 
 # ----------------------------------------------------------------------------- networks
 
 
-def _build_network(config: dict, dim: int) -> torch.nn.Module:
-    from .features import build_features, load_features
+def _build_network(config: dict, dim: int, images: Callable[[], list[torch.Tensor]]) -> torch.nn.Module:
+    """The configured network: built, started from `init`, pre-trained on MIND (`images()`: the
+    training images, moving and fixed in turn) when asked."""
+    from .features import build_features, load_features, pretrain_mind
 
-    hyper = {k: v for k, v in config["network"].items() if k not in ("name", "init")}
+    section = config["network"]
+    hyper = {k: v for k, v in section.items() if k not in NETWORK_KEYS}
     try:
-        net = build_features(config["network"]["name"], dim, **hyper)
+        net = build_features(section["name"], dim, **hyper)
     except TypeError as exc:
-        raise ShapeflowError(f"[network]: {exc}") from None
-    init = config["network"].get("init")
+        raise ShapeflowError(f"[network]: {exc}; valid keys: {', '.join(NETWORK_KEYS)} and the network's own") from None
+    want = NETWORK_KINDS[config["method"]["name"]]
+    if getattr(net, "kind", want) != want:
+        raise ShapeflowError(f"[network] name: method {config['method']['name']!r} trains {_KIND_NAMES[want]}, "
+                             f"got {section['name']!r} ({net.kind})")
+    init = section.get("init")
     if init is not None:
         start, _ = load_features(init)
         if type(start) is not type(net) or start.config() != net.config():
             raise ShapeflowError(f"[network] init: {init} holds a {type(start).__name__} {start.config()}, "
                                  f"not the configured {type(net).__name__} {net.config()}")
         net.load_state_dict(start.state_dict())
+    if section.get("pretrain_mind"):
+        pretrain_mind(net, images(), section["pretrain_mind"], config["train"]["lr"])
     return net
 
 
@@ -423,7 +443,8 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
         splits = {name: _Split(data, name, getattr(data, name), device) for name in ("train", "validation", "test")}
         dim = len(data.size) if data.source == "phantoms" else splits["train"][0].grid.dim
         torch.manual_seed(options.seed)
-        network = _build_network(config, dim).to(device)
+        network = _build_network(config, dim, lambda: [image for i in range(len(splits["train"]))
+                                                       for image in splits["train"][i][:2]]).to(device)
         optimizer = torch.optim.Adam(network.parameters(), lr=options.lr)
         generator = torch.Generator().manual_seed(options.seed)
         step, history, validation, seconds = 0, [], [], 0.0

@@ -177,8 +177,8 @@ def make_case(n: int, folder: Path, translation: tuple[float, float, float] | No
         moving = sf.Image(shifted, spacing=fixed.spacing)
         truth = None
     fixed_path, moving_path = folder / "fixed.nii.gz", folder / "moving.nii.gz"
-    sf.write(fixed, fixed_path)
-    sf.write(moving, moving_path)
+    sf.write(fixed, fixed_path, overwrite=True)
+    sf.write(moving, moving_path, overwrite=True)
     fixed, moving = sf.read(fixed_path), sf.read(moving_path)       # what every tool sees
     points = Grid.of(fixed).points(torch.float64)                     # (*S, 3) world RAS
     if truth is None:
@@ -217,7 +217,7 @@ def make_mni_case(folder: Path) -> dict:
     fixed_path, moving_path = folder / "fixed.nii.gz", folder / "moving.nii.gz"
     load_mni152_template(resolution=2).to_filename(str(fixed_path))
     moving, fixed, truth = warped_pair(sf.read(fixed_path), MNI_AMPLITUDE, MNI_WAVELENGTH, MNI_SEED)
-    sf.write(moving, moving_path)
+    sf.write(moving, moving_path, overwrite=True)
     fixed, moving = sf.read(fixed_path), sf.read(moving_path)
     points = Grid.of(fixed).points(torch.float64)
     with torch.no_grad():

@@ -88,6 +88,7 @@ def register(
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
     mask_moving: Optional[Path] = typer.Option(None, help="Images: mask of the moving image (nonzero = inside); the data term counts only voxels inside both masks."),
     mask_fixed: Optional[Path] = typer.Option(None, help="Images: mask of the fixed image (nonzero = inside)."),
+    features: Optional[Path] = typer.Option(None, help="Images, --loss learned: the trained feature network (a model.pt written by `shapeflow train`)."),
     landmarks_source: Optional[Path] = typer.Option(None, help="Landmarks (K points, .csv/.txt/.xyz/.npy; images: world mm) on SOURCE (the moving image); give --landmarks-target too. Reported as landmark_error (and tre for images); fitted with --landmark-weight."),
     landmarks_target: Optional[Path] = typer.Option(None, help="The K corresponding landmarks on TARGET (the fixed image), in the same order."),
     landmark_weight: Optional[float] = typer.Option(None, help="Weight of the landmark term in the fit (images: default 0, landmarks only measured; 1 pulls them visibly)."),
@@ -102,7 +103,7 @@ def register(
     """Register SOURCE onto TARGET; write the warped shape or image, deformation.pt and report.json
     (images also: displacement.nii.gz, warped labels, overlay.png)."""
     _check_inputs(source=source, target=target, labels_moving=labels_moving, labels_fixed=labels_fixed,
-                  mask_moving=mask_moving, mask_fixed=mask_fixed,
+                  mask_moving=mask_moving, mask_fixed=mask_fixed, features=features,
                   landmarks_source=landmarks_source, landmarks_target=landmarks_target)
     output = output or Path(f"{source.stem}_to_{target.stem}")
     if output.exists() and not overwrite:
@@ -118,7 +119,8 @@ def register(
     landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
     given = dict(iterations=iterations, regularization=regularization, prealign=prealign, dtype=dtype, reach=reach,
                  blur=blur, subsample=subsample, solver=solver, labels_moving=labels_moving,
-                 labels_fixed=labels_fixed, mask_moving=mask_moving, mask_fixed=mask_fixed, landmarks=landmarks,
+                 labels_fixed=labels_fixed, mask_moving=mask_moving, mask_fixed=mask_fixed,
+                 features=None if features is None else str(features), landmarks=landmarks,
                  landmark_weight=landmark_weight)
     options = {k: v for k, v in given.items() if v is not None}
     if prealign is not None and prealign.lower() == "none":
@@ -203,7 +205,7 @@ def warp(
             moving = sf.read(shape)
             moved = apply_warp(sf.load_deformation(deformation), moving, inverse=inverse, interpolation=interpolation,
                                reference=None if reference is None else sf.read(reference))
-            sf.write(moved, output)
+            sf.write(moved, output, overwrite=overwrite)
         except _library_errors() as exc:
             _fail(str(exc))
     if not quiet:

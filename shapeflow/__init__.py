@@ -4,11 +4,11 @@
     result = sf.register("source.ply", "target.ply", model="resnet", loss="sinkhorn")
     result.save("out/")
 """
-from . import viz
+from . import learn, viz
 from .deform import (Affine, Compose, Deformation, DisplacementField, KernelLDDMM, NeuralODEFlow, PointDisplacement,
                      ResNetFlow, Rigid, Similarity,
                      StationaryVelocityField, load_deformation)
-from .errors import InverseError, ShapeflowError
+from .errors import InverseError, ShapeflowError, ShapeflowWarning
 from .io import read, write
 from .register import register
 from .result import Result
@@ -18,5 +18,5 @@ __all__ = ["register", "Result", "read", "write", "load_deformation", "PointClou
            "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "NeuralODEFlow", "KernelLDDMM", "Compose",
            "DisplacementField", "PointDisplacement",
            "StationaryVelocityField",
-           "ShapeflowError", "InverseError", "viz"]
+           "ShapeflowError", "ShapeflowWarning", "InverseError", "learn", "viz"]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ def warp_shape(deformation: Deformation, shape: PointCloud, inverse: bool = Fals
     points = shape.points.to(deformation.device, deformation.dtype)
     with torch.no_grad():
         moved = deformation.inverse(points) if inverse else deformation(points)
-    return dataclasses.replace(shape, points=moved.cpu().to(shape.points.dtype), source=None)
+    return dataclasses.replace(shape.with_points(moved.cpu().to(shape.points.dtype)), source=None)
 
 
 def _grid_of(deformation: Deformation) -> Grid | None:

@@ -7,3 +7,7 @@ class ShapeflowError(ValueError):
 
 class InverseError(RuntimeError):
     """A deformation could not be inverted to the requested tolerance."""
+
+
+class ShapeflowWarning(UserWarning):
+    """A result to doubt: e.g. a registration whose fit is poor (`metrics["poor_fit"]`)."""

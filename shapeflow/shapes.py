@@ -4,13 +4,20 @@
 A shape's `cells` are what connects its points: a `Mesh`'s faces, a `Curve`'s edges, None for a
 point cloud (data terms such as the varifold read them).
 
+What a file holds besides the coordinates travels with the shape, unchanged by a deformation:
+`point_data` (per-point arrays: colours, scalars, normals), `columns` (a table's header), and for a
+`Mesh` its `polygons` (quads and larger faces as read; `faces` is their triangulation) and
+`cell_data` (per-face arrays). Normals are geometry, not data: a mesh's `point_data["normals"]`
+is recomputed from its own vertices and faces whenever it is built (so a warped mesh carries the
+warped normals), and `with_points` drops a point cloud's (they cannot be recomputed).
+
 Each holds torch tensors, checks its input once at construction and names the problem
 (and the file it came from, when known) in a one-line `ShapeflowError`.
 """
 from __future__ import annotations
 
 import math
-
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,16 +60,46 @@ def check_points(points: Any, name: str, source: str | None = None, min_points: 
     return points
 
 
+def check_data(data: Any, rows: int, name: str, source: str | None = None) -> dict[str, np.ndarray]:
+    """Return `data` as a new dict of NumPy arrays `(rows,)` or `(rows, k)`, or raise a one-line
+    `ShapeflowError` (naming the file `source`, when known)."""
+    where = _where(source)
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ShapeflowError(f"{where}{name} must be a dict of arrays, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if not isinstance(key, str) or array.ndim not in (1, 2) or len(array) != rows or array.dtype == object:
+            raise ShapeflowError(f"{where}{name}[{key!r}] must be an array of {rows} rows (one per "
+                                 f"{'point' if name == 'point_data' else 'face'}), got shape {array.shape}")
+        out[key] = array
+    return out
+
+
 @dataclass
 class PointCloud:
-    """A set of points. `points: (N, d)` with d = 2 or 3."""
+    """A set of points. `points: (N, d)` with d = 2 or 3.
+
+    point_data: per-point arrays `(N,)` or `(N, k)` read with the points (colours, scalars,
+    "normals") and written back with them; columns: the header of the table the points came from
+    (coordinate names and `point_data` names, in file order), written back as the header.
+    """
 
     points: torch.Tensor
     #: the file the shape was read from (keyword only, so `Mesh(vertices, faces)` reads as it looks)
     source: str | None = field(default=None, compare=False, kw_only=True)
+    point_data: dict[str, np.ndarray] = field(default_factory=dict, compare=False, kw_only=True, repr=False)
+    columns: tuple[str, ...] | None = field(default=None, compare=False, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         self.points = check_points(self.points, "points", self.source)
+        self._check_data()
+
+    def _check_data(self) -> None:
+        self.point_data = check_data(self.point_data, len(self.points), "point_data", self.source)
+        self.columns = None if self.columns is None else tuple(str(c) for c in self.columns)
 
     @property
     def dim(self) -> int:
@@ -77,11 +114,14 @@ class PointCloud:
         return None
 
     def with_points(self, points: torch.Tensor):
-        """The same shape (faces, source) with new `points: (N, d)`."""
-        return replace(self, points=points)
+        """The same shape (faces, source, point data) with new `points: (N, d)`. A point cloud's
+        normals are dropped (a deformation turns them); a mesh's are recomputed."""
+        point_data = self.point_data if isinstance(self, Mesh) else \
+            {k: v for k, v in self.point_data.items() if k != "normals"}
+        return replace(self, points=points, point_data=point_data)
 
     def to(self, device=None, dtype=None):
-        return self.with_points(self.points.to(device=device, dtype=dtype))
+        return replace(self, points=self.points.to(device=device, dtype=dtype))
 
 
 @dataclass
@@ -90,17 +130,45 @@ class Landmarks(PointCloud):
 
     def __post_init__(self) -> None:
         self.points = check_points(self.points, "landmarks", self.source, min_points=1)
+        self._check_data()
 
 
 @dataclass
 class Mesh(PointCloud):
-    """A triangle surface. `points` are the vertices `(N, 3)`, `faces: (F, 3)` integer indices."""
+    """A triangle surface. `points` are the vertices `(N, 3)`, `faces: (F, 3)` integer indices.
+
+    polygons: the faces as read when some are not triangles (quads, mixed polygons), in VTK's
+    flat layout `[n0, i_0 ... i_{n0-1}, n1, ...]`; `faces` is then their fan triangulation (given
+    faces must equal it; leave faces out to have it computed). Writers write the polygons.
+    cell_data: per-face arrays `(P,)` or `(P, k)`, one row per polygon (per face without polygons).
+    """
 
     faces: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    polygons: np.ndarray | None = field(default=None, compare=False, kw_only=True, repr=False)
+    cell_data: dict[str, np.ndarray] = field(default_factory=dict, compare=False, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         self.points = check_points(self.points, "vertices", self.source, min_points=3, dims=(3,))
+        rows = None
+        if self.polygons is not None:
+            self.polygons, sizes, triangles = _check_polygons(self.polygons, self.source)
+            faces = self.faces.cpu() if isinstance(self.faces, torch.Tensor) else \
+                torch.as_tensor(np.asarray(self.faces))
+            if len(faces) == 0:
+                self.faces = triangles
+            elif not torch.equal(faces.long(), triangles):
+                raise ShapeflowError(f"{_where(self.source)}faces are not the triangulation of polygons; "
+                                     "pass polygons=None with new faces")
+            rows = len(sizes)
+            if (sizes == 3).all():                               # all triangles: nothing to keep
+                self.polygons = None
         self.faces = check_cells(self.faces, "faces", 3, len(self.points), self.source)
+        self._check_data()
+        self.cell_data = check_data(self.cell_data, len(self.faces) if rows is None else rows, "cell_data", self.source)
+        if "normals" in self.point_data:
+            normals = self.point_data["normals"]
+            fresh = vertex_normals(self.points, self.faces).cpu().numpy()
+            self.point_data["normals"] = fresh.astype(normals.dtype if normals.dtype.kind == "f" else np.float64)
 
     @property
     def vertices(self) -> torch.Tensor:
@@ -116,6 +184,58 @@ class Mesh(PointCloud):
         return replace(self, points=self.points.to(device=device, dtype=dtype), faces=self.faces.to(device=device))
 
 
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unit vertex normals `(N, 3)` of a triangle mesh: the area-weighted sum of the normals of
+    the faces around each vertex (zero for a vertex on no face). vertices: (N, 3), faces: (F, 3)."""
+    v = vertices.detach().double()
+    corners = v[faces]                                                                   # (F, 3, 3)
+    face_normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normals = torch.zeros_like(v)
+    for k in range(3):
+        normals.index_add_(0, faces[:, k], face_normals)
+    length = normals.norm(dim=1, keepdim=True)
+    return normals / torch.where(length > 0, length, torch.ones_like(length))
+
+
+def polygon_sizes(polygons: np.ndarray) -> np.ndarray:
+    """The vertex count of each polygon of a flat `[n0, i..., n1, ...]` array (one pass)."""
+    first = int(polygons[0])
+    if first > 0 and len(polygons) % (first + 1) == 0 and (polygons[:: first + 1] == first).all():
+        return np.full(len(polygons) // (first + 1), first)
+    sizes, at = [], 0
+    while at < len(polygons):
+        sizes.append(int(polygons[at]))
+        if sizes[-1] < 1:
+            raise ValueError("a polygon with no vertices")
+        at += sizes[-1] + 1
+    if at != len(polygons):
+        raise ValueError("inconsistent polygon counts")
+    return np.asarray(sizes)
+
+
+def _check_polygons(polygons: Any, source: str | None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """`polygons` as a flat int64 array, the polygons' sizes `(P,)` and their fan triangulation
+    `(T, 3)`, or a one-line error."""
+    where = _where(source)
+    flat = np.asarray(polygons.cpu() if isinstance(polygons, torch.Tensor) else polygons)
+    if flat.ndim != 1 or flat.size == 0 or flat.dtype.kind not in "iu":
+        raise ShapeflowError(f"{where}polygons must be a flat integer array [n, i_0 ... i_(n-1), ...], "
+                             f"got shape {flat.shape} of {flat.dtype}")
+    flat = flat.astype(np.int64)
+    try:
+        sizes = polygon_sizes(flat)
+    except ValueError:
+        raise ShapeflowError(f"{where}polygons: the vertex counts do not match the array's length") from None
+    if sizes.min() < 3:
+        raise ShapeflowError(f"{where}polygons hold a face with {int(sizes.min())} vertices; faces need at least 3")
+    starts = np.cumsum(np.r_[0, sizes[:-1] + 1]) + 1                        # index of each polygon's first vertex
+    count = sizes - 2                                                        # triangles per polygon
+    first = np.repeat(starts, count)
+    step = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    triangles = np.stack([flat[first], flat[first + step + 1], flat[first + step + 2]], axis=1)
+    return flat, sizes, torch.from_numpy(triangles)
+
+
 @dataclass
 class Curve(PointCloud):
     """A polygonal curve (or several) in 2D or 3D. `points: (N, d)`, `edges: (E, 2)` integer
@@ -126,6 +246,7 @@ class Curve(PointCloud):
     def __post_init__(self) -> None:
         self.points = check_points(self.points, "points", self.source)
         self.edges = check_cells(self.edges, "edges", 2, len(self.points), self.source)
+        self._check_data()
 
     @property
     def cells(self) -> torch.Tensor:

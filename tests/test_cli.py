@@ -33,7 +33,8 @@ def test_register_and_warp_through_subprocesses(tmp_path):
     warped = tmp_path / "again.csv"
     run = shapeflow("warp", out / "deformation.pt", ASSETS / "horse_contour.csv", "-o", warped)
     assert run.returncode == 0, run.stderr
-    np.testing.assert_allclose(np.loadtxt(warped, delimiter=","), np.loadtxt(out / "warped.csv", delimiter=","), atol=1e-3)
+    np.testing.assert_allclose(np.loadtxt(warped, delimiter=",", skiprows=1),
+                               np.loadtxt(out / "warped.csv", delimiter=",", skiprows=1), atol=1e-3)
 
 
 def test_help_is_complete():
@@ -79,8 +80,8 @@ BAD_CASES = {
                                           "same.xyz: all 30 points coincide"),
     "nearly identical points": lambda d: ([_write(d / "near.csv", "1000,1000,1000\n1000,1000,1000.000001\n" * 5),
                                            ASSETS / "ant.ply"], "near.csv: all 10 points coincide"),
-    "--reach with chamfer": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--loss", "chamfer", "--reach", "0.1"],
-                                       "option 'reach' applies to loss 'sinkhorn', not to loss 'chamfer'"),
+    "--reach with l2": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--loss", "l2", "--reach", "0.1"],
+                                  "option 'reach' applies to loss 'sinkhorn' and loss 'chamfer', not to loss 'l2'"),
     "--blur with rigid chamfer": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--model", "rigid", "--loss",
                                              "chamfer", "--blur", "0.1"], "option 'blur' applies to loss 'sinkhorn'"),
     "--dtype float16": lambda d: ([ASSETS / "ant.ply", ASSETS / "ant_bent.ply", "--dtype", "float16"],

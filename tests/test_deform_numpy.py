@@ -261,7 +261,7 @@ def test_other_public_point_methods_follow_the_rule():
 
 
 def test_rigid_fit_of_arrays_reads_out_as_arrays(assets):
-    contour = sf.read(assets / "horse_contour.csv").points.numpy()[::4]
+    contour = sf.read(assets / "horse_contour.csv").points.float().numpy()[::4]
     angle, t = 0.45, np.array([-20.0, 35.0], dtype=np.float32)
     R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], dtype=np.float32)
     r = sf.register(contour, contour @ R.T + t, model="rigid", loss="l2", iterations=30, progress=False)

@@ -128,6 +128,31 @@ def test_a_one_voxel_nifti_is_3d_and_refused_as_too_small(tmp_path):
         sf.register(dot, fixed, progress=False)
 
 
+def test_a_4d_nifti_time_series_is_refused_not_registered_as_channels(tmp_path):
+    import nibabel.testing
+
+    series = os.path.join(nibabel.testing.data_path, "functional.nii")          # 20 volumes, TR 2 s
+    with pytest.raises(sf.ShapeflowError, match=r"functional.nii: a 4D NIfTI time series \(20 volumes, 2 sec apart\)"):
+        sf.register(series, os.path.join(nibabel.testing.data_path, "anatomical.nii"), progress=False)
+    run = CliRunner().invoke(app, ["register", series, os.path.join(nibabel.testing.data_path, "anatomical.nii"),
+                                   "-o", str(tmp_path / "out"), "-q"])
+    assert run.exit_code == 2 and "register one volume" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_refuses_data_its_format_cannot_hold_naming_the_file(tmp_path):
+    cloud = sf.PointCloud(_cloud(10, 3), point_data={"colors": np.zeros((10, 3), np.uint8)})
+    for name, message in [("c.npy", ".npy cannot hold the point_data 'colors'"),
+                          ("c.csv", ".csv cannot hold the point_data 'colors'")]:
+        with pytest.raises(sf.ShapeflowError) as info:
+            sf.write(cloud, tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name)) and message in str(info.value)
+        assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []                               # nothing written, no temporary left
+    with pytest.raises(sf.ShapeflowError, match=r"point_data\['colors'\] must be an array of 10 rows"):
+        sf.PointCloud(_cloud(10, 3), point_data={"colors": np.zeros((9, 3))})
+
+
 def test_warp_applies_an_image_deformation_to_images_and_points(tmp_path):
     moving, fixed, truth = phantom_pair((24, 24), amplitude=2.0, seed=3)
     result = sf.register(moving, fixed, progress=False)

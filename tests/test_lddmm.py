@@ -155,7 +155,7 @@ def _check_recovered(result, target, source_points):
 
 @pytest.mark.slow
 def test_register_recovers_a_smooth_deformation_of_the_shipped_contour(assets):
-    contour = sf.read(assets / "horse_contour.csv").points
+    contour = sf.read(assets / "horse_contour.csv").points.float()
     target = smooth_deformation(contour, amplitude=0.03, seed=1)
     result = sf.register(contour.numpy(), target.numpy(), model="lddmm", progress=False)
     _check_recovered(result, target, contour)        # measured: rmse 0.1% of the diagonal (before 1.5%)
@@ -218,7 +218,7 @@ def test_keops_and_dense_kernel_backends_give_the_same_flow():
 @pytest.mark.parametrize("model", ["lddmm", "node"])
 def test_flows_run_with_every_loss_and_a_prealignment(model, loss, prealign, assets):
     """Both flow models go through the same pipeline as resnet: any loss, coarse to fine, prealign."""
-    contour = sf.read(assets / "horse_contour.csv").points.double()
+    contour = sf.read(assets / "horse_contour.csv").points.float().double()
     target = smooth_deformation(contour, amplitude=0.03, seed=2)
     result = sf.register(contour.numpy(), target.numpy(), model=model, loss=loss, prealign=prealign,
                          iterations=15, progress=False)

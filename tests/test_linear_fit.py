@@ -98,7 +98,7 @@ def test_set_matrix_round_trips_every_rotation(dim):
 
 def _shape(assets, dim: int) -> np.ndarray:
     if dim == 2:
-        return sf.read(assets / "horse_contour.csv").points.double().numpy()
+        return sf.read(assets / "horse_contour.csv").points.float().double().numpy()
     return sf.read(assets / "ant.ply").points.double().numpy()
 
 
@@ -114,13 +114,15 @@ def test_a_120_degree_rotation_is_recovered_without_correspondences(assets, mode
     np.testing.assert_allclose(result.deformation.matrix.numpy(), scale * R, atol=1e-8)
 
 
-def test_plain_icp_keeps_its_local_basin(assets):
-    """loss="chamfer" is plain ICP from the identity: exact for a small turn."""
+def test_icp_runs_from_the_current_map_and_the_principal_axes(assets):
+    """loss="chamfer" is ICP from the identity and the principal-axis rotations (3 starts in 2D),
+    run as one batch until they settle, then the best alone: exact for a small turn."""
     x = _shape(assets, 2)
     y = x @ random_rotation(2, 0, 0.3).numpy().T
     result = sf.register(x, y, model="rigid", loss="chamfer", progress=False, dtype="float64")
     assert result.metrics["chamfer"] < 1e-12
-    assert all(row["phase"] == "procrustes" and "starts" not in row for row in result.history)
+    assert all(row["phase"] == "procrustes" for row in result.history)
+    assert result.history[0]["starts"] == 3 and "starts" not in result.history[-1]
 
 
 def test_an_unbalanced_transport_recovers_a_rotation(assets):
@@ -130,18 +132,25 @@ def test_an_unbalanced_transport_recovers_a_rotation(assets):
     np.testing.assert_allclose(result.deformation.rotation.numpy(), random_rotation(2, 0, 1.0).numpy(), atol=1e-3)
 
 
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    k = np.arange(n) + 0.5
+    z, theta = 1 - 2 * k / n, math.pi * (1 + 5 ** 0.5) * k
+    return np.stack([np.sqrt(1 - z ** 2) * np.cos(theta), np.sqrt(1 - z ** 2) * np.sin(theta), z], 1)
+
+
 def test_landmarks_turn_a_sphere_that_the_surfaces_leave_undetermined():
-    k = np.arange(300) + 0.5                     # Fibonacci points on the unit sphere
-    z, theta = 1 - 2 * k / 300, math.pi * (1 + 5 ** 0.5) * k
-    points = np.stack([np.sqrt(1 - z ** 2) * np.cos(theta), np.sqrt(1 - z ** 2) * np.sin(theta), z], 1)
-    target = points @ Rotation.from_rotvec([0, 0, math.radians(40)]).as_matrix().T
+    """The target is another sampling of the sphere, turned 40 degrees: no closest-point start
+    (identity or principal axes) sees the turn, 5 landmarks do."""
+    points = _fibonacci_sphere(300)
+    R = Rotation.from_rotvec([0, 0, math.radians(40)]).as_matrix()
+    target = _fibonacci_sphere(257) @ R.T
     marks = [0, 50, 120, 200, 280]
-    landmarks = (points[marks], target[marks])
+    landmarks = (points[marks], points[marks] @ R.T)
     without = sf.register(points, target, model="rigid", loss="chamfer", landmarks=landmarks, landmark_weight=0.0,
                           progress=False)
     guided = sf.register(points, target, model="rigid", loss="chamfer", landmarks=landmarks, landmark_weight=1.0,
                          progress=False)
-    assert guided.metrics["landmark_error"]["mean"] < 1e-4
+    assert guided.metrics["landmark_error"]["mean"] < 0.15 * guided.metrics["landmark_error"]["mean_before"]
     assert without.metrics["landmark_error"]["mean"] > 0.3
     assert "landmarks" in guided.history[-1]
 
@@ -152,7 +161,7 @@ def test_the_linear_models_name_the_procrustes_fitter():
 
 
 def test_history_iterations_and_prealign_go_through_the_closed_form(assets):
-    contour = sf.read(assets / "horse_contour.csv").points
+    contour = sf.read(assets / "horse_contour.csv").points.float()
     y = 1.2 * contour @ random_rotation(2, 0, 2.0).T.float() + 5.0
     capped = sf.register(contour, y, model="similarity", iterations=3, progress=False)
     stages = [row["stage"] for row in capped.history]

@@ -34,7 +34,7 @@ def test_rigid_recovers_a_known_rotation_and_translation_in_3d(ant, loss):
 
 
 def test_rigid_recovers_a_known_rotation_and_translation_in_2d(assets):
-    contour = sf.read(assets / "horse_contour.csv").points
+    contour = sf.read(assets / "horse_contour.csv").points.float()
     R, t = rotation_2d(0.45), torch.tensor([-20.0, 35.0])
     result = sf.register(contour.numpy(), (contour @ R.T + t).numpy(), model="rigid", loss="chamfer", progress=False)
     assert isinstance(result.warped, np.ndarray)
@@ -43,7 +43,7 @@ def test_rigid_recovers_a_known_rotation_and_translation_in_2d(assets):
 
 
 def test_similarity_recovers_the_scale(assets):
-    contour = sf.read(assets / "horse_contour.csv").points
+    contour = sf.read(assets / "horse_contour.csv").points.float()
     target = 1.7 * contour @ rotation_2d(-0.3).T + torch.tensor([3.0, 4.0])
     result = sf.register(contour, target, model="similarity", loss="l2", progress=False)
     assert float(result.deformation.scale.detach()) == pytest.approx(1.7, abs=1e-4)
@@ -67,7 +67,7 @@ def test_known_smooth_deformation_of_a_shipped_mesh_is_recovered(ant):
 
 
 def test_flow_with_prealignment_handles_a_rotated_scaled_and_bent_contour(assets):
-    contour = sf.read(assets / "horse_contour.csv").points
+    contour = sf.read(assets / "horse_contour.csv").points.float()
     target = smooth_deformation(1.3 * contour @ rotation_2d(0.5).T, amplitude=0.03, seed=2)
     result = sf.register(contour, target, prealign="similarity", loss="chamfer", progress=False, iterations=120)
     diagonal = float((target.max(0).values - target.min(0).values).norm())

@@ -551,3 +551,12 @@ def test_infinite_or_all_nan_images_are_refused():
         sf.Image(np.array([[[0.0, np.inf], [1.0, 2.0]]]))
     with pytest.raises(sf.ShapeflowError, match="every voxel is NaN"):
         sf.Image(np.full((1, 4, 4), np.nan))
+
+
+def test_nan_voxels_survive_a_nifti_round_trip(tmp_path):
+    data = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    data[0, 0, :2] = np.nan
+    path = sf.write(sf.Image(data), tmp_path / "nan.nii.gz")
+    back = sf.read(path)
+    assert back.valid is not None and int((~back.valid).sum()) == 2
+    assert np.isnan(back.data_with_nan().numpy()).sum() == 2 and torch.isfinite(back.data).all()

@@ -26,7 +26,8 @@ def write_warped(result: Any, folder: Path, name: str | None = None) -> None:
         return
     suffix = name or _default_suffix(result.source)
     warped = result.warped if isinstance(result.warped, PointCloud) else PointCloud(torch.as_tensor(result.warped))
-    write(dataclasses.replace(warped, source=None), Path(folder) / f"warped{suffix}")
+    # with_points: a cloud's normals are not the warped cloud's (a mesh's are recomputed)
+    write(dataclasses.replace(warped.with_points(warped.points), source=None), Path(folder) / f"warped{suffix}")
 
 
 def _default_suffix(source: Any) -> str:

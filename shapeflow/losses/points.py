@@ -5,33 +5,141 @@ Every function takes `source: (N, d)` and `target: (M, d)` and returns a 0-d ten
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from .._registry import Registry
 from ..errors import ShapeflowError
 from ..kernels import SINKHORN_BACKENDS, nearest_neighbors, sinkhorn_backend
 from ..kernels.backends import quiet_import
 from ..shapes import PointCloud
 from .base import PointLoss, Stage
 
-__all__ = ["chamfer_loss", "sinkhorn_loss", "l2_loss", "nearest_neighbors",
+__all__ = ["chamfer_loss", "sinkhorn_loss", "l2_loss", "nearest_neighbors", "PairWeights", "DIRECTIONS",
            "ChamferLoss", "SinkhornLoss", "L2Loss"]
 
+#: which sums of the Chamfer distance a fit uses: (source -> target, target -> source)
+DIRECTIONS: Registry[tuple[bool, bool]] = Registry("chamfer direction", {
+    "both": (True, True), "source": (True, False), "target": (False, True)})
+#: EM steps estimating the inlier variance of `PairWeights(outliers=w)` per evaluation
+OUTLIER_EM_STEPS = 5
 
-def chamfer_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class PairWeights:
+    """The robust options of a closest-point (Chamfer) term, applied to each direction's pairs
+    alike, in every fitter (Adam, closed form, Gauss-Newton). Distances are in the fit's
+    normalised units (the target's RMS radius is 1).
+
+    trim: the fraction (in [0, 0.5)) of each direction's pairs, the farthest ones, left out;
+    reach: pairs farther than this cost `reach^2` and pull no more (a truncated quadratic,
+        the closest-point counterpart of unbalanced transport's reach), None: no cap;
+    outliers: CPD's `w` in [0, 1): each pair is weighted by its posterior probability of being
+        an inlier of the mixture `(1 - w) Gaussian(residual; sigma^2) + w uniform(bounding box of
+        the target)`, sigma^2 estimated from the weighted residuals (a few EM steps); 0: off.
+    """
+
+    trim: float = 0.0
+    reach: float | None = None
+    outliers: float = 0.0
+
+    def check(self, who: str) -> "PairWeights":
+        if not 0.0 <= self.trim < 0.5:
+            raise ShapeflowError(f"{who}: trim must be in [0, 0.5), got {self.trim!r}")
+        if self.reach is not None and not self.reach > 0:
+            raise ShapeflowError(f"{who}: reach must be > 0 or None, got {self.reach!r}")
+        if not 0.0 <= self.outliers < 1.0:
+            raise ShapeflowError(f"{who}: outliers must be in [0, 1), got {self.outliers!r}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.trim > 0 or self.reach is not None or self.outliers > 0
+
+    def __call__(self, squared: torch.Tensor, base: torch.Tensor, volume: float = 1.0,
+                 dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+        """`squared: (..., K)` squared pair distances (no autograd), `base: (K,)` or `(..., K)`
+        the plain weights (1/K on a cloud) -> `(weights (..., K), constant (...,))`: the term is
+        `sum_k weights_k squared_k + constant` (the constant: `reach^2` for each capped pair), and
+        `weights` are what a closed-form or Gauss-Newton step weighs each pair by. `volume`: of the
+        region the outliers are spread over; `dim`: the points' dimension."""
+        squared = squared.detach()
+        weights = base.expand_as(squared).clone()
+        if self.trim > 0:
+            order = squared.argsort(-1)
+            sorted_w = weights.gather(-1, order)
+            before = sorted_w.cumsum(-1) - sorted_w                       # weight of the closer pairs
+            keep_sorted = before < (1 - self.trim) * weights.sum(-1, keepdim=True)
+            weights = weights * torch.zeros_like(weights).scatter(-1, order, keep_sorted.to(weights.dtype))
+        if self.outliers > 0:
+            weights = weights * self._inliers(squared, weights, volume, dim)
+        constant = squared.new_zeros(squared.shape[:-1])
+        if self.reach is not None:
+            far = squared > self.reach ** 2
+            constant = (weights * far).sum(-1) * self.reach ** 2
+            weights = weights * ~far
+        return weights, constant
+
+    def _inliers(self, squared: torch.Tensor, weights: torch.Tensor, volume: float, dim: int) -> torch.Tensor:
+        """Posterior inlier probability of each pair (see the class docstring), `(..., K)`."""
+        w = self.outliers
+        count = squared.shape[-1]
+        posterior = torch.ones_like(squared)
+        floor = 1e-12 * float(volume) ** (2 / dim)
+        for _ in range(OUTLIER_EM_STEPS):
+            mass = weights * posterior
+            sigma2 = ((mass * squared).sum(-1, keepdim=True) / (dim * mass.sum(-1, keepdim=True).clamp_min(1e-300))
+                      ).clamp_min(floor)
+            # a pair's Gaussian share (1 - w) / K against the uniform w / volume, in logs
+            inlier = (math.log(1 - w) - math.log(count) - squared / (2 * sigma2)
+                      - dim / 2 * torch.log(2 * math.pi * sigma2))
+            outlier = math.log(w) - math.log(volume)
+            posterior = torch.sigmoid(inlier - outlier)
+        return posterior
+
+
+def bounding_volume(points: torch.Tensor) -> float:
+    """The volume (area in 2D) of the bounding box of `points: (N, d)`, each side at least 1 %
+    of the largest (a flat shape still spreads its outliers over some volume)."""
+    sides = (points.max(0).values - points.min(0).values).detach()
+    sides = sides.clamp_min(0.01 * float(sides.max()))
+    return float(sides.prod())
+
+
+def chamfer_loss(source: torch.Tensor, target: torch.Tensor, *, trim: float = 0.0, direction: str = "both",
+                 reach: float | None = None, outliers: float = 0.0) -> torch.Tensor:
     """Symmetric squared Chamfer distance
-    `mean_i min_j |x_i - y_j|^2 + mean_j min_i |x_i - y_j|^2`.
+    `mean_i min_j |x_i - y_j|^2 + mean_j min_i |x_i - y_j|^2`, optionally robust.
 
     The nearest neighbours come from `nearest_neighbors` (a KD-tree on the CPU, a KeOps argmin
     on CUDA; no (N, M) matrix either way); the loss is then taken on
     the gathered pairs, so its gradient is exact almost everywhere (away from ties).
+    direction: "both", "source" (only the first sum: every source point to its closest target
+    point; a target with outliers or extra parts) or "target" (only the second: every target point
+    to its closest source point; a partial target). `trim`, `reach`, `outliers`: see
+    `PairWeights` (weights held fixed in the gradient, as in an EM step).
     """
     _check_pair(source, target, "chamfer_loss")
-    to_target = nearest_neighbors(source, target)   # (N,)
-    to_source = nearest_neighbors(target, source)   # (M,)
-    return ((source - target[to_target]).pow(2).sum(1).mean()
-            + (target - source[to_source]).pow(2).sum(1).mean())
+    from_source, from_target = DIRECTIONS.lookup(direction, "chamfer_loss()")
+    robust = PairWeights(trim, reach, outliers).check("chamfer_loss()")
+    total = source.new_zeros(())
+    sums = []
+    if from_source:
+        to_target = nearest_neighbors(source, target)   # (N,)
+        sums.append((source - target[to_target]).pow(2).sum(1))
+    if from_target:
+        to_source = nearest_neighbors(target, source)   # (M,)
+        sums.append((target - source[to_source]).pow(2).sum(1))
+    if not robust.active:
+        return sum(squared.mean() for squared in sums)
+    volume = bounding_volume(target)
+    for squared in sums:
+        base = squared.new_full(squared.shape, 1 / len(squared))
+        weights, constant = robust(squared, base, volume, source.shape[1])
+        total = total + (weights * squared).sum() + constant
+    return total
 
 
 def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02,
@@ -70,8 +178,10 @@ def _check_pair(source: torch.Tensor, target: torch.Tensor, who: str) -> None:
 
 
 class ChamferLoss(PointLoss):
-    """`chamfer_loss` as a module. Needs no correspondence; cheap at any size. Fitted on a
-    farthest-point subsample of `subsample` points per shape (default 4000)."""
+    """`chamfer_loss` as a module holding its robust options (`trim`, `direction`, `reach`,
+    `outliers`; `weights` the `PairWeights` every fitter applies). Needs no correspondence;
+    cheap at any size. Fitted on a farthest-point subsample of `subsample` points per shape
+    (default 4000)."""
 
     name = "chamfer"
     pairing = "closest"
@@ -79,9 +189,27 @@ class ChamferLoss(PointLoss):
     @dataclass
     class Options:
         subsample: int = 4000           # points per shape the loss is fitted on
+        trim: float = 0.0               # fraction of each direction's farthest pairs left out, [0, 0.5)
+        direction: str = "both"         # "both", "source" (source -> target only), "target" (target -> source only)
+        reach: float | None = None      # pairs farther than this (relative to the target's RMS radius) stop pulling
+        outliers: float = 0.0           # CPD's w: prior fraction of outliers, [0, 1)
+
+    def __init__(self, *, trim: float = 0.0, direction: str = "both", reach: float | None = None,
+                 outliers: float = 0.0):
+        super().__init__()
+        self.sides = DIRECTIONS.lookup(direction, "register()")
+        self.direction = direction
+        self.weights = PairWeights(trim, reach, outliers).check("register()")
+
+    @classmethod
+    def build(cls, options: "ChamferLoss.Options") -> "ChamferLoss":
+        return cls(trim=options.trim, direction=options.direction, reach=options.reach, outliers=options.outliers)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return chamfer_loss(source, target)
+        w = self.weights
+        if not w.active and self.direction == "both":
+            return chamfer_loss(source, target)
+        return chamfer_loss(source, target, trim=w.trim, direction=self.direction, reach=w.reach, outliers=w.outliers)
 
 
 class SinkhornLoss(PointLoss):
@@ -90,7 +218,10 @@ class SinkhornLoss(PointLoss):
     Its fitting plan (`stages`) is coarse to fine: the Sinkhorn divergence on a 256-point
     farthest-point subsample with 3x the blur finds the global correspondence cheaply, then a
     refinement runs with `refine` (default "chamfer", on `subsample` = 4000 points) or, with
-    `refine=None`, with Sinkhorn itself (on `subsample` = 512 points).
+    `refine=None`, with Sinkhorn itself (on `subsample` = 512 points). The `register()` option
+    `reach` (default 0.15, relative to the target's RMS radius; None: balanced) makes every stage
+    robust: the transport unbalanced, the Chamfer refine capped at the same distance (`PairWeights`),
+    which `trim` can also trim.
     """
 
     name = "sinkhorn"
@@ -101,10 +232,11 @@ class SinkhornLoss(PointLoss):
     @dataclass
     class Options:
         blur: float = 0.02               # entropic blur, relative to the target's RMS radius
-        reach: float | None = None       # unbalanced Sinkhorn reach (relative), None = balanced
+        reach: float | None = 0.15       # unbalanced reach (relative; None = balanced), also the Chamfer refine's cap
         subsample: int | None = None     # points per shape in the fine stage (default 4000, or 512 with refine=None)
         coarse_to_fine: bool = True      # fit 256 points with 3x the blur first
         refine: str | None = "chamfer"   # the fine stage's loss ("chamfer"), or None: Sinkhorn throughout
+        trim: float = 0.0                # the Chamfer refine's trim (`ChamferLoss`), [0, 0.5)
 
     def __init__(self, *, blur: float = 0.02, reach: float | None = None, scaling: float = 0.5,
                  backend: str = "auto"):
@@ -125,8 +257,11 @@ class SinkhornLoss(PointLoss):
         if options.refine not in (None, "chamfer"):
             raise ShapeflowError(f"register(): unknown refine loss {options.refine!r}; choose from chamfer, "
                                  "or None (Sinkhorn throughout)")
+        if options.refine is None and options.trim:
+            raise ShapeflowError("register(): trim applies to the Chamfer refine stage; refine=None has none")
         points = options.subsample if options.subsample is not None else cls.FINE_POINTS[options.refine]
-        fine_loss = cls.build(options) if options.refine is None else ChamferLoss()
+        fine_loss = (cls.build(options) if options.refine is None
+                     else ChamferLoss(trim=options.trim, reach=options.reach))
         fine = Stage("fine", fine_loss, points, iterations)
         if not options.coarse_to_fine or (min(len(source), len(target)) <= cls.COARSE_POINTS and options.refine is None):
             return [fine]

@@ -15,6 +15,7 @@ options only it reads):
   `d N(warped)(x) / d u(x) ~ grad N(warped)(x)` (exact when warping commutes with normalisation,
   e.g. for translations). The local NCC itself is reported per step (`score`).
 * "mind": MIND-SSC self-similarity features (multi-modal).
+* "learned": the features of a trained network (`learned.py`; the networks are in `shapeflow.learn`).
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ __all__ = ["ImageResidual", "SSDResidual", "NCCResidual", "MINDResidual", "RESID
 class ImageResidual:
     """One image `loss=`: what the Gauss-Newton residual `r = F(warped) - F(fixed)` is taken on.
 
-    `features(image (C, *S)) -> (C', *S)` is applied once per pyramid level to both images
-    before warping (the moving features are then resampled, which is exact for intensities).
+    `features(image (C, *S), role) -> (C', *S)` is applied once per pyramid level to both images
+    (`role` "fixed" or "moving") before warping (the moving features are then resampled, which is
+    exact for intensities).
     `after_warp(fixed features)` returns None, or a map `(C', *S) -> (C', *S)` applied to the fixed
     features once and to the warped moving features at every evaluation (for maps that do not
     commute with warping, such as local normalisation); the spatial gradient of its output is
@@ -53,8 +55,10 @@ class ImageResidual:
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
 
-    def features(self, image: torch.Tensor) -> torch.Tensor:
-        """(C, *S) -> (C', *S); the identity by default."""
+    def features(self, image: torch.Tensor, role: str = "fixed") -> torch.Tensor:
+        """(C, *S) -> (C', *S); the identity by default. `role` ("fixed" or "moving") says which
+        image it is, for features that differ by image (a learned network's modality branch);
+        the hand-crafted ones ignore it."""
         return image
 
     def after_warp(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -118,7 +122,7 @@ class MINDResidual(ImageResidual):
 
     same_channels = False
 
-    def features(self, image: torch.Tensor) -> torch.Tensor:
+    def features(self, image: torch.Tensor, role: str = "fixed") -> torch.Tensor:
         return mind_ssc(image.mean(0, keepdim=True))
 
 

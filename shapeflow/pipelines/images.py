@@ -269,8 +269,9 @@ def _pyramid(data: torch.Tensor, grid: Grid, levels: int) -> list[tuple[torch.Te
 
 
 def _level(term: ImageResidual, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, moving_grid: Grid) -> _Level:
-    """One pyramid level: fixed (C, *S) and moving (C, *S_m) intensities turned into `term`'s features."""
-    fixed_features, moving_features = term.features(fixed), term.features(moving)
+    """One pyramid level: fixed (C, *S) and moving (C, *S_m) intensities turned into `term`'s features
+    (each image with its role, "fixed" or "moving": a learned network runs each modality's branch)."""
+    fixed_features, moving_features = term.features(fixed, role="fixed"), term.features(moving, role="moving")
     after_warp = term.after_warp(fixed_features)
     if after_warp is None:
         return _Level(fixed_features, moving_features, grid, moving_grid, fixed_features)

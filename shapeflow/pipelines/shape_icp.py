@@ -39,6 +39,7 @@ from .._registry import Registry
 from ..deform.vertex import interpolation_weights
 from ..errors import ShapeflowError
 from ..kernels import PointIndex
+from ..losses.points import PairWeights, bounding_volume
 from ..progress import progress_bar
 from ..regularizers import bending_matrix, shape_laplacian, shape_mass, vertex_normals
 from ..sampling import farthest_point_sample
@@ -58,17 +59,23 @@ CG_MAXITER = 300
 REFACTOR_AFTER = 10
 #: Gauss-Newton iterations per stiffness stage when `iterations` is not given
 STAGE_ITERATIONS = 10
+#: the preconditioner's ridge, relative to its largest entry (keeps its LU regular)
+RIDGE = 1e-10
 
 
 @dataclass
 class PairTerm:
-    """How the data term pairs points: "closest" (both ways, `loss="chamfer"`) or "corresponding"
-    (point i with point i, `loss="l2"`), with the options that filter pairs."""
+    """How the data term pairs points: "closest" (`loss="chamfer"`: both ways, or one way by
+    `sides` = (source -> target, target -> source)) or "corresponding" (point i with point i,
+    `loss="l2"`), with the options that filter pairs and the loss's robust `PairWeights` (trim,
+    reach, outliers; applied to each direction's pairs after the filters)."""
 
     pairing: str = "closest"
     reject: float | None = None
     normal_angle: float | None = 60.0
     point_to_plane: float = 0.0
+    sides: tuple[bool, bool] = (True, True)
+    robust: PairWeights = PairWeights()
 
 
 @dataclass
@@ -124,6 +131,7 @@ class IcpProblem:
         self.target_mass = shape_mass(y, target_faces)
         self.target_normals = vertex_normals(y, target_faces) if target_faces is not None else None
         self.target_index = target_index or (PointIndex(y) if pairs.pairing == "closest" else None)
+        self.volume = bounding_volume(y)
         self._factor = None
         if preconditioner == "auto":
             small = len(x) <= FACTOR_MAX_POINTS and x.device.type == "cpu"
@@ -131,13 +139,22 @@ class IcpProblem:
         self.preconditioner = preconditioner
 
     # --- correspondences and the cost ------------------------------------------------------
-    def _filter(self, weights: Tensor, distances: Tensor, normal_dots: Tensor | None) -> Tensor:
+    def _filter(self, weights: Tensor, distances: Tensor, normal_dots: Tensor | None, side: bool
+                ) -> tuple[Tensor, float]:
+        """One direction's pair weights after the filters and the robust weights, and the cost
+        of its capped pairs (`reach`); all zero for a direction the loss leaves out."""
+        if not side:
+            return torch.zeros_like(weights), 0.0
         keep = torch.ones_like(weights, dtype=torch.bool)
         if self.pairs.reject is not None and len(distances):
             keep &= distances <= self.pairs.reject * distances.median().clamp_min(1e-12)
         if normal_dots is not None and self.pairs.normal_angle is not None:
             keep &= normal_dots >= math.cos(math.radians(self.pairs.normal_angle))
-        return weights * keep
+        weights = weights * keep
+        if not self.pairs.robust.active:
+            return weights, 0.0
+        weights, constant = self.pairs.robust(distances.square(), weights, self.volume, self.x.shape[1])
+        return weights, float(constant)
 
     def correspondences(self, u: Tensor) -> dict[str, Tensor]:
         """The pairs at `x + u`: `source_pairs (N,)` into y with weights `a (N,)`, `target_pairs (M,)`
@@ -157,10 +174,11 @@ class IcpProblem:
             moved_normals = vertex_normals(moved, self.source_faces)
             dots_s = (moved_normals * self.target_normals[near_s]).sum(1)
             dots_t = (moved_normals[near_t] * self.target_normals).sum(1)
-        a = self._filter(self.source_mass, dist_s[:, 0], dots_s)
-        b = self._filter(self.target_mass, dist_t[:, 0], dots_t)
+        a, capped_s = self._filter(self.source_mass, dist_s[:, 0], dots_s, self.pairs.sides[0])
+        b, capped_t = self._filter(self.target_mass, dist_t[:, 0], dots_t, self.pairs.sides[1])
         normals = self.target_normals[near_s] if self.target_normals is not None else None
-        return {"source_pairs": near_s, "a": a, "target_pairs": near_t, "b": b, "normals": normals}
+        return {"source_pairs": near_s, "a": a, "target_pairs": near_t, "b": b, "normals": normals,
+                "capped": 0.5 * (capped_s + capped_t)}
 
     def _data_residuals(self, u: Tensor, pairs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         moved = self.x + u
@@ -177,7 +195,7 @@ class IcpProblem:
 
     def _cost_terms(self, u: Tensor, pairs: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
         r_source, r_target = self._data_residuals(u, pairs)
-        data = 0.5 * float((pairs["a"] * r_source.square().sum(1)).sum())
+        data = 0.5 * float((pairs["a"] * r_source.square().sum(1)).sum()) + pairs.get("capped", 0.0)
         if len(r_target):
             data += 0.5 * float((pairs["b"] * r_target.square().sum(1)).sum())
         if self.pairs.point_to_plane and pairs["normals"] is not None:
@@ -209,6 +227,9 @@ class IcpProblem:
         C = self.coupling
         (i, j), v = C.indices().cpu().numpy(), C.values().detach().cpu().double().numpy()
         diag = (torch.diagonal(blocks, dim1=1, dim2=2).sum(1) / d + mu).detach().cpu().double().numpy()
+        # a tiny ridge: points without data pairs (a direction, trim or reach left them out) on a
+        # part of the kNN graph with none either leave the Laplacian's constants undetermined
+        diag = diag + RIDGE * max(float(diag.max()), float(np.abs(v).max(initial=0.0)))
         A0 = (sp.csc_matrix((v, (i, j)), shape=(n, n)) + sp.diags(diag)).tocsc()
         lu = splu(A0, permc_spec="COLAMD")
 

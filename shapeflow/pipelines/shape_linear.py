@@ -13,7 +13,9 @@ CPD do:
 How a loss pairs (`PAIRINGS`):
 
 * "closest" (`loss="chamfer"`): each moved source point with its closest target point (weight 1/N)
-  and each target point with its closest moved source point (1/M): both sums of the loss;
+  and each target point with its closest moved source point (1/M): both sums of the loss (or one,
+  by its `direction`), each pair's weight then multiplied by the loss's robust `PairWeights`
+  (trim, reach, outliers);
 * "corresponding" (`loss="l2"`): point i with point i (1/N); one step is exact;
 * "transport" (`loss="sinkhorn"`): soft correspondences, `x_i` with the barycentre
   `sum_j P_ij y_j / sum_j P_ij` of an entropic transport plan `P` (weight `sum_j P_ij`), from a few
@@ -23,10 +25,14 @@ How a loss pairs (`PAIRINGS`):
   `sum_ij P_ij |x_i - y_j|^2 / (d sum P)`, never rising nor going below the loss's `blur^2`; it
   has cooled at that floor or where the residual stops falling (two samples of one surface keep a
   gap between their points). The first steps, at a blur of the shape's size, match the shapes'
-  spread rather than nearby points. The first such stage runs at once (as a batch) from the current
-  map and from every proper rotation taking the source's principal axes to the target's (`starts`:
-  3 maps in 2D, 5 in 3D); when one of them has cooled the one closest to the target (symmetric
-  Chamfer) goes on alone. Together they recover turns far beyond ICP's reach (120, 180 degrees).
+  spread rather than nearby points. With a `reach` the plan is unbalanced, its reach annealed as
+  `max(reach, REACH_BLURS * sqrt(eps))`: balanced while hot, letting mass go once cooled.
+
+The first stage of a fit, soft or closest pairs, runs at once (as a batch) from the current map and
+from every proper rotation taking the source's principal axes to the target's (`starts`: 3 maps in
+2D, 5 in 3D); when one of them has cooled (soft pairs) or after `CLOSEST_SETTLE` steps (closest
+pairs) the one closest to the target (the stage's Chamfer loss; the symmetric Chamfer for soft
+pairs) goes on alone. Together they recover turns far beyond a local fit's reach (60 to 180 degrees).
 
 Landmarks `(source (K, d), target (K, d), weight)` join every step as K more pairs of weight
 `weight / K`, as they join the Adam objective. A stage stops after `iterations` steps, or earlier
@@ -47,7 +53,8 @@ from torch import Tensor
 from .._registry import Registry
 from ..errors import ShapeflowError
 from ..kernels import PointIndex
-from ..losses import LOSSES, SinkhornLoss
+from ..losses import LOSSES, ChamferLoss, SinkhornLoss, chamfer_loss
+from ..losses.points import PairWeights, bounding_volume
 from ..progress import progress_bar
 from ..sampling import farthest_point_sample
 
@@ -62,6 +69,10 @@ COARSE_TOL = 1e-3
 PLATEAU = 0.99
 #: a transport stage pairs at most this many points per shape (a farthest-point subsample): its plan is dense
 TRANSPORT_POINTS = 2048
+#: a transport stage's reach is at least this many times its current blur `sqrt(eps)` (annealed with it)
+REACH_BLURS = 3.0
+#: a closest-point stage with several starts keeps the best one after this many steps
+CLOSEST_SETTLE = 10
 
 
 # --- the closed-form steps (batched: B maps at once) ----------------------------------------------
@@ -127,33 +138,66 @@ class _Pairs:
     def converged(self, change: Tensor, tol: float) -> Tensor:
         return change <= tol
 
+    def settled(self) -> bool:
+        """Whether the starts have run long enough to choose one."""
+        return True
+
+    def select(self, index: int) -> None:
+        """Keep the state of start `index` only."""
+
 
 class ClosestPairs(_Pairs):
-    """Closest points both ways (the Chamfer loss at fixed pairs); converged when no pair changes."""
+    """Closest points both ways (the Chamfer loss at fixed pairs), or one way (`direction`), each
+    direction's pairs weighted by the loss's `PairWeights` (trim, reach, outliers); converged
+    when no pair changes."""
 
     def __init__(self, x: Tensor, y: Tensor, loss: Any):
         super().__init__(x, y, loss)
         self.index = PointIndex(y)
         self.previous: list[Tensor] | None = None
         self.same: Tensor | None = None
-        n, m = len(x), len(y)
-        self.w = torch.cat([x.new_full((n,), 1 / n), x.new_full((m,), 1 / m)])
+        self.sides = getattr(loss, "sides", (True, True))
+        self.robust = getattr(loss, "weights", PairWeights())
+        self.volume = bounding_volume(y)
+
+    def _weighted(self, squared: Tensor) -> tuple[Tensor, Tensor]:
+        """One direction's pair weights `(B, K)` and its loss `(B,)` at these pairs."""
+        base = squared.new_full(squared.shape[-1:], 1 / squared.shape[-1])
+        weights, constant = self.robust(squared, base, self.volume, self.x.shape[1])
+        return weights, (weights * squared).sum(-1) + constant
 
     def __call__(self, moved: Tensor):
-        to_target = torch.stack([self.index.query(one, 1)[1][:, 0] for one in moved])            # (B, N)
-        to_source = torch.stack([PointIndex(one).query(self.y, 1)[1][:, 0] for one in moved])    # (B, M)
-        pairs = torch.cat([to_target, to_source], 1)
-        self.same = (pairs == self.previous).all(1) if self.previous is not None else torch.zeros(len(moved), dtype=torch.bool)
+        b = len(moved)
+        batch = torch.arange(b)[:, None]
+        ps, qs, ws, pairs = [], [], [], []
+        data = moved.new_zeros(b)
+        if self.sides[0]:
+            to_target = torch.stack([self.index.query(one, 1)[1][:, 0] for one in moved])            # (B, N)
+            weights, value = self._weighted((moved - self.y[to_target]).square().sum(-1))
+            ps.append(self.x.expand(b, -1, -1)), qs.append(self.y[to_target]), ws.append(weights)
+            pairs.append(to_target)
+            data = data + value
+        if self.sides[1]:
+            to_source = torch.stack([PointIndex(one).query(self.y, 1)[1][:, 0] for one in moved])    # (B, M)
+            weights, value = self._weighted((moved[batch, to_source] - self.y).square().sum(-1))
+            ps.append(self.x[to_source]), qs.append(self.y.expand(b, -1, -1)), ws.append(weights)
+            pairs.append(to_source)
+            data = data + value
+        pairs = torch.cat(pairs, 1)
+        self.same = (pairs == self.previous).all(1) if self.previous is not None else torch.zeros(b, dtype=torch.bool)
         self.previous = pairs
-        batch = torch.arange(len(moved))[:, None]
-        data = ((moved - self.y[to_target]).square().sum(-1).mean(-1)
-                + (moved[batch, to_source] - self.y).square().sum(-1).mean(-1))
-        p = torch.cat([self.x.expand(len(moved), -1, -1), self.x[to_source]], 1)
-        q = torch.cat([self.y[to_target], self.y.expand(len(moved), -1, -1)], 1)
-        return p, q, self.w.expand(len(moved), -1), data
+        return torch.cat(ps, 1), torch.cat(qs, 1), torch.cat(ws, 1), data
 
     def converged(self, change: Tensor, tol: float) -> Tensor:
         return self.same.to(change.device) | (change <= 1e-12)
+
+    def settled(self) -> bool:
+        """After `CLOSEST_SETTLE` steps each start has fallen into its basin."""
+        self.steps = getattr(self, "steps", 0) + 1
+        return self.steps >= CLOSEST_SETTLE
+
+    def select(self, index: int) -> None:
+        self.previous, self.same = self.previous[index:index + 1], self.same[index:index + 1]
 
 
 class CorrespondingPairs(_Pairs):
@@ -196,7 +240,9 @@ class TransportPairs(_Pairs):
             # keep a gap between their points, whatever the map)
             self.cooled = (self.eps <= self.floor) | (self.eps > PLATEAU * previous)
         eps = self.eps[:, None]                                                       # (B, 1)
-        damping = 1.0 if self.rho is None else 1 / (1 + eps / self.rho)
+        # the reach never below REACH_BLURS times the current blur: while the temperature is high
+        # every pair is within reach, and the soft pairs find the global map before any mass is let go
+        damping = 1.0 if self.rho is None else 1 / (1 + eps / torch.clamp(REACH_BLURS ** 2 * eps, min=self.rho))
         # scaling iterations on the kernel with the last potentials absorbed (stabilised Sinkhorn:
         # its entries stay near the plan's, so none of them over- or underflows where it matters)
         kernel = torch.exp((self.f[:, :, None] + self.g[:, None, :] - cost) / eps[..., None])   # (B, N, M)
@@ -244,6 +290,8 @@ class TransportPairs(_Pairs):
 #: how a stage's loss pairs points (see the module docstring)
 PAIRINGS: Registry[type[_Pairs]] = Registry("pairing", {"closest": ClosestPairs, "corresponding": CorrespondingPairs,
                                                          "transport": TransportPairs})
+#: the pairings whose first stage runs from every map of `starts` (corresponding points need no start)
+MULTISTART = ("transport", "closest")
 
 
 def _pairing(loss: Any) -> str | None:
@@ -253,7 +301,7 @@ def _pairing(loss: Any) -> str | None:
 
 
 def starts(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """The maps a transport stage starts from: the current one `(matrix (d, d), translation (d,))`
+    """The maps a first stage (soft or closest pairs) starts from: the current one `(matrix (d, d), translation (d,))`
     and every proper rotation taking the principal axes of `x: (N, d)` onto those of `y: (M, d)`
     (the axes' signs are ambiguous: 2 in 2D, 4 in 3D), scaled by the ratio of the spreads unless
     `kind` is "rigid", centroid onto centroid. -> `(B, d, d)`, `(B, d)`."""
@@ -274,8 +322,8 @@ def starts(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor, kind: str)
 def fit_linear(model, problem, history: list[dict], prefix: str, *, fallback: Callable) -> bool:
     """Fit the linear `model` (a `Rigid`, `Similarity` or `Affine`) to `problem` (a `ShapeFit`) by
     alternating pairs and closed-form steps through the loss's stages; the model holds the fitted
-    map. A first stage with soft correspondences runs from every map of `starts` at once and keeps
-    the one closest to the target (symmetric Chamfer). Falls back to `fallback(model, problem,
+    map. A first stage with soft or closest pairs runs from every map of `starts` at once and keeps
+    the one closest to the target (see the module docstring). Falls back to `fallback(model, problem,
     history, prefix)` (Adam) for a loss that does not pair points. Returns True if Ctrl-C stopped
     it (the model then holds the last completed step)."""
     if any(_pairing(stage.loss) is None for stage in problem.stages):
@@ -294,7 +342,7 @@ def fit_linear(model, problem, history: list[dict], prefix: str, *, fallback: Ca
         for number, stage in enumerate(problem.stages):
             xs, ys = _subsample(x, y, stage, opts.seed)
             pairing = _pairing(stage.loss)
-            if number == 0 and pairing == "transport":
+            if number == 0 and pairing in MULTISTART:
                 matrix, translation = starts(xs, ys, matrix[0], translation[0], model.closed_form)
             pairs = PAIRINGS[pairing](xs, ys, stage.loss)
             label = f"{prefix}{stage.label}"
@@ -319,35 +367,37 @@ def fit_linear(model, problem, history: list[dict], prefix: str, *, fallback: Ca
                     history.append(row)
                     advance(row)
                     new_matrix, new_translation = step(p, q, w)
+                    stuck = w.sum(-1) <= 0                       # no pair left (a reach below every distance)
+                    if bool(stuck.any()):
+                        new_matrix = torch.where(stuck[:, None, None], matrix, new_matrix)
+                        new_translation = torch.where(stuck[:, None], translation, new_translation)
                     change = torch.cat([new_matrix - matrix, (new_translation - translation)[:, None]], 1).abs().amax((1, 2))
                     matrix, translation = new_matrix, new_translation
                     if bool(pairs.converged(change, tol).all()):
                         break
                     if len(matrix) > 1 and pairs.settled():    # continue from the closest start only
-                        best = _closest(xs, ys, matrix, translation)
+                        best = _closest(xs, ys, matrix, translation, stage.loss)
                         matrix, translation = matrix[best:best + 1], translation[best:best + 1]
                         pairs.select(best)
-            best = _closest(xs, ys, matrix, translation)
+            best = _closest(xs, ys, matrix, translation, stage.loss)
             matrix, translation = matrix[best:best + 1], translation[best:best + 1]
     except KeyboardInterrupt:
         interrupted = True
         if xs is not None:
-            best = _closest(xs, ys, matrix, translation)
+            best = _closest(xs, ys, matrix, translation, stage.loss)
             matrix, translation = matrix[best:best + 1], translation[best:best + 1]
     model.set_matrix(matrix[0], translation[0])
     return interrupted
 
 
-def _closest(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor) -> int:
-    """Which of the maps `(B, d, d)`, `(B, d)` takes `x: (N, d)` closest to `y: (M, d)` (the
-    symmetric Chamfer distance)."""
+def _closest(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor, loss: Any = None) -> int:
+    """Which of the maps `(B, d, d)`, `(B, d)` takes `x: (N, d)` closest to `y: (M, d)`: by the
+    stage's Chamfer loss (its robust options) for a closest-point stage, else by the symmetric
+    Chamfer distance."""
     if len(matrix) == 1:
         return 0
-    index = PointIndex(y)
-    scores = []
-    for A, t in zip(matrix, translation):
-        moved = x @ A.T + t
-        scores.append(float(index.query(moved, 1)[0].square().mean() + PointIndex(moved).query(y, 1)[0].square().mean()))
+    score = loss if isinstance(loss, ChamferLoss) else chamfer_loss
+    scores = [float(score(x @ A.T + t, y)) for A, t in zip(matrix, translation)]
     return min(range(len(scores)), key=scores.__getitem__)
 
 

@@ -6,15 +6,19 @@ fitter it names (`Deformation.fitted_by`, `FITTERS`): "adam" runs Adam through t
 plans (`PointLoss.stages`: e.g. Sinkhorn on a coarse subsample, then Chamfer on more points);
 "procrustes" fits the linear models through the same stages by closed-form steps on point pairs
 (`shape_linear.py`: ICP, or soft correspondences for Sinkhorn); "gauss-newton" runs non-rigid ICP
-on the shared solver core (`shape_icp.py`, for `model="displacement"`). Landmarks, when given, join either fit. The
+on the shared solver core (`shape_icp.py`, for `model="displacement"`). Landmarks, when given, join either fit.
+`StartGuard` chooses the start (centroids aligned, or the shapes as given) and keeps the start when
+the fit ends worse by its own data term; `_check_fit` warns (`ShapeflowWarning`) of a poor fit. The
 fitted map is applied to every source point. A model or a loss is chosen by name from `MODELS` /
 `LOSSES`; each brings its own options and behaviour, so nothing here depends on which one it is.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +28,9 @@ from .. import metrics
 from .._options import CommonOptions, parse_options
 from .._registry import Registry
 from ..deform import MODELS, Compose, Deformation, Normalized
-from ..errors import ShapeflowError
+from ..errors import ShapeflowError, ShapeflowWarning
 from ..losses import LOSSES, Stage
+from ..losses.points import ChamferLoss, L2Loss, PairWeights, chamfer_loss
 from ..result import Result
 from ..sampling import farthest_point_sample
 from ..shapes import Landmarks, Mesh, PointCloud
@@ -62,7 +67,7 @@ def check_extent(shape: PointCloud, role: str) -> None:
     points = shape.points.double()
     extent = float((points.max(0).values - points.min(0).values).max())
     magnitude = float(points.abs().max())
-    if extent <= 1e-6 * magnitude or extent == 0.0:
+    if extent <= 1e-9 * magnitude or extent == 0.0:
         raise ShapeflowError(f"{_named(shape) or role + ': '}all {len(points)} points coincide (extent {extent:.3g} "
                              f"in every direction); there is nothing to register")
 
@@ -117,24 +122,30 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     device, dtype = opts.torch_device, opts.torch_dtype
     start = time.perf_counter()
 
-    x_world = src.points.to(device, dtype)
-    y_world = tgt.points.to(device, dtype)
-    source_center, target_center = x_world.mean(0), y_world.mean(0)
-    scale = float((y_world - target_center).pow(2).sum(1).mean().sqrt()) if opts.normalize else 1.0
+    # centre and scale in float64, then cast: float32 world coordinates far from the origin (a
+    # unit-size shape at 1e6) would keep only a few distinct values
+    x64, y64 = src.points.to(device, torch.float64), tgt.points.to(device, torch.float64)
+    x_world, y_world = x64.to(dtype), y64.to(dtype)
+    source_center, target_center = x64.mean(0), y64.mean(0)
+    scale = float((y64 - target_center).pow(2).sum(1).mean().sqrt()) if opts.normalize else 1.0
     if not opts.normalize:
         source_center, target_center = torch.zeros_like(source_center), torch.zeros_like(target_center)
-    x = (x_world - source_center) / scale
-    y = (y_world - target_center) / scale
-
-    landmarks = None
-    if marks is not None:
-        weight = opts.landmark_weight if opts.landmark_weight is not None else 1.0
-        landmarks = ((marks[0].to(device, dtype) - source_center) / scale,
-                     (marks[1].to(device, dtype) - target_center) / scale, float(weight))
-
-    history: list[dict] = []
+    y = ((y64 - target_center) / scale).to(dtype)
     iterations = opts.iterations if opts.iterations is not None else 60
     stages = loss_cls.stages(parts["loss"], iterations, src, tgt)
+    guard = StartGuard.make(stages, loss_cls, x_world, y_world, scale, opts.seed)
+    weight = opts.landmark_weight if opts.landmark_weight is not None else 1.0
+    world_marks = None if marks is None else (marks[0].to(device, dtype), marks[1].to(device, dtype), float(weight))
+    start_pose = "centroids"
+    if opts.normalize and guard is not None and guard.as_given_is_closer(source_center.to(dtype),
+                                                                         target_center.to(dtype), world_marks):
+        source_center, start_pose = target_center, "as given"     # the shapes overlap better where they are
+    x = ((x64 - source_center) / scale).to(dtype)
+    landmarks = None if marks is None else (((marks[0].to(device, torch.float64) - source_center) / scale).to(dtype),
+                                            ((marks[1].to(device, torch.float64) - target_center) / scale).to(dtype),
+                                            world_marks[2])
+
+    history: list[dict] = []
     fitted: list[Deformation] = []
     interrupted = False
     problem = ShapeFit(x, y, src.cells, tgt.cells, stages, loss_cls,
@@ -147,18 +158,25 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
             problem = problem.moved_by(pre)
     core = model_cls.build(src.dim, parts["model"], seed=opts.seed).to(device, dtype)
     core.prepare(problem.x, problem.source_cells)
+    identity = copy.deepcopy(core.state_dict())     # a new model is the identity map
     if not interrupted:
         interrupted = fitter(core, problem, history, prefix="")
     fitted.append(core)
+    kept = guard.keep_the_best(fitted, identity, x, y, landmarks) if guard else "fit"
 
-    deformation = _in_world_units(fitted, source_center, target_center, scale)
-    with torch.no_grad():
-        warped_points = deformation(x_world)
-    warped = dataclasses.replace(src, points=warped_points.detach().cpu().to(src.points.dtype), source=None)
+    deformation = _in_world_units(fitted, source_center.to(dtype), target_center.to(dtype), scale)
+    with torch.no_grad():   # the fitted map on the normalised source, back to world units in float64
+        inner = fitted[0] if len(fitted) == 1 else Compose(fitted)
+        warped64 = scale * inner(x).double() + target_center
+        warped_points = warped64.to(dtype)
+    warped = dataclasses.replace(src.with_points(warped64.cpu().to(src.points.dtype)), source=None)
     result_metrics = _metrics(deformation, src, tgt, x_world, y_world, warped_points, loss_cls.correspondence)
     if marks is not None:
         result_metrics["landmark_error"] = metrics.landmark_errors(deformation, marks[0].to(device, dtype),
                                                                    marks[1].to(device, dtype))
+    result_metrics["start"] = start_pose
+    result_metrics["kept"] = kept
+    _check_fit(result_metrics, y_world, kept)
     result_metrics["seconds"] = time.perf_counter() - start
     result_metrics["interrupted"] = interrupted
     record = {"model": model, "loss": loss,
@@ -241,7 +259,9 @@ def _fit_gauss_newton(model: Deformation, problem: ShapeFit, history: list[dict]
     opts = problem.opts
     options = problem.model_options
     weight = opts.regularization if opts.regularization is not None else model.default_regularization
-    pairs = PairTerm(problem.loss_cls.pairing, options.reject, options.normal_angle, options.point_to_plane)
+    loss = problem.stages[-1].loss
+    pairs = PairTerm(problem.loss_cls.pairing, options.reject, options.normal_angle, options.point_to_plane,
+                     sides=getattr(loss, "sides", (True, True)), robust=getattr(loss, "weights", PairWeights()))
     u, interrupted = fit_point_displacement(
         problem.x, problem.y, _triangles(problem.source_cells), _triangles(problem.target_cells), options, pairs=pairs,
         regularization=weight, iterations=opts.iterations, landmarks=problem.landmarks, progress=opts.progress,
@@ -286,6 +306,112 @@ FITTERS: Registry[Fitter] = Registry("fitter", {"adam": Fitter(_fit_adam, _check
                                                 "gauss-newton": Fitter(_fit_gauss_newton, _check_gauss_newton),
                                                 "procrustes": Fitter(functools.partial(fit_linear, fallback=_fit_adam),
                                                                      check_linear)})
+
+
+#: the start and the result are compared on a subsample of at most this many points per shape
+GUARD_POINTS = 4000
+#: a fit whose mean closest-point distance (both ways) exceeds this fraction of the target's RMS
+#: radius is reported as poor
+POOR_FIT = 0.05
+
+
+class StartGuard:
+    """Never end worse than the start. The data term of the fit's last stage (its Chamfer loss
+    with the robust options, or L2; after a Sinkhorn stage the Chamfer capped at its reach) plus the
+    landmark term, on a subsample of the normalised shapes (the stage's farthest points, at most
+    `GUARD_POINTS`; every point, in order, for corresponding points), scores (1) where the fit
+    starts: the centroids aligned or the shapes as given, whichever is closer, and (2) what the fit
+    ends with against that start and the pre-aligned start: the best one is kept."""
+
+    def __init__(self, loss, xs: torch.Tensor, ys: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor, scale: float):
+        self.loss, self.xs, self.ys, self.xi, self.yi, self.scale = loss, xs, ys, xi, yi, scale
+
+    @classmethod
+    def make(cls, stages, loss_cls, x_world: torch.Tensor, y_world: torch.Tensor, scale: float,
+             seed: int) -> "StartGuard | None":
+        """None for a loss that needs cells (varifold, currents): closest points do not score it."""
+        if loss_cls.needs_cells:
+            return None
+        last = stages[-1]
+        loss = (last.loss if isinstance(last.loss, (ChamferLoss, L2Loss))
+                else ChamferLoss(reach=getattr(last.loss, "reach", None)))    # Sinkhorn: the capped Chamfer
+        if loss_cls.correspondence:
+            xi = yi = torch.arange(len(x_world), device=x_world.device)
+        else:
+            count = min(last.points or GUARD_POINTS, GUARD_POINTS)
+            xi, yi = _sample(x_world, count, seed), _sample(y_world, count, seed)
+        return cls(loss, x_world[xi], y_world[yi], xi, yi, scale)
+
+    def score(self, moved: torch.Tensor, y: torch.Tensor, landmarks=None, phi=None) -> float:
+        """The data term of `moved: (n, d)` against `y: (m, d)` (normalised), plus the landmark term
+        `w mean |phi(s_k) - t_k|^2` when there are landmarks."""
+        with torch.no_grad():
+            if isinstance(self.loss, ChamferLoss):
+                w = self.loss.weights
+                value = float(chamfer_loss(moved, y, trim=w.trim, direction=self.loss.direction, reach=w.reach,
+                                           outliers=w.outliers))
+            else:
+                value = float(self.loss(moved, y))
+            if landmarks is not None and landmarks[2] > 0:
+                ends = phi(landmarks[0]) if phi is not None else landmarks[0]
+                value += landmarks[2] * float((ends - landmarks[1]).square().sum(1).mean())
+        return value
+
+    def as_given_is_closer(self, source_center: torch.Tensor, target_center: torch.Tensor, marks=None) -> bool:
+        """Whether the shapes where they are score lower than with their centroids aligned;
+        `marks`: the landmarks `(source (K, d), target (K, d), weight)` in world units, or None."""
+        y = (self.ys - target_center) / self.scale
+
+        def score(center):
+            moved = None if marks is None else ((marks[0] - center) / self.scale,
+                                                (marks[1] - target_center) / self.scale, marks[2])
+            return self.score((self.xs - center) / self.scale, y, moved)
+
+        return score(target_center) < score(source_center)
+
+    def keep_the_best(self, fitted: list[Deformation], identity: dict, x: torch.Tensor, y: torch.Tensor,
+                      landmarks) -> str:
+        """Score the fit against the start (and the pre-aligned start); reset the parts that made it
+        worse (the model to `identity`, its state when new; the pre-alignment to the identity).
+        Returns what was kept: "fit", "prealign" or "start"."""
+        xs, ys = x[self.xi], y[self.yi]
+        core, pre = fitted[-1], fitted[0] if len(fitted) > 1 else None
+        chain = (lambda p: core(pre(p))) if pre is not None else core
+        with torch.no_grad():
+            scores = {"fit": self.score(chain(xs), ys, landmarks, chain), "start": self.score(xs, ys, landmarks)}
+            if pre is not None:
+                scores["prealign"] = self.score(pre(xs), ys, landmarks, pre)
+        best = min(scores, key=lambda k: (scores[k], k != "fit"))      # ties go to the fit
+        if best != "fit":
+            core.load_state_dict(identity)
+            if best == "start" and pre is not None:
+                eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+                pre.set_matrix(eye, torch.zeros(x.shape[1], dtype=x.dtype, device=x.device))
+        self.scores = scores
+        return best
+
+
+def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str) -> None:
+    """`poor_fit` in the metrics, and one `ShapeflowWarning` naming the measured value, when the mean
+    closest-point distance after the fit (`chamfer`) is above `POOR_FIT` times the target's RMS
+    radius or above `chamfer_before` (the shapes as given; by more than 1e-4 of the radius), or when the fit scored worse than its
+    start (which is then kept)."""
+    radius = float((y_world - y_world.mean(0)).square().sum(1).mean().sqrt())
+    chamfer = result_metrics["chamfer"]
+    reasons = []
+    if kept != "fit":
+        reasons.append(f"the fitted map scored worse than the {'pre-aligned ' if kept == 'prealign' else ''}start, "
+                       f"which is kept")
+    if chamfer > result_metrics["chamfer_before"] + 1e-4 * radius:     # rounding is not a worse fit
+        reasons.append(f"the mean closest-point distance went up, from {result_metrics['chamfer_before']:.4g} to "
+                       f"{chamfer:.4g}")
+    elif chamfer > POOR_FIT * radius:
+        reasons.append(f"the mean closest-point distance after it is {chamfer:.4g} ({100 * chamfer / radius:.1f} % of "
+                       f"the target's RMS radius, above {100 * POOR_FIT:.0f} %)")
+    result_metrics["poor_fit"] = bool(reasons)
+    if reasons:
+        warnings.warn(f"register(): poor fit: {'; '.join(reasons)}. A wrong minimum, or shapes that only partly "
+                      f"match (see the loss options trim, direction, reach, outliers)", ShapeflowWarning, stacklevel=4)
 
 
 def _in_world_units(parts: list[Deformation], source_center, target_center, scale: float) -> Deformation:

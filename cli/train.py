@@ -30,9 +30,12 @@ def train_command(
                    "run the same command to resume", err=True)
         raise typer.Exit(code=130)
     if not quiet:
+        typer.echo(f"trained {result['method']} for {result['steps']} steps in {result['seconds']:.1f} s")
         test = result.get("test") or {}
-        figures = ", ".join(f"{key} {test[key]:.4g}" for key in ("dice_before", "dice_after", "hd95_after",
-                                                                  "folding_percent") if key in test)
-        typer.echo(f"trained {result['method']} for {result['steps']} steps in {result['seconds']:.1f} s"
-                   + (f"; test pairs: {figures}" if figures else ""))
+        rows = [("method, trained", test.get("method")), ("method, initial", test.get("initial"))]
+        rows += [(f"register, {loss}", figures) for loss, figures in (test.get("register") or {}).items()]
+        for name, figures in rows:
+            if figures:
+                typer.echo(f"  test {name}: Dice {figures['dice_before']:.3f} -> {figures['dice_after']:.3f}, "
+                           f"HD95 {figures['hd95_after']:.2f} mm, folding {figures['folding_percent']:.2f} %")
         typer.echo("wrote " + ", ".join(str(output / name) for name in result["files"]))

@@ -7,7 +7,7 @@ from scipy.ndimage import gaussian_filter
 from shapeflow.errors import ShapeflowError
 from shapeflow.grids import Grid, sample, spatial_gradient
 from shapeflow.learn.layers import (gauss_newton_layer, gauss_newton_system_layer, implicit_registration_layer,
-                                    linearise)
+                                    linearise, normal_factor)
 from shapeflow.solvers import gauss_newton_step
 
 D = torch.float64
@@ -57,6 +57,16 @@ def test_system_layer_on_linearised_features_equals_gauss_newton_layer():
     residual, gradient = linearise(moving, fixed, grid, u)
     torch.testing.assert_close(gauss_newton_system_layer(gradient, residual, u, grid, 0.1, tol=1e-12),
                                gauss_newton_layer(moving, fixed, grid, 0.1, u, tol=1e-12), atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("channels, dim", [(12, 2), (5, 3), (1, 2)])
+def test_normal_factor_keeps_the_blocks(channels, dim):
+    gradient = torch.randn(channels, dim, *([4] * dim), dtype=D, generator=torch.Generator().manual_seed(channels))
+    gradient[:, :, 0] = 0                                   # flat voxels: singular blocks
+    factor = normal_factor(gradient)
+    assert factor.shape[0] == min(channels, dim)
+    torch.testing.assert_close(torch.einsum("ki...,kj...->ij...", factor, factor),
+                               torch.einsum("ci...,cj...->ij...", gradient, gradient) / channels, atol=1e-12, rtol=0)
 
 
 def test_one_unrolled_registration_step_passes_gradcheck():

@@ -1,104 +1,28 @@
 """Training through the solver: config checks, loss going down, resume = straight, checkpoints, CLI."""
 import importlib
 import json
-import sys
-import types
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.learn import METHODS, load_config, train
+from shapeflow.learn import METHODS, build_features, load_config, train
 from shapeflow.learn.methods import MethodOptions, as_pair
 from shapeflow.learn.phantoms import phantom_pair
 
 training = importlib.import_module("shapeflow.learn.train")
 
 
-# ----------------------------------------------------------------------------- tiny networks
-
-
-class TinyFeatures(nn.Module):
-    """A Y-shaped stand-in: one first convolution per modality, a shared second one."""
-
-    kind = "features"
-
-    def __init__(self, dim: int, channels: int = 4, name: str = "suits"):
-        super().__init__()
-        conv = nn.Conv2d if dim == 2 else nn.Conv3d
-        self.dim, self.channels, self.name = dim, channels, name
-        self.first = nn.ModuleList([conv(1, 6, 3, padding=1) for _ in range(2)])
-        self.rest = nn.Sequential(nn.ReLU(), conv(6, channels, 3, padding=1))
-
-    def forward(self, image, modality: int = 0):
-        return torch.sigmoid(self.rest(self.first[modality](image)))
-
-    def config(self):
-        return {"name": self.name, "dim": self.dim, "channels": self.channels}
-
-
-class TinyLearnGN(nn.Module):
-    kind = "gauss-newton"
-
-    def __init__(self, dim: int, width: int = 6):
-        super().__init__()
-        conv = nn.Conv2d if dim == 2 else nn.Conv3d
-        self.dim, self.width = dim, width
-        self.body = nn.Sequential(conv(2, width, 3, padding=1), nn.ReLU(), conv(width, dim + 1, 3, padding=1))
-
-    def forward(self, warped, fixed):
-        out = self.body(torch.cat([warped, fixed], 1))
-        return out[:, :self.dim], out[:, self.dim:]
-
-    def config(self):
-        return {"name": "learngn", "dim": self.dim, "width": self.width}
-
-
-def _stand_in_features() -> types.ModuleType:
-    """`shapeflow.learn.features` with its interface, for as long as the real one is not there."""
-    module = types.ModuleType("shapeflow.learn.features")
-    module.FEATURE_NETWORKS = {"suits": TinyFeatures, "unet": TinyFeatures, "learngn": TinyLearnGN}
-
-    def build_features(name, dim, **hyper):
-        if name not in module.FEATURE_NETWORKS:
-            raise ShapeflowError(f"build_features(): unknown network {name!r}; choose from suits, unet, learngn")
-        if name == "learngn":
-            return TinyLearnGN(dim, **hyper)
-        return TinyFeatures(dim, name=name, **hyper)
-
-    def save_features(path, net, extra=None):
-        torch.save({"config": json.dumps(net.config()), "weights": net.state_dict(),
-                    "extra": json.dumps(extra or {})}, path)
-
-    def load_features(path):
-        state = torch.load(path, weights_only=True)
-        config = json.loads(state["config"])
-        net = build_features(config.pop("name"), config.pop("dim"), **config)
-        net.load_state_dict(state["weights"])
-        return net, {"extra": json.loads(state["extra"])}
-
-    def pretrain_mind(net, images, steps, lr=1e-3):
-        return [0.0] * steps
-
-    module.build_features, module.save_features, module.load_features = build_features, save_features, load_features
-    module.pretrain_mind = pretrain_mind
-    return module
-
-
-@pytest.fixture(autouse=True)
-def features(monkeypatch):
-    try:
-        importlib.import_module("shapeflow.learn.features")
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "shapeflow.learn.features", _stand_in_features())
+#: tiny hyper-parameters of each network, so a step takes a fraction of a second at 32 x 32
+TINY = {"suits": {"width": 4, "out_channels": 4}, "unet": {"width": 4, "out_channels": 4, "depth": 1},
+        "learngn": {"width": 6, "layers": 2}}
 
 
 def config(method="suits", network="suits", steps=4, **train):
     return {
         "data": {"size": [32, 32], "train": 2, "validation": 1, "test": 1, "amplitude": 0.08},
-        "network": {"name": network, **({"width": 6} if network == "learngn" else {"channels": 4})},
+        "network": {"name": network, **TINY[network]},
         "method": {"name": method, "iterations": [2, 3], "lam": 0.1, "cg_iterations": 40},
         "train": {"steps": steps, "batch": 2, "lr": 3e-3, "seed": 3, "validate_every": 2, "checkpoint_every": 2,
                   **train},
@@ -142,22 +66,19 @@ def test_toml_config_is_read_and_checked(tmp_path):
 @pytest.mark.parametrize("method, network, lr", [("suits", "suits", 1e-2), ("learngn", "learngn", 3e-3),
                                                  ("dio", "unet", 1e-2)])
 def test_a_few_steps_lower_the_loss_on_a_fixed_pair(method, network, lr):
-    from shapeflow.learn.features import build_features
-
     torch.manual_seed(0)
-    hyper = {k: v for k, v in config(network=network)["network"].items() if k != "name"}
-    net = build_features(network, 2, **hyper)
+    net = build_features(network, 2, **TINY[network])
     pair = as_pair(*phantom_pair(4, (32, 32), amplitude=0.08))
     options = MethodOptions(name=method, iterations=(3, 3), lam=0.1, cg_iterations=40, backward="ift")
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     losses = []
-    for _ in range(6):
+    for _ in range(8):
         loss, metrics = METHODS[method](net, [pair], options)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(metrics["loss"])
-    assert losses[-1] < losses[0] - 0.005, losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.02, losses
 
 
 def _weights(path):
@@ -213,7 +134,7 @@ def test_cli_trains_a_two_step_config(tmp_path):
 
     path = tmp_path / "run.toml"
     path.write_text('[data]\nsize = [32, 32]\ntrain = 2\nvalidation = 1\ntest = 1\n'
-                    '[network]\nname = "suits"\nchannels = 4\n'
+                    '[network]\nname = "suits"\nwidth = 4\nout_channels = 4\n'
                     '[method]\nname = "suits"\niterations = [1, 2]\ncg_iterations = 30\n'
                     '[train]\nsteps = 2\nbatch = 1\nvalidate_every = 0\n')
     run = CliRunner().invoke(app, ["train", str(path), "-o", str(tmp_path / "run")])

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
 from ..errors import ShapeflowError
 from ..grids import Grid, sample, spatial_gradient
 from ..regularizers import grid_laplacian, grid_laplacian_apply
-from ..solvers import gauss_newton_step, grid_normal_operator, linear_solve
+from ..solvers import grid_normal_operator, linear_solve, solve_grid_normal
 
 __all__ = ["gauss_newton_layer", "gauss_newton_system_layer", "implicit_registration_layer", "linearise",
-           "BACKWARDS"]
+           "normal_factor", "BACKWARDS"]
 
 #: how `implicit_registration_layer` differentiates the optimiser
 BACKWARDS = ("ift", "jfb", "unrolled")
@@ -165,7 +166,9 @@ def gauss_newton_system_layer(gradient: torch.Tensor, residual: torch.Tensor, u:
                     ).reshape(-1)
 
         A.diagonal = lambda: lap_diagonal                                                    # for M="jacobi"
-    du = linear_solve(A, diagonal, rhs.reshape(-1), mode=mode, M="jacobi", tol=tol, maxiter=maxiter)
+    with warnings.catch_warnings():      # torch's one-time "CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        du = linear_solve(A, diagonal, rhs.reshape(-1), mode=mode, M="jacobi", tol=tol, maxiter=maxiter)
     return du.view(d, *shape)
 
 
@@ -183,6 +186,28 @@ def _check_features(moving, fixed, grid: Grid) -> None:
                              f"features_fixed {fixed.shape[0]}; they must match")
 
 
+def normal_factor(gradient: torch.Tensor) -> torch.Tensor:
+    """A per-voxel factor of the Gauss-Newton blocks with the fewest rows: `(K, d, *S)`, K = min(C, d).
+
+    gradient: (C, d, *S). Returns F with `sum_k F_k F_k^T = sum_c g_c g_c^T / C` at every voxel
+    (for C > d from the blocks' eigen-decomposition, `F_k = sqrt(w_k) v_k`), so the fused normal
+    operator reads d rows per voxel instead of C (12 feature channels: 2-3x faster CG in 2D).
+    """
+    C, d = gradient.shape[:2]
+    if C <= d:
+        return gradient / math.sqrt(C)
+    blocks = torch.einsum("ci...,cj...->...ij", gradient, gradient) / C                       # (*S, d, d)
+    w, V = torch.linalg.eigh(blocks)
+    factor = w.clamp_min(0).sqrt()[..., :, None] * V.transpose(-1, -2)                        # (*S, k, i)
+    return factor.movedim(-1, 0).movedim(-1, 0).contiguous()                                  # (k, i, *S)
+
+
+def _gauss_newton_rhs(residual: torch.Tensor, gradient: torch.Tensor, u: torch.Tensor, grid: Grid,
+                      lam: float) -> torch.Tensor:
+    """`-sum_c r_c g_c / C - lam L u`: (d, *S)."""
+    return -(residual[:, None] * gradient).sum(0) / gradient.shape[0] - lam * grid_laplacian_apply(u, grid.spacing.tolist())
+
+
 def _gauss_newton(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, lam: float, iterations: int, step: float,
                   tol: float, maxiter: int) -> torch.Tensor:
     """`iterations` Gauss-Newton steps from u = 0 without a graph (the solver's fused CG). -> u (d, *S)."""
@@ -191,8 +216,10 @@ def _gauss_newton(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, lam: fl
         u = torch.zeros(grid.dim, *grid.shape, dtype=moving.dtype, device=moving.device)
         for _ in range(iterations):
             residual, gradient = linearise(moving, fixed, grid, u)
-            du, _ = gauss_newton_step(residual, gradient, u, grid, lam, cg_iterations=maxiter, cg_tol=tol)
-            u = u + step * du
+            rhs = _gauss_newton_rhs(residual, gradient, u, grid, lam)
+            du, _ = solve_grid_normal(normal_factor(gradient), rhs.reshape(-1), lam=lam, spacing=grid.spacing.tolist(),
+                                      tol=tol, maxiter=maxiter)
+            u = u + step * du.view(u.shape)
     return u
 
 
@@ -237,10 +264,8 @@ def implicit_registration_layer(features_moving: torch.Tensor, features_fixed: t
     if not torch.is_grad_enabled() or not (features_moving.requires_grad or features_fixed.requires_grad):
         return u
     residual, gradient = linearise(features_moving, features_fixed, grid, u)
-    C = gradient.shape[0]
-    spacing = grid.spacing.tolist()
-    F = -(residual[:, None] * gradient).sum(0) / C - lam * grid_laplacian_apply(u, spacing)     # (d, *S)
-    hessian = grid_normal_operator(gradient.detach() / math.sqrt(C), lam=lam, spacing=spacing)
+    F = _gauss_newton_rhs(residual, gradient, u, grid, lam)                                   # (d, *S)
+    hessian = grid_normal_operator(normal_factor(gradient.detach()), lam=lam, spacing=grid.spacing.tolist())
     if backward == "ift":
         du = linear_solve(hessian, None, F.reshape(-1), mode="implicit", M=hessian.diagonal(), tol=tol,
                           maxiter=maxiter).view(u.shape)

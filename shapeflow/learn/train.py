@@ -26,6 +26,7 @@ config in `extra`), `report.json` (test pairs: Dice before/after, HD95, % foldin
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -48,7 +49,7 @@ from ..progress import progress_bar
 from .methods import METHODS, NETWORK_KINDS, MethodOptions, Pair, as_pair, register_pair
 from .phantoms import PairFolder, phantom_pair, split_seeds
 
-__all__ = ["train", "load_config", "load_checkpoint", "evaluate", "DataOptions", "TrainOptions", "SECTIONS"]
+__all__ = ["train", "load_config", "load_checkpoint", "evaluate", "evaluate_register", "DataOptions", "TrainOptions", "SECTIONS"]
 
 #: the config's sections, all required
 SECTIONS = ("data", "network", "method", "train")
@@ -195,7 +196,7 @@ class _Split:
 
     def __init__(self, data: DataOptions, split: str, count: int, device):
         self.data, self.split, self.count, self.device = data, split, count, device
-        self._cache: dict[int, Pair] = {}
+        self._cache: dict[int, tuple] = {}
         if data.source == "phantoms":
             self.seeds = split_seeds(split, count)
         else:
@@ -208,12 +209,16 @@ class _Split:
         return self.count
 
     def __getitem__(self, i: int) -> Pair:
+        return self.images(i)[2]
+
+    def images(self, i: int):
+        """(moving Image, fixed Image, Pair) of pair i."""
         if i not in self._cache:
             if self.data.source == "phantoms":
                 moving, fixed = phantom_pair(self.seeds[i], self.data.size, self.data.modality, self.data.amplitude)
             else:
                 moving, fixed = self.folder.pair(i)
-            self._cache[i] = as_pair(moving, fixed, device=self.device)
+            self._cache[i] = (moving, fixed, as_pair(moving, fixed, device=self.device))
         return self._cache[i]
 
 
@@ -277,7 +282,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         for key in ("config", "history", "validation"):
             state[key] = json.loads(state[key])
-        int(state["step"]), state["weights"], state["optimizer"], state["rng"]
+        int(state["step"]), state["weights"], state["initial"], state["optimizer"], state["rng"]
     except (KeyError, TypeError, ValueError) as exc:
         raise ShapeflowError(f"{path}: damaged training checkpoint ({type(exc).__name__}: {exc})") from None
     return state
@@ -355,6 +360,35 @@ def evaluate(network, pairs, options: MethodOptions, *, surfaces: bool = True) -
         rows.append(row)
     summary = {key: _mean(r[key] for r in rows) for key in (rows[0] if rows else {})}
     return {"pairs": len(rows), **summary, "per_pair": rows}
+
+
+def _label_means(metrics: dict, key: str) -> float:
+    value = metrics.get(key)
+    return _mean(value.values()) if isinstance(value, dict) else float("nan")
+
+
+def evaluate_register(network, images, *, losses: tuple[str, ...] = ("learned", "mind"), **options) -> dict:
+    """Register every `(moving, fixed)` Image pair (with labels) by `sf.register` with each of
+    `losses` ("learned": the network's features, `features=network`; or any image loss, e.g. "mind"
+    as a baseline) and the registration `options`; returns `{loss: {"pairs", "dice_before",
+    "dice_after", "hd95_after", "folding_percent", "seconds"}}` (means over foreground labels,
+    then pairs)."""
+    from ..register import register
+
+    out = {}
+    for loss in losses:
+        rows = []
+        for moving, fixed in images:
+            extra = {"features": network} if loss == "learned" else {}
+            started = time.perf_counter()
+            metrics = register(moving, fixed, loss=loss, labels_moving=moving.labels, labels_fixed=fixed.labels,
+                               progress=False, **extra, **options).metrics
+            rows.append({"dice_before": _label_means(metrics, "dice_before"), "dice_after": _label_means(metrics, "dice"),
+                         "hd95_after": _label_means(metrics, "hd95"),
+                         "folding_percent": float(metrics.get("jacobian_percent_negative", float("nan"))),
+                         "seconds": time.perf_counter() - started})
+        out[loss] = {"pairs": len(rows), **{key: _mean(r[key] for r in rows) for key in (rows[0] if rows else {})}}
+    return out
 
 
 def _plot_curve(history: list[dict], validation: list[dict], path: Path) -> None:
@@ -445,11 +479,13 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
         torch.manual_seed(options.seed)
         network = _build_network(config, dim, lambda: [image for i in range(len(splits["train"]))
                                                        for image in splits["train"][i][:2]]).to(device)
+        initial_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
         optimizer = torch.optim.Adam(network.parameters(), lr=options.lr)
         generator = torch.Generator().manual_seed(options.seed)
         step, history, validation, seconds = 0, [], [], 0.0
         if state is not None:
             network.load_state_dict(state["weights"])
+            initial_weights = state["initial"]
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(generator, state["rng"], device)
             step, history, validation = int(state["step"]), state["history"], state["validation"]
@@ -457,6 +493,7 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
 
         def save(rng: dict) -> None:
             _atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "weights": network.state_dict(),
+                          "initial": initial_weights,
                           "optimizer": optimizer.state_dict(), "rng": rng, "config": json.dumps(config),
                           "history": json.dumps(history), "validation": json.dumps(validation),
                           "network": json.dumps(network.config()), "seconds": elapsed()}, checkpoint)
@@ -498,22 +535,39 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
                     "checkpoint": str(checkpoint)}
         if state is None and not saved:      # steps = 0: still leave a checkpoint of the initial state
             save(rng)
-        return _finish(network, config, method, splits["test"], history, validation, elapsed(), output)
+        initial = copy.deepcopy(network)
+        initial.load_state_dict(initial_weights)
+        return _finish(network, initial, config, method, splits["test"], history, validation, elapsed(), output)
 
 
-def _finish(network, config: dict, method: MethodOptions, test: _Split, history: list, validation: list,
+def _test_report(network, initial, method: MethodOptions, test: _Split) -> dict | None:
+    """The test pairs registered by the method's Gauss-Newton with the trained and the initial
+    network, and by `sf.register` with the learned features (feature networks) and with MIND."""
+    if not len(test):
+        return None
+    pairs = [test[i] for i in range(len(test))]
+    images = [test.images(i)[:2] for i in range(len(test))]
+    report = {"pairs": len(pairs), "method": evaluate(network, pairs, method),
+              "initial": evaluate(initial, pairs, method)}
+    losses = ("learned", "mind") if getattr(network, "kind", None) == "features" else ("mind",)
+    report["register"] = evaluate_register(network, images, losses=losses)
+    return report
+
+
+def _finish(network, initial, config: dict, method: MethodOptions, test: _Split, history: list, validation: list,
             seconds: float, output: Path) -> dict:
     """Write model.pt, report.json and curve.png; return the report."""
     from .features import save_features
 
     network.eval()
+    initial.eval()
     save_features(output / "model.pt", network, extra={"config": config, "method": method.name,
                                                        "steps": config["train"]["steps"]})
     last = [row["loss"] for row in history[-10:]]
     report = {"method": method.name, "network": network.config(), "steps": config["train"]["steps"],
               "seconds": round(seconds, 3), "seconds_per_step": _median(row.get("seconds") for row in history),
               "final_loss": _mean(last) if last else None, "validation": validation,
-              "test": evaluate(network, test, method) if len(test) else None, "config": config,
+              "test": _test_report(network, initial, method, test), "config": config,
               "interrupted": False}
     _plot_curve(history, validation, output / "curve.png")
     report["files"] = sorted(p.name for p in output.iterdir() if not p.name.startswith("."))

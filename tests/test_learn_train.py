@@ -108,6 +108,11 @@ def test_resume_after_ctrl_c_equals_straight_training(tmp_path, monkeypatch):
         assert torch.equal(value, _weights(tmp_path / "resumed")[name]), name
     assert resumed["validation"] == straight["validation"]
 
+    train(config(steps=3), tmp_path / "extended", progress=False)         # 3 steps, then 3 more
+    train(config(steps=6), tmp_path / "extended", progress=False)
+    for name, value in _weights(tmp_path / "straight").items():
+        assert torch.equal(value, _weights(tmp_path / "extended")[name]), name
+
 
 def test_foreign_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
     out = tmp_path / "run"

@@ -103,19 +103,23 @@ def _off_diagonal_index(d: int, n: int, device) -> tuple[torch.Tensor, list[tupl
     return torch.stack([rows, cols]), pairs
 
 
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _check_system(gradient, residual, u, grid: Grid) -> None:
     d, shape = grid.dim, tuple(grid.shape)
     if not isinstance(gradient, torch.Tensor) or gradient.dim() != d + 2 or gradient.shape[1] != d \
             or tuple(gradient.shape[2:]) != shape:
         raise ShapeflowError(f"gauss_newton_system_layer(): gradient must be (C, {d}, {', '.join(map(str, shape))}), "
-                             f"got {tuple(gradient.shape) if isinstance(gradient, torch.Tensor) else type(gradient).__name__}")
+                             f"got {_shape(gradient)}")
     if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (gradient.shape[0], *shape):
         raise ShapeflowError(f"gauss_newton_system_layer(): residual must be ({gradient.shape[0]}, "
                              f"{', '.join(map(str, shape))}) like the gradient's channels, got "
-                             f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
+                             f"{_shape(residual)}")
     if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (d, *shape)):
         raise ShapeflowError(f"gauss_newton_system_layer(): u must be ({d}, {', '.join(map(str, shape))}), got "
-                             f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+                             f"{_shape(u)}")
 
 
 def gauss_newton_system_layer(gradient: torch.Tensor, residual: torch.Tensor, u: torch.Tensor | None, grid: Grid,
@@ -180,7 +184,7 @@ def _check_features(moving, fixed, grid: Grid) -> None:
     for name, f in (("features_moving", moving), ("features_fixed", fixed)):
         if not isinstance(f, torch.Tensor) or f.dim() != grid.dim + 1 or tuple(f.shape[1:]) != shape:
             raise ShapeflowError(f"implicit_registration_layer(): {name} must be (C, {', '.join(map(str, shape))}) "
-                                 f"on the grid, got {tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+                                 f"on the grid, got {_shape(f)}")
     if moving.shape[0] != fixed.shape[0]:
         raise ShapeflowError(f"implicit_registration_layer(): features_moving has {moving.shape[0]} channels but "
                              f"features_fixed {fixed.shape[0]}; they must match")
@@ -205,7 +209,8 @@ def normal_factor(gradient: torch.Tensor) -> torch.Tensor:
 def _gauss_newton_rhs(residual: torch.Tensor, gradient: torch.Tensor, u: torch.Tensor, grid: Grid,
                       lam: float) -> torch.Tensor:
     """`-sum_c r_c g_c / C - lam L u`: (d, *S)."""
-    return -(residual[:, None] * gradient).sum(0) / gradient.shape[0] - lam * grid_laplacian_apply(u, grid.spacing.tolist())
+    data = (residual[:, None] * gradient).sum(0) / gradient.shape[0]
+    return -data - lam * grid_laplacian_apply(u, grid.spacing.tolist())
 
 
 def _gauss_newton(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, lam: float, iterations: int, step: float,

@@ -49,7 +49,8 @@ from ..progress import progress_bar
 from .methods import METHODS, NETWORK_KINDS, MethodOptions, Pair, as_pair, register_pair
 from .phantoms import PairFolder, phantom_pair, split_seeds
 
-__all__ = ["train", "load_config", "load_checkpoint", "evaluate", "evaluate_register", "DataOptions", "TrainOptions", "SECTIONS"]
+__all__ = ["train", "load_config", "load_checkpoint", "evaluate", "evaluate_register", "DataOptions", "TrainOptions",
+           "SECTIONS"]
 
 #: the config's sections, all required
 SECTIONS = ("data", "network", "method", "train")
@@ -163,7 +164,8 @@ def load_config(config: dict | str | Path) -> dict:
             raise ShapeflowError(f"config: unknown section [{name}]; valid sections: {', '.join(SECTIONS)}")
     for name in SECTIONS:
         if name not in config:
-            raise ShapeflowError(f"config: missing section [{name}]; a config needs {', '.join(f'[{s}]' for s in SECTIONS)}")
+            raise ShapeflowError(f"config: missing section [{name}]; a config needs "
+                                 f"{', '.join(f'[{s}]' for s in SECTIONS)}")
         if not isinstance(config[name], dict):
             raise ShapeflowError(f"config: [{name}] must be a table of keys, got {type(config[name]).__name__}")
     _unknown("data", DataOptions, config["data"])
@@ -181,8 +183,8 @@ def load_config(config: dict | str | Path) -> dict:
         raise ShapeflowError(f"[network] pretrain_mind: expected an int >= 0 (steps), got {network['pretrain_mind']!r}")
     kind = KNOWN_NETWORKS.get(network["name"])
     if kind is not None and NETWORK_KINDS[method.name] != kind:
-        raise ShapeflowError(f"[network] name: method {method.name!r} trains {_KIND_NAMES[NETWORK_KINDS[method.name]]}, "
-                             f"got {network['name']!r}")
+        raise ShapeflowError(f"[network] name: method {method.name!r} trains "
+                             f"{_KIND_NAMES[NETWORK_KINDS[method.name]]}, got {network['name']!r}")
     if kind == "gauss-newton" and network.get("pretrain_mind"):
         raise ShapeflowError("[network] pretrain_mind: only feature networks (suits, unet) are pre-trained on MIND")
     return _jsonable({"data": asdict(data), "network": network, "method": asdict(method), "train": asdict(options)})
@@ -349,7 +351,8 @@ def evaluate(network, pairs, options: MethodOptions, *, surfaces: bool = True) -
     for pair in pairs:
         u = register_pair(network, pair, options)
         warped = _warped_labels(pair, u)
-        row = {"dice_before": _dice(pair.moving_labels, pair.fixed_labels), "dice_after": _dice(warped, pair.fixed_labels)}
+        row = {"dice_before": _dice(pair.moving_labels, pair.fixed_labels),
+               "dice_after": _dice(warped, pair.fixed_labels)}
         if surfaces:
             spacing = pair.grid.spacing.tolist()
             row["hd95_before"] = _mean(hausdorff95_per_label(pair.moving_labels.cpu(), pair.fixed_labels.cpu(),
@@ -383,7 +386,8 @@ def evaluate_register(network, images, *, losses: tuple[str, ...] = ("learned", 
             started = time.perf_counter()
             metrics = register(moving, fixed, loss=loss, labels_moving=moving.labels, labels_fixed=fixed.labels,
                                progress=False, **extra, **options).metrics
-            rows.append({"dice_before": _label_means(metrics, "dice_before"), "dice_after": _label_means(metrics, "dice"),
+            rows.append({"dice_before": _label_means(metrics, "dice_before"),
+                         "dice_after": _label_means(metrics, "dice"),
                          "hd95_after": _label_means(metrics, "hd95"),
                          "folding_percent": float(metrics.get("jacobian_percent_negative", float("nan"))),
                          "seconds": time.perf_counter() - started})
@@ -468,8 +472,9 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
     checkpoint = output / "checkpoint.pt"
     state = load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
     if state is not None and _resumable(state["config"]) != _resumable(config):
-        raise ShapeflowError(f"{checkpoint}: written for another config ({_first_difference(_resumable(state['config']), _resumable(config))}); "
-                             "use another output folder or start again without resuming")
+        difference = _first_difference(_resumable(state["config"]), _resumable(config))
+        raise ShapeflowError(f"{checkpoint}: written for another config ({difference}); use another output folder "
+                             "or start again without resuming")
     if state is not None and state["step"] > options.steps:
         raise ShapeflowError(f"{checkpoint}: already at step {state['step']}, beyond [train] steps = {options.steps}")
     output.mkdir(parents=True, exist_ok=True)
@@ -502,15 +507,28 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
         def elapsed() -> float:
             return seconds + time.perf_counter() - started
 
+        def validate() -> dict:
+            """Mean Dice on the validation pairs when due at `step` and not yet measured there."""
+            due = options.validate_every and len(splits["validation"]) and step > 0 \
+                and (step % options.validate_every == 0 or step == options.steps)
+            if not due or (validation and validation[-1]["step"] == step):
+                return {}
+            network.eval()
+            score = evaluate(network, splits["validation"], method, surfaces=False)["dice_after"]
+            validation.append({"step": step, "dice": score})
+            return {"val_dice": score}
+
         rng, saved, started = _rng_state(generator, device), [], time.perf_counter()
         try:
+            validate()                                   # one that Ctrl-C cut short before the checkpoint
             with progress_bar(progress, f"train {method.name}", max(options.steps - step, 0)) as update:
                 while step < options.steps:
                     rng = _rng_state(generator, device)          # the state a resumed run restarts from
                     began = time.perf_counter()
                     network.train()
                     index = torch.randint(len(splits["train"]), (options.batch,), generator=generator).tolist()
-                    loss, metrics = METHODS[method.name](network, [splits["train"][i] for i in index], method, generator)
+                    batch = [splits["train"][i] for i in index]
+                    loss, metrics = METHODS[method.name](network, batch, method, generator)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     with _deferred_interrupt():
@@ -518,13 +536,7 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
                         step += 1
                         history.append({"step": step, **metrics, "seconds": round(time.perf_counter() - began, 4)})
                         rng = _rng_state(generator, device)
-                    row = dict(metrics)
-                    if options.validate_every and (step % options.validate_every == 0 or step == options.steps) \
-                            and len(splits["validation"]):
-                        network.eval()
-                        score = evaluate(network, splits["validation"], method, surfaces=False)["dice_after"]
-                        validation.append({"step": step, "dice": score})
-                        row["val_dice"] = score
+                    row = {**metrics, **validate()}
                     if step % options.checkpoint_every == 0 or step == options.steps:
                         with _deferred_interrupt():
                             save(rng)

@@ -124,6 +124,15 @@ def test_foreign_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
     torch.save({"weights": {}}, out / "checkpoint.pt")
     with pytest.raises(ShapeflowError, match="not a shapeflow training checkpoint"):
         train(config(steps=1), out, progress=False)
+    torch.save({"format": "shapeflow-train-checkpoint/1", "step": ShapeflowError("x")}, out / "checkpoint.pt")
+    with pytest.raises(ShapeflowError, match="refusing to unpickle"):
+        train(config(steps=1), out, progress=False)
+    train(config(steps=1), out, resume=False, progress=False)              # starting afresh replaces it
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])            # cut short
+    with pytest.raises(ShapeflowError, match="not a readable training checkpoint") as info:
+        train(config(steps=2), out, progress=False)
+    assert "\n" not in str(info.value)
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):

@@ -30,10 +30,12 @@ import copy
 import json
 import math
 import os
+import pickle
 import signal
 import threading
 import time
 import tomllib
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -270,10 +272,16 @@ def load_checkpoint(path: str | Path) -> dict:
     training checkpoint.
     """
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):     # torch.save writes a zip; a cut one loses its index
+        raise ShapeflowError(f"{path}: not a readable training checkpoint (not a torch file, or truncated or "
+                             "corrupt); remove it or start again without resuming")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ShapeflowError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError:
+        raise ShapeflowError(f"{path}: not a shapeflow training checkpoint (it holds Python objects beyond tensors; "
+                             "refusing to unpickle them); remove it or start again without resuming") from None
     except Exception as exc:  # pickle, zip and torch errors alike: the file is not ours or is damaged
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShapeflowError(f"{path}: not a readable training checkpoint ({reason[:120]}); remove it or start "

@@ -33,9 +33,10 @@ def train_command(
         typer.echo(f"trained {result['method']} for {result['steps']} steps in {result['seconds']:.1f} s")
         test = result.get("test") or {}
         rows = [("method, trained", test.get("method")), ("method, initial", test.get("initial"))]
-        rows += [(f"register, {loss}", figures) for loss, figures in (test.get("register") or {}).items()]
+        rows += [(f"register {loss} {model}", figures) for loss, models in (test.get("register") or {}).items()
+                 for model, figures in models.items()]
         for name, figures in rows:
             if figures:
-                typer.echo(f"  test {name}: Dice {figures['dice_before']:.3f} -> {figures['dice_after']:.3f}, "
+                typer.echo(f"  test, {name}: Dice {figures['dice_before']:.3f} -> {figures['dice_after']:.3f}, "
                            f"HD95 {figures['hd95_after']:.2f} mm, folding {figures['folding_percent']:.2f} %")
         typer.echo("wrote " + ", ".join(str(output / name) for name in result["files"]))

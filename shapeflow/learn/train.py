@@ -378,28 +378,31 @@ def _label_means(metrics: dict, key: str) -> float:
     return _mean(value.values()) if isinstance(value, dict) else float("nan")
 
 
-def evaluate_register(network, images, *, losses: tuple[str, ...] = ("learned", "mind"), **options) -> dict:
+def evaluate_register(network, images, *, losses: tuple[str, ...] = ("learned", "mind"),
+                      models: tuple[str, ...] = ("displacement", "svf"), **options) -> dict:
     """Register every `(moving, fixed)` Image pair (with labels) by `sf.register` with each of
     `losses` ("learned": the network's features, `features=network`; or any image loss, e.g. "mind"
-    as a baseline) and the registration `options`; returns `{loss: {"pairs", "dice_before",
-    "dice_after", "hd95_after", "folding_percent", "seconds"}}` (means over foreground labels,
-    then pairs)."""
+    as a baseline) and each image model of `models`, with the registration `options`. Returns
+    `{loss: {model: {"pairs", "dice_before", "dice_after", "hd95_after", "folding_percent",
+    "seconds"}}}` (means over foreground labels, then pairs)."""
     from ..register import register
 
-    out = {}
+    out: dict = {}
     for loss in losses:
-        rows = []
-        for moving, fixed in images:
-            extra = {"features": network} if loss == "learned" else {}
-            started = time.perf_counter()
-            metrics = register(moving, fixed, loss=loss, labels_moving=moving.labels, labels_fixed=fixed.labels,
-                               progress=False, **extra, **options).metrics
-            rows.append({"dice_before": _label_means(metrics, "dice_before"),
-                         "dice_after": _label_means(metrics, "dice"),
-                         "hd95_after": _label_means(metrics, "hd95"),
-                         "folding_percent": float(metrics.get("jacobian_percent_negative", float("nan"))),
-                         "seconds": time.perf_counter() - started})
-        out[loss] = {"pairs": len(rows), **{key: _mean(r[key] for r in rows) for key in (rows[0] if rows else {})}}
+        extra = {"features": network} if loss == "learned" else {}
+        for model in models:
+            rows = []
+            for moving, fixed in images:
+                started = time.perf_counter()
+                metrics = register(moving, fixed, loss=loss, model=model, labels_moving=moving.labels,
+                                   labels_fixed=fixed.labels, progress=False, **extra, **options).metrics
+                rows.append({"dice_before": _label_means(metrics, "dice_before"),
+                             "dice_after": _label_means(metrics, "dice"),
+                             "hd95_after": _label_means(metrics, "hd95"),
+                             "folding_percent": float(metrics.get("jacobian_percent_negative", float("nan"))),
+                             "seconds": time.perf_counter() - started})
+            out.setdefault(loss, {})[model] = {"pairs": len(rows),
+                                               **{key: _mean(r[key] for r in rows) for key in (rows[0] if rows else {})}}
     return out
 
 
@@ -562,7 +565,10 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
 
 def _test_report(network, initial, method: MethodOptions, test: _Split) -> dict | None:
     """The test pairs registered by the method's Gauss-Newton with the trained and the initial
-    network, and by `sf.register` with the learned features (feature networks) and with MIND."""
+    network, and by `sf.register` with the learned features (feature networks) and with MIND,
+    each with the displacement and the svf model, at the training's solver settings: one level
+    (the network saw full-resolution images only), the method's `lam` and largest iteration
+    count, and for phantoms (no affine part) no affine pre-alignment."""
     if not len(test):
         return None
     pairs = [test[i] for i in range(len(test))]
@@ -570,7 +576,10 @@ def _test_report(network, initial, method: MethodOptions, test: _Split) -> dict 
     report = {"pairs": len(pairs), "method": evaluate(network, pairs, method),
               "initial": evaluate(initial, pairs, method)}
     losses = ("learned", "mind") if getattr(network, "kind", None) == "features" else ("mind",)
-    report["register"] = evaluate_register(network, images, losses=losses)
+    options = {"regularization": method.lam, "levels": 1, "iterations": method.iterations[1],
+               **({"prealign": None} if test.data.source == "phantoms" else {})}
+    report["register"] = evaluate_register(network, images, losses=losses, **options)
+    report["register_options"] = options
     return report
 
 

@@ -28,8 +28,8 @@ from ..grids import Grid, sample, spatial_gradient
 from ..regularizers import grid_laplacian, grid_laplacian_apply
 from ..solvers import grid_normal_operator, linear_solve, solve_grid_normal
 
-__all__ = ["gauss_newton_layer", "gauss_newton_system_layer", "implicit_registration_layer", "linearise",
-           "normal_factor", "BACKWARDS"]
+__all__ = ["gauss_newton_layer", "gauss_newton_system_layer", "implicit_registration_layer", "gauss_newton_steps",
+           "linearise", "normal_factor", "BACKWARDS"]
 
 #: how `implicit_registration_layer` differentiates the optimiser
 BACKWARDS = ("ift", "jfb", "unrolled")
@@ -213,9 +213,14 @@ def _gauss_newton_rhs(residual: torch.Tensor, gradient: torch.Tensor, u: torch.T
     return -data - lam * grid_laplacian_apply(u, grid.spacing.tolist())
 
 
-def _gauss_newton(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, lam: float, iterations: int, step: float,
-                  tol: float, maxiter: int) -> torch.Tensor:
-    """`iterations` Gauss-Newton steps from u = 0 without a graph (the solver's fused CG). -> u (d, *S)."""
+def gauss_newton_steps(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, lam: float, iterations: int, *,
+                       step: float = 1.0, tol: float = 1e-3, maxiter: int = 100) -> torch.Tensor:
+    """`iterations` Gauss-Newton steps on two feature images from u = 0, without a graph.
+
+    moving, fixed: (C, *S) on `grid`. Each step solves the system of `gauss_newton_layer` by the
+    solver's fused Jacobi CG (relative tolerance `tol`, at most `maxiter` iterations, the blocks
+    through `normal_factor`) and adds `step * du`. Returns u (d, *S), detached.
+    """
     with torch.no_grad():
         moving, fixed = moving.detach(), fixed.detach()
         u = torch.zeros(grid.dim, *grid.shape, dtype=moving.dtype, device=moving.device)
@@ -265,7 +270,7 @@ def implicit_registration_layer(features_moving: torch.Tensor, features_fixed: t
             u = u + step * gauss_newton_system_layer(gradient, residual, u, grid, lam, "implicit", tol=tol,
                                                      maxiter=maxiter)
         return u
-    u = _gauss_newton(features_moving, features_fixed, grid, lam, iterations, step, tol, maxiter)
+    u = gauss_newton_steps(features_moving, features_fixed, grid, lam, iterations, step=step, tol=tol, maxiter=maxiter)
     if not torch.is_grad_enabled() or not (features_moving.requires_grad or features_fixed.requires_grad):
         return u
     residual, gradient = linearise(features_moving, features_fixed, grid, u)

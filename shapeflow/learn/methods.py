@@ -30,7 +30,7 @@ from ..errors import ShapeflowError
 from ..grids import Grid, sample
 from ..losses.images import dice_loss, one_hot
 from ..shapes import Image
-from .layers import BACKWARDS, _gauss_newton, gauss_newton_system_layer, implicit_registration_layer, linearise
+from .layers import BACKWARDS, gauss_newton_steps, gauss_newton_system_layer, implicit_registration_layer, linearise
 
 __all__ = ["METHODS", "LOSSES", "MethodOptions", "Pair", "as_pair", "register_pair", "warp_labels"]
 
@@ -172,8 +172,8 @@ def suits(network, batch: list[Pair], options: MethodOptions,
 
     def one(pair: Pair):
         moving, fixed = _features(network, pair)
-        u = _gauss_newton(moving, fixed, pair.grid, options.lam, k - 1, options.step, options.cg_tol,
-                          options.cg_iterations)
+        u = gauss_newton_steps(moving, fixed, pair.grid, options.lam, k - 1, step=options.step, tol=options.cg_tol,
+                               maxiter=options.cg_iterations)
         residual, gradient = linearise(moving, fixed, pair.grid, u)
         du = gauss_newton_system_layer(gradient, residual, u, pair.grid, options.lam, "implicit",
                                        tol=options.cg_tol, maxiter=options.cg_iterations)
@@ -244,5 +244,5 @@ def register_pair(network, pair: Pair, options: MethodOptions) -> torch.Tensor:
         if NETWORK_KINDS[options.name] == "gauss-newton":
             return _learngn_steps(network, pair, options, k)
         moving, fixed = _features(network, pair)
-        return _gauss_newton(moving, fixed, pair.grid, options.lam, k, options.step, options.cg_tol,
-                             options.cg_iterations)
+        return gauss_newton_steps(moving, fixed, pair.grid, options.lam, k, step=options.step, tol=options.cg_tol,
+                                  maxiter=options.cg_iterations)

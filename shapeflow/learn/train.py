@@ -380,12 +380,12 @@ def _label_means(metrics: dict, key: str) -> float:
 
 def evaluate_register(network, images, *, losses: tuple[str, ...] = ("learned", "mind"),
                       models: tuple[str, ...] = ("displacement", "svf"), **options) -> dict:
-    """Register every `(moving, fixed)` Image pair (with labels) by `sf.register` with each of
+    """Register every `(moving, fixed)` Image pair (with labels) as `sf.register` does with each of
     `losses` ("learned": the network's features, `features=network`; or any image loss, e.g. "mind"
     as a baseline) and each image model of `models`, with the registration `options`. Returns
     `{loss: {model: {"pairs", "dice_before", "dice_after", "hd95_after", "folding_percent",
     "seconds"}}}` (means over foreground labels, then pairs)."""
-    from ..register import register
+    from ..pipelines.images import register_images
 
     out: dict = {}
     for loss in losses:
@@ -394,15 +394,15 @@ def evaluate_register(network, images, *, losses: tuple[str, ...] = ("learned", 
             rows = []
             for moving, fixed in images:
                 started = time.perf_counter()
-                metrics = register(moving, fixed, loss=loss, model=model, labels_moving=moving.labels,
-                                   labels_fixed=fixed.labels, progress=False, **extra, **options).metrics
+                metrics = register_images(moving, fixed, model, loss, labels_moving=moving.labels,
+                                          labels_fixed=fixed.labels, progress=False, **extra, **options).metrics
                 rows.append({"dice_before": _label_means(metrics, "dice_before"),
                              "dice_after": _label_means(metrics, "dice"),
                              "hd95_after": _label_means(metrics, "hd95"),
                              "folding_percent": float(metrics.get("jacobian_percent_negative", float("nan"))),
                              "seconds": time.perf_counter() - started})
-            out.setdefault(loss, {})[model] = {"pairs": len(rows),
-                                               **{key: _mean(r[key] for r in rows) for key in (rows[0] if rows else {})}}
+            summary = {key: _mean(r[key] for r in rows) for key in (rows[0] if rows else {})}
+            out.setdefault(loss, {})[model] = {"pairs": len(rows), **summary}
     return out
 
 

@@ -214,6 +214,9 @@ def warp(
                                          "to blend)" if chosen else ""))
 
 
+from .train import train_command  # noqa: E402  (`shapeflow train`: cli/train.py, issue 13)
+app.command("train")(train_command)
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

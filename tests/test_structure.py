@@ -186,3 +186,12 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
 def _module_name_in(root: Path, path: Path) -> str:
     parts = list(path.relative_to(root.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A non-editable install only ships the packages pyproject.toml lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

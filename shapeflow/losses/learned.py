@@ -144,6 +144,7 @@ class LearnedResidual(ImageResidual):
     """
 
     same_channels = False
+    features_before_pyramid = True      # the network saw full-resolution images in training
 
     @dataclass
     class Options:

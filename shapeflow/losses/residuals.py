@@ -45,6 +45,9 @@ class ImageResidual:
 
     #: moving and fixed must have the same number of channels
     same_channels: ClassVar[bool] = True
+    #: True: `features` runs once on the full-resolution images and the pyramid is built from the
+    #: features (a network trained at one resolution); False: on each pyramid level's images
+    features_before_pyramid: ClassVar[bool] = False
     #: the name under which `score` is reported (`history[name]`, `metrics[name + "_before"/"_after"]`)
     score_name: ClassVar[str | None] = None
 

@@ -271,8 +271,12 @@ def _pyramid(data: torch.Tensor, grid: Grid, levels: int) -> list[tuple[torch.Te
 
 def _level(term: ImageResidual, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, moving_grid: Grid) -> _Level:
     """One pyramid level: fixed (C, *S) and moving (C, *S_m) intensities turned into `term`'s features
-    (each image with its role, "fixed" or "moving": a learned network runs each modality's branch)."""
-    fixed_features, moving_features = term.features(fixed, role="fixed"), term.features(moving, role="moving")
+    (each image with its role, "fixed" or "moving": a learned network runs each modality's branch),
+    or, for a term with `features_before_pyramid`, already features (downsampled with the pyramid)."""
+    if term.features_before_pyramid:
+        fixed_features, moving_features = fixed, moving
+    else:
+        fixed_features, moving_features = term.features(fixed, role="fixed"), term.features(moving, role="moving")
     after_warp = term.after_warp(fixed_features)
     if after_warp is None:
         return _Level(fixed_features, moving_features, grid, moving_grid, fixed_features)
@@ -438,6 +442,8 @@ def register_images(moving: Image, fixed: Image, model: str = "svf", loss: str =
     fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
     prep = _normalise if opts.normalize else (lambda x, valid: x)
     f_data, m_data = prep(fixed.data.to(device, dtype), fixed.valid), prep(moving.data.to(device, dtype), moving.valid)
+    if term.features_before_pyramid:
+        f_data, m_data = term.features(f_data, role="fixed"), term.features(m_data, role="moving")
     fixed_levels = _pyramid(f_data, fixed_grid, opts.levels)
     moving_levels = _pyramid(m_data, moving_grid, len(fixed_levels))
     levels = [_level(term, f, m, g, mg) for (f, g), (m, mg) in zip(fixed_levels, moving_levels)]

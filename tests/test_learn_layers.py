@@ -5,7 +5,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from shapeflow.errors import ShapeflowError
-from shapeflow.grids import Grid, sample, spatial_gradient
+from shapeflow.grids import Grid, sample
 from shapeflow.learn.layers import (gauss_newton_layer, gauss_newton_system_layer, implicit_registration_layer,
                                     linearise, normal_factor)
 from shapeflow.solvers import gauss_newton_step

@@ -116,12 +116,18 @@ def _read_obj(path: Path) -> dict:
     return {"points": points, "polygons": polygons, "point_data": point_data, "normals": normals}
 
 
-def _write_obj(shape: PointCloud, points: np.ndarray, path: Path) -> None:
+def _mesh_polygons(shape: PointCloud, points: np.ndarray, path: Path) -> np.ndarray:
+    """The polygons of a 3D mesh for a format that holds only meshes (.obj, .off), else one line."""
     _need_3d(points, path)
     polygons = _polygons(shape)
     if polygons is None:
         raise ShapeflowError(f"{path}: a point cloud without faces can be written as .ply, .vtk, .vtp, "
-                             ".csv, .txt, .xyz or .npy, not .obj")
+                             f".csv, .txt, .xyz or .npy, not {path.suffix}")
+    return polygons
+
+
+def _write_obj(shape: PointCloud, points: np.ndarray, path: Path) -> None:
+    polygons = _mesh_polygons(shape, points, path)
     data = shape.point_data
     _refuse(path, "point_data", [k for k in _data_to_write(shape) if k != "colors"])
     _refuse(path, "cell_data", list(shape.cell_data))
@@ -168,11 +174,7 @@ def _read_off(path: Path) -> dict:
 
 
 def _write_off(shape: PointCloud, points: np.ndarray, path: Path) -> None:
-    _need_3d(points, path)
-    polygons = _polygons(shape)
-    if polygons is None:
-        raise ShapeflowError(f"{path}: a point cloud without faces can be written as .ply, .vtk, .vtp, "
-                             ".csv, .txt, .xyz or .npy, not .off")
+    polygons = _mesh_polygons(shape, points, path)
     data, cells = shape.point_data, shape.cell_data
     _refuse(path, "point_data", [k for k in _data_to_write(shape) if k != "colors"])
     _refuse(path, "cell_data", [k for k in cells if k != "colors" or cells[k].ndim != 2])

@@ -394,7 +394,9 @@ class StartGuard:
 def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str) -> None:
     """`poor_fit` in the metrics, and one `ShapeflowWarning` naming the measured value, when the mean
     closest-point distance after the fit (`chamfer`) is above `POOR_FIT` times the target's RMS
-    radius or above `chamfer_before` (the shapes as given; by more than 1e-4 of the radius), or when the fit scored worse than its
+    radius or above `chamfer_before` (the shapes as given; by more than 1e-4 of the radius), when the
+    map folds space (`min_jacobian_det` <= 0: on a partial target a close fit can crush the missing
+    part into what is there, which no distance to the data reveals), or when the fit scored worse than its
     start (which is then kept)."""
     radius = float((y_world - y_world.mean(0)).square().sum(1).mean().sqrt())
     chamfer = result_metrics["chamfer"]
@@ -408,6 +410,10 @@ def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str)
     elif chamfer > POOR_FIT * radius:
         reasons.append(f"the mean closest-point distance after it is {chamfer:.4g} ({100 * chamfer / radius:.1f} % of "
                        f"the target's RMS radius, above {100 * POOR_FIT:.0f} %)")
+    folds = result_metrics.get("min_jacobian_det")
+    if folds is not None and folds <= 0:    # a close fit that folds space: typically a part pushed into another
+        reasons.append(f"the map folds space (min det J {folds:.3g}), as when the target lacks a part of the source "
+                       f"and the flow crushes it into what is there")
     result_metrics["poor_fit"] = bool(reasons)
     if reasons:
         warnings.warn(f"register(): poor fit: {'; '.join(reasons)}. A wrong minimum, or shapes that only partly "

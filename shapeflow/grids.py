@@ -144,27 +144,31 @@ def _kernels():
         return None
     from ._numba import numba_variants
 
+    @numba.njit(fastmath=True, cache=True, inline="always")
+    def cell(px, py, pz, X, Y, Z):  # pragma: no cover - compiled
+        # the voxel cell of the index point (px, py, pz), clamped to the grid (border padding):
+        # its low corner, high corner and the fractions along each axis
+        px, py, pz = min(max(px, 0.0), X - 1.0), min(max(py, 0.0), Y - 1.0), min(max(pz, 0.0), Z - 1.0)
+        i, j, k = min(int(px), max(X - 2, 0)), min(int(py), max(Y - 2, 0)), min(int(pz), max(Z - 2, 0))
+        return i, j, k, min(i + 1, X - 1), min(j + 1, Y - 1), min(k + 1, Z - 1), px - i, py - j, pz - k
+
+    @numba.njit(fastmath=True, cache=True, inline="always")
+    def blend(s, i, j, k, i1, j1, k1, fx, fy, fz):  # pragma: no cover - compiled
+        # trilinear interpolation of s (X, Y, Z) in the cell from `cell`
+        low = (1 - fy) * ((1 - fz) * s[i, j, k] + fz * s[i, j, k1]) + fy * ((1 - fz) * s[i, j1, k] + fz * s[i, j1, k1])
+        high = (1 - fy) * ((1 - fz) * s[i1, j, k] + fz * s[i1, j, k1]) + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
+        return (1 - fx) * low + fx * high
+
     def compose_index(first, second, out):  # pragma: no cover - compiled
         # out(x) = first(x) + second(x + first(x)), all (C, X, Y, Z) in voxel units
         C, X, Y, Z = first.shape
         for x in numba.prange(X):
             for y in range(Y):
                 for z in range(Z):
-                    px = min(max(x + first[0, x, y, z], 0.0), X - 1.0)
-                    py = min(max(y + first[1, x, y, z], 0.0), Y - 1.0)
-                    pz = min(max(z + first[2, x, y, z], 0.0), Z - 1.0) if C == 3 else 0.0
-                    i = min(int(px), max(X - 2, 0))
-                    j = min(int(py), max(Y - 2, 0))
-                    k = min(int(pz), max(Z - 2, 0))
-                    fx, fy, fz = px - i, py - j, pz - k
-                    i1, j1, k1 = min(i + 1, X - 1), min(j + 1, Y - 1), min(k + 1, Z - 1)
+                    i, j, k, i1, j1, k1, fx, fy, fz = cell(x + first[0, x, y, z], y + first[1, x, y, z],
+                                                           z + first[2, x, y, z] if C == 3 else 0.0, X, Y, Z)
                     for c in range(C):
-                        s = second[c]
-                        low = (1 - fy) * ((1 - fz) * s[i, j, k] + fz * s[i, j, k1]) \
-                            + fy * ((1 - fz) * s[i, j1, k] + fz * s[i, j1, k1])
-                        high = (1 - fy) * ((1 - fz) * s[i1, j, k] + fz * s[i1, j, k1]) \
-                            + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
-                        out[c, x, y, z] = first[c, x, y, z] + (1 - fx) * low + fx * high
+                        out[c, x, y, z] = first[c, x, y, z] + blend(second[c], i, j, k, i1, j1, k1, fx, fy, fz)
 
     def bounds_index(u, speeds, slopes, products):  # pragma: no cover - compiled
         # per x-slab: max |u|^2 (voxels), max |difference of a component to the next voxel along any
@@ -193,21 +197,9 @@ def _kernels():
         C, X, Y, Z = field.shape
         P, D = index.shape
         for p in numba.prange(P):
-            px = min(max(index[p, 0], 0.0), X - 1.0)
-            py = min(max(index[p, 1], 0.0), Y - 1.0)
-            pz = min(max(index[p, 2], 0.0), Z - 1.0) if D == 3 else 0.0
-            i = min(int(px), max(X - 2, 0))
-            j = min(int(py), max(Y - 2, 0))
-            k = min(int(pz), max(Z - 2, 0))
-            fx, fy, fz = px - i, py - j, pz - k
-            i1, j1, k1 = min(i + 1, X - 1), min(j + 1, Y - 1), min(k + 1, Z - 1)
+            i, j, k, i1, j1, k1, fx, fy, fz = cell(index[p, 0], index[p, 1], index[p, 2] if D == 3 else 0.0, X, Y, Z)
             for c in range(C):
-                s = field[c]
-                low = (1 - fy) * ((1 - fz) * s[i, j, k] + fz * s[i, j, k1]) \
-                    + fy * ((1 - fz) * s[i, j1, k] + fz * s[i, j1, k1])
-                high = (1 - fy) * ((1 - fz) * s[i1, j, k] + fz * s[i1, j, k1]) \
-                    + fy * ((1 - fz) * s[i1, j1, k] + fz * s[i1, j1, k1])
-                out[c, p] = (1 - fx) * low + fx * high
+                out[c, p] = blend(field[c], i, j, k, i1, j1, k1, fx, fy, fz)
 
     def min_det_index(u, corners, mins):  # pragma: no cover - compiled
         # per x-slab: min of det(I + grad u) (u in voxels) by central differences (one-sided at the

@@ -75,7 +75,7 @@ def register(
     target: Path = typer.Argument(..., help="The shape or image it moves onto (fixed)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: SOURCE_to_TARGET)."),
     model: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity, affine, resnet (default), node, lddmm or displacement (per-point field, non-rigid ICP). Images: svf (default, diffeomorphic), displacement or affine."),
-    loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer, l2 (corresponding points), varifold or currents (meshes: they read the faces; --set widths=[1,0.4,0.2,0.1] --set oriented=false). Images: ssd (default), ncc (local NCC: bias fields, contrast changes) or mind (multi-modal)."),
+    loss: Optional[str] = typer.Option(None, help="Shapes: sinkhorn (default), chamfer, l2 (corresponding points), varifold or currents (meshes: they read the faces; --set widths=[1,0.4,0.2,0.1] --set oriented=false). Images: ssd (default), ncc (local NCC: bias fields, contrast changes), mind (multi-modal) or learned (a trained feature network: --features model.pt)."),
     iterations: Optional[int] = typer.Option(None, help="Shapes: Adam steps per stage (60). Images: Gauss-Newton steps per level (8, halved per finer level)."),
     regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
     prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow (default none). Images: affine (the default) or none."),

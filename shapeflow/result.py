@@ -1,6 +1,8 @@
 """`Result`: what every registration returns, whatever the data, model or solver."""
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import shutil
@@ -98,7 +100,8 @@ def world_parts(deformation: Deformation) -> list[Deformation]:
         parts = list(inner.parts) if isinstance(inner, Compose) else [inner]
         out, center = [], deformation.source_center
         for part in parts:
-            out.append(part.conjugated(center, deformation.target_center, deformation.scale) if part.linear else part)
+            out.append(copy.deepcopy(part).double().conjugated(center, deformation.target_center, deformation.scale)
+                       if part.linear else part)        # world offsets in float64
             center = deformation.target_center      # later parts map target space to target space
         return out
     if isinstance(deformation, Compose):

@@ -387,6 +387,27 @@ def test_a_rigid_registration_far_from_the_origin_keeps_every_distinct_coordinat
     assert np.abs(warped - (points + [0.01, 0.0, 0.0])).max() < 1e-3
 
 
+@pytest.mark.parametrize("model", ["rigid", "affine", "resnet"])
+def test_the_saved_deformation_keeps_world_coordinates_far_from_the_origin(tmp_path, model):
+    """Fitted in float32, the map in world units keeps its offsets in float64: applied to the
+    source at 1e6 (NumPy float64 in, after a save/load round trip too) it reproduces `warped`
+    and keeps every distinct coordinate (float32 at 1e6 has a step of 0.0625)."""
+    rng = np.random.default_rng(0)
+    points = rng.random((200, 3)) + 1e6
+    target = points + [0.01, 0.0, 0.0]
+    result = sf.register(points, target, model=model, iterations=20, progress=False)
+    assert result.deformation.dtype == (torch.float32 if model == "resnet" else torch.float64)
+    moved = result.deformation(points)
+    assert moved.dtype == np.float64 and len(np.unique(moved[:, 0])) == 200
+    np.testing.assert_allclose(moved, result.warped, rtol=0, atol=1e-6)
+    assert np.abs(moved - target).max() < 0.05
+    loaded = sf.load_deformation(result.deformation.save(tmp_path / "phi.pt"))
+    np.testing.assert_allclose(loaded(points), moved, rtol=0, atol=1e-9)
+    back = result.deformation.inverse(moved) if model != "resnet" else None
+    if back is not None:
+        np.testing.assert_allclose(back, points, rtol=0, atol=1e-6)
+
+
 def test_write_refuses_an_existing_file_unless_overwrite(ant, tmp_path):
     path = sf.write(ant, tmp_path / "a.ply")
     before = path.read_bytes()

@@ -43,6 +43,8 @@ __all__ = ["Deformation", "KineticFlow", "load_deformation", "register_deformati
 DEFORMATIONS: dict[str, type["Deformation"]] = {}
 
 _FORMAT = "shapeflow-deformation/1"
+#: the parameter dtypes a saved deformation may name
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def register_deformation(cls: type["Deformation"]) -> type["Deformation"]:
@@ -60,7 +62,8 @@ def points_io(method: Callable) -> Callable:
 
     `points` is the method's parameter of that name, else its first one after `self`. A NumPy
     array is converted to a tensor in the model's dtype and device and the method runs under
-    `torch.no_grad()`; every tensor in the result (nested in tuples and lists too) comes back as
+    `torch.no_grad()` (`input_dtype`: float64 points stay float64 for maps that keep world
+    coordinates in it); every tensor in the result (nested in tuples and lists too) comes back as
     a NumPy array of the input's float dtype. A tensor passes through untouched. `None` (only
     where the parameter defaults to `None`) runs under `torch.no_grad()`: a detached read-out.
     Idempotent; `Deformation` subclasses get it automatically.
@@ -93,7 +96,8 @@ def points_io(method: Callable) -> Callable:
             raise ShapeflowError(f"{where}: {name} must hold real numbers, got dtype {points.dtype}")
         _check_points(points, self, method, name)
         dtype = points.dtype if points.dtype.kind == "f" else np.dtype(np.float64)
-        x = torch.as_tensor(points, dtype=self.dtype, device=self.device)
+        x = torch.as_tensor(points, dtype=self.input_dtype(torch.from_numpy(np.empty(0, dtype)).dtype),
+                            device=self.device)
         if in_args:
             args = args[:index] + (x,) + args[index + 1:]
         else:
@@ -149,6 +153,9 @@ class Deformation(nn.Module, abc.ABC):
     default_loss: ClassVar[str] = "sinkhorn"
     #: the weight of the model's energy when `register` gets no `regularization`
     default_regularization: ClassVar[float] = 1e-3
+    #: True when the map's Jacobian anywhere in space says whether it folds (flows, linear maps);
+    #: False for a field known only at the points it was fitted on (`PointDisplacement`)
+    ambient_jacobian: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -228,7 +235,7 @@ class Deformation(nn.Module, abc.ABC):
     def save(self, path: str | os.PathLike) -> Path:
         """Write this deformation to `path` (atomically). Load it back with `load_deformation`."""
         path = Path(path)
-        payload = {"format": _FORMAT, "model": json.dumps(self.describe()),
+        payload = {"format": _FORMAT, "model": json.dumps(self.describe()), "dtype": str(self.dtype).removeprefix("torch."),
                    "state": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return path
@@ -250,6 +257,11 @@ class Deformation(nn.Module, abc.ABC):
             if t.is_floating_point():
                 return t.dtype
         return torch.get_default_dtype()
+
+    def input_dtype(self, given: torch.dtype) -> torch.dtype:
+        """The dtype NumPy points of dtype `given` are converted to: the model's own, except for
+        maps that keep float64 world coordinates (`Normalized`, the linear maps)."""
+        return self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -277,7 +289,10 @@ def load_deformation(path: str | os.PathLike) -> Deformation:
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError("not a shapeflow deformation")
         model = build_deformation(json.loads(payload["model"]))
-        model.load_state_dict(payload["state"])
+        dtype = payload.get("dtype", "float32")     # files before the field: float32 models
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}")
+        model.to(_DTYPES[dtype]).load_state_dict(payload["state"])
     except ShapeflowError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not ours

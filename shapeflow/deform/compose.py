@@ -86,9 +86,28 @@ class Normalized(Deformation):
         super().__init__()
         self.inner, self.dim = inner, inner.dim
         zeros = torch.zeros(inner.dim)
-        self.register_buffer("source_center", zeros.clone() if source_center is None else source_center.detach().clone())
-        self.register_buffer("target_center", zeros.clone() if target_center is None else target_center.detach().clone())
+        # the centres stay float64 whatever `.to(dtype)` does to `inner` (see `_apply`): a shape a
+        # unit across at 1e6 from the origin keeps its detail only in float64 world coordinates
+        self.register_buffer("source_center", (zeros.clone() if source_center is None
+                                               else source_center.detach().clone()).double())
+        self.register_buffer("target_center", (zeros.clone() if target_center is None
+                                               else target_center.detach().clone()).double())
         self.scale = float(scale)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in ("source_center", "target_center"):     # moved to the new device, kept in float64
+            self._buffers[name] = self._buffers[name].double()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of `inner`'s parameters (the centres are always float64)."""
+        return self.inner.dtype
+
+    def input_dtype(self, given: torch.dtype) -> torch.dtype:
+        """NumPy points keep float64: the centring is done in it before `inner`'s dtype."""
+        return torch.float64 if given == torch.float64 else self.dtype
 
     def config(self) -> dict[str, Any]:
         return {"inner": self.inner.describe(), "scale": self.scale}
@@ -98,17 +117,20 @@ class Normalized(Deformation):
         return cls(build_deformation(config["inner"]), scale=config["scale"])
 
     def to_inner(self, points: torch.Tensor) -> torch.Tensor:
-        """World points of the source -> the normalised coordinates `inner` works in."""
-        return (points - self.source_center) / self.scale
+        """World points of the source `(N, d)` (any float dtype) -> the normalised coordinates
+        `inner` works in, in `inner`'s dtype (centred in float64 first)."""
+        return ((points.double() - self.source_center) / self.scale).to(self.dtype)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.inner(self.to_inner(points)) + self.target_center
+        """`points: (N, d) -> (N, d)` in the points' dtype (the world offset added in float64)."""
+        return (self.scale * self.inner(self.to_inner(points)).double() + self.target_center).to(points.dtype)
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
         """`points: (N, d)` -> `(steps + 1, N, d)`: `inner`'s path, with the centre moving linearly."""
-        path = self.inner.trajectory(self.to_inner(points), steps)
-        t = torch.linspace(0, 1, path.shape[0], dtype=points.dtype, device=points.device).view(-1, 1, 1)
-        return self.scale * path + self.source_center + t * (self.target_center - self.source_center)
+        path = self.inner.trajectory(self.to_inner(points), steps).double()
+        t = torch.linspace(0, 1, path.shape[0], dtype=torch.float64, device=points.device).view(-1, 1, 1)
+        out = self.scale * path + self.source_center + t * (self.target_center - self.source_center)
+        return out.to(points.dtype)
 
     def energy(self, points: torch.Tensor | None = None) -> torch.Tensor:
         """`inner`'s energy of `points: (N, d)` taken to its normalised coordinates."""
@@ -116,4 +138,5 @@ class Normalized(Deformation):
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
         """`phi^{-1}(points)`: `(N, d) -> (N, d)`, by `inner`'s inverse."""
-        return self.scale * self.inner.inverse((points - self.target_center) / self.scale) + self.source_center
+        inner = ((points.double() - self.target_center) / self.scale).to(self.dtype)
+        return (self.scale * self.inner.inverse(inner).double() + self.source_center).to(points.dtype)

@@ -134,21 +134,27 @@ class Rigid(Deformation):
         return self._matrix().detach()
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """`points: (N, d) -> points @ matrix.T + translation: (N, d)`."""
-        return points @ self._matrix().T + self._translation()
+        """`points: (N, d) -> points @ matrix.T + translation: (N, d)`, computed in the map's dtype
+        and returned in the points' (a float64 map keeps a large world offset exact)."""
+        return (points.to(self.dtype) @ self._matrix().T + self._translation()).to(points.dtype)
+
+    def input_dtype(self, given: torch.dtype) -> torch.dtype:
+        """NumPy points keep float64 (world coordinates far from the origin)."""
+        return torch.float64 if given == torch.float64 else self.dtype
 
     def trajectory(self, points: torch.Tensor, steps: int = 10) -> torch.Tensor:
         """Along the geodesic: rotation angle, log-scale and translation grow linearly in t.
         `points: (N, d)` -> `(steps + 1, N, d)`."""
-        frames = []
+        frames, x = [], points.to(self.dtype)
         for t in torch.linspace(0, 1, steps + 1).tolist():
             rot = _rotation(t * self.rotation_params, self.dim)
-            frames.append(points @ (torch.exp(t * self._log_scale()) * rot).T + t * self._translation())
-        return torch.stack(frames)
+            frames.append(x @ (torch.exp(t * self._log_scale()) * rot).T + t * self._translation())
+        return torch.stack(frames).to(points.dtype)
 
     def inverse(self, points: torch.Tensor) -> torch.Tensor:
         """`phi^{-1}(points)`: `(N, d) -> (N, d)`."""
-        return torch.linalg.solve(self._matrix(), (points - self._translation()).T).T
+        x = points.to(self.dtype) - self._translation()
+        return torch.linalg.solve(self._matrix(), x.T).T.to(points.dtype)
 
     def conjugated(self, source_center: torch.Tensor, target_center: torch.Tensor, scale: float):
         """The same map expressed in world units: `x -> scale * phi((x - c_s) / scale) + c_t`.

@@ -116,6 +116,8 @@ class PointDisplacement(Deformation):
 
     fitted_by: ClassVar[str] = "gauss-newton"
     default_loss: ClassVar[str] = "chamfer"
+    #: interpolated off the points (constant along a mesh's normals): det J there says nothing
+    ambient_jacobian: ClassVar[bool] = False
     data_sized = ("reference_points", "displacements", "faces")
 
     @dataclass

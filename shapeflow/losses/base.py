@@ -72,3 +72,11 @@ class PointLoss(nn.Module, abc.ABC):
         on a subsample of `options.subsample` points per shape when the options have one."""
         points = None if cls.correspondence else getattr(options, "subsample", None)
         return [Stage("fine", cls.build(options), points, iterations)]
+
+    @classmethod
+    def more_robust(cls, options: Any, given: set[str]) -> "tuple[Any, str] | None":
+        """`(options, what changed)` for a refit when a non-linear fit with these options folded
+        space (typically a part of the source with no counterpart crushed into the target), or
+        None: no refit. Only options the user left at their defaults may change (`given`: the
+        names passed to `register`)."""
+        return None

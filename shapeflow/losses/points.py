@@ -5,8 +5,10 @@ Every function takes `source: (N, d)` and `target: (M, d)` and returns a 0-d ten
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -246,6 +248,20 @@ class SinkhornLoss(PointLoss):
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sinkhorn_loss(source, target, self.blur, self.reach, self.scaling, self.backend)
+
+    #: a fit that folds space is refitted with the default reach divided by this (0.15 -> 0.05)
+    REFIT_REACH_DIVISOR = 3.0
+
+    @classmethod
+    def more_robust(cls, options: "SinkhornLoss.Options", given: set[str]) -> tuple[Any, str] | None:
+        """A smaller reach (unless the user chose one): mass farther than it from any target point
+        is destroyed rather than pulled in, which stops a missing part being crushed into what is
+        there (the airplane with 30 % of its target cropped: RMSE 54.6 -> 229 at 0.15, 21 at 0.05),
+        at some cost on large deformations, which is why it is not the default."""
+        if "reach" in given or options.reach is None:
+            return None
+        reach = options.reach / cls.REFIT_REACH_DIVISOR
+        return dataclasses.replace(options, reach=reach), f"reach={reach:.3g}"
 
     @classmethod
     def build(cls, options: "SinkhornLoss.Options", blur_scale: float = 1.0) -> "SinkhornLoss":

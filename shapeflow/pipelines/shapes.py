@@ -161,20 +161,30 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     identity = copy.deepcopy(core.state_dict())     # a new model is the identity map
     if not interrupted:
         interrupted = fitter(core, problem, history, prefix="")
+    refit = None
+    if not interrupted and not model_cls.linear and model_cls.ambient_jacobian:
+        robust = loss_cls.more_robust(parts["loss"], set(options))
+        folds = metrics.min_jacobian_determinant(core, problem.x) if robust is not None else 1.0
+        if folds <= 0:      # see `_refit`
+            core, problem, interrupted, refit = _refit(core, problem, robust, folds, identity, history, fitter, src, tgt,
+                                                       iterations)
+            guard = StartGuard.make(problem.stages, loss_cls, x_world, y_world, scale, opts.seed) if guard else None
     fitted.append(core)
     kept = guard.keep_the_best(fitted, identity, x, y, landmarks) if guard else "fit"
 
-    deformation = _in_world_units(fitted, source_center.to(dtype), target_center.to(dtype), scale)
+    deformation = _in_world_units(fitted, source_center, target_center, scale)     # float64 centres
     with torch.no_grad():   # the fitted map on the normalised source, back to world units in float64
         inner = fitted[0] if len(fitted) == 1 else Compose(fitted)
         warped64 = scale * inner(x).double() + target_center
         warped_points = warped64.to(dtype)
     warped = dataclasses.replace(src.with_points(warped64.cpu().to(src.points.dtype)), source=None)
-    result_metrics = _metrics(deformation, src, tgt, x_world, y_world, warped_points, loss_cls.correspondence)
+    result_metrics = _metrics(deformation, src, tgt, x_world, y_world, warped_points, loss_cls.correspondence,
+                              model_cls.ambient_jacobian)
     if marks is not None:
         result_metrics["landmark_error"] = metrics.landmark_errors(deformation, marks[0].to(device, dtype),
                                                                    marks[1].to(device, dtype))
     result_metrics["start"] = start_pose
+    result_metrics["refit"] = refit
     result_metrics["kept"] = kept
     _check_fit(result_metrics, y_world, kept)
     result_metrics["seconds"] = time.perf_counter() - start
@@ -185,6 +195,27 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
               **dataclasses.asdict(parts["loss"]), "source": src.source, "target": tgt.source}
     return Result(warped=warped.points.numpy() if array_in else warped, deformation=deformation,
                   history=history, metrics=result_metrics, source=src, target=tgt, options=record)
+
+
+def _refit(core: Deformation, problem: "ShapeFit", robust: tuple[Any, str], folds: float, identity: dict,
+           history: list[dict], fitter, src: PointCloud, tgt: PointCloud, iterations: int):
+    """A non-linear fit that folds space (min det J <= 0 on and around the source) has, nearly
+    always, crushed a part of the source that the target lacks into what is there: a close fit by
+    any distance to the data, and far worse than no registration. Fit once more from the identity
+    with the loss's more robust options (`PointLoss.more_robust`, e.g. Sinkhorn's reach / 3) and
+    keep the refit unless it folds more. Returns `(model, problem, interrupted, what was done)`; the
+    history rows of the refit are prefixed "refit-"."""
+    options, change = robust
+    second = copy.deepcopy(core)
+    second.load_state_dict(identity)
+    retry = dataclasses.replace(problem, stages=problem.loss_cls.stages(options, iterations, src, tgt))
+    interrupted = fitter(second, retry, history, prefix="refit-")
+    again = metrics.min_jacobian_determinant(second, problem.x)
+    if again < folds:       # the refit is no better: keep the first fit, and say so
+        return core, problem, interrupted, {"options": change, "first_min_jacobian_det": folds,
+                                            "refit_min_jacobian_det": again, "kept": "first"}
+    return second, retry, interrupted, {"options": change, "first_min_jacobian_det": folds,
+                                        "refit_min_jacobian_det": again, "kept": "refit"}
 
 
 def _sample(points: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
@@ -396,8 +427,8 @@ def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str)
     closest-point distance after the fit (`chamfer`) is above `POOR_FIT` times the target's RMS
     radius or above `chamfer_before` (the shapes as given; by more than 1e-4 of the radius), when the
     map folds space (`min_jacobian_det` <= 0: on a partial target a close fit can crush the missing
-    part into what is there, which no distance to the data reveals), or when the fit scored worse than its
-    start (which is then kept)."""
+    part into what is there, which no distance to the data reveals), when a first fit folded and was
+    refitted (`_refit`), or when the fit scored worse than its start (which is then kept)."""
     radius = float((y_world - y_world.mean(0)).square().sum(1).mean().sqrt())
     chamfer = result_metrics["chamfer"]
     reasons = []
@@ -410,6 +441,11 @@ def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str)
     elif chamfer > POOR_FIT * radius:
         reasons.append(f"the mean closest-point distance after it is {chamfer:.4g} ({100 * chamfer / radius:.1f} % of "
                        f"the target's RMS radius, above {100 * POOR_FIT:.0f} %)")
+    refit = result_metrics.get("refit")
+    if refit is not None:
+        reasons.append(f"the first fit folded space (min det J {refit['first_min_jacobian_det']:.3g}) and was refitted "
+                       f"with {refit['options']}, as when the target lacks a part of the source; the "
+                       f"{'refit' if refit['kept'] == 'refit' else 'first fit (the refit folded more)'} is kept")
     folds = result_metrics.get("min_jacobian_det")
     if folds is not None and folds <= 0:    # a close fit that folds space: typically a part pushed into another
         reasons.append(f"the map folds space (min det J {folds:.3g}), as when the target lacks a part of the source "
@@ -423,7 +459,7 @@ def _check_fit(result_metrics: dict[str, Any], y_world: torch.Tensor, kept: str)
 def _in_world_units(parts: list[Deformation], source_center, target_center, scale: float) -> Deformation:
     """Express the maps fitted in normalised coordinates in the shapes' own units."""
     if len(parts) == 1 and parts[0].linear:
-        return parts[0].conjugated(source_center, target_center, scale)
+        return copy.deepcopy(parts[0]).double().conjugated(source_center, target_center, scale)  # offsets in float64
     inner = parts[0] if len(parts) == 1 else Compose(parts)
     return Normalized(inner, source_center, target_center, scale)
 
@@ -440,7 +476,8 @@ def _at_most(points: torch.Tensor, count: int) -> torch.Tensor:
     return points[keep.to(points.device)]
 
 
-def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bool) -> dict[str, Any]:
+def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bool,
+             ambient_jacobian: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         **metrics.surface_distances(warped, y_world),
         "chamfer_before": metrics.chamfer_distance(_at_most(x_world, BEFORE_POINTS), _at_most(y_world, BEFORE_POINTS)),
@@ -451,7 +488,8 @@ def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bo
                   and bool((src.cells == tgt.cells).all()))
     known = correspondence or same_cells or (isinstance(src, Landmarks) and isinstance(tgt, Landmarks))
     out["rmse"] = metrics.rmse(warped, y_world) if known and len(src) == len(tgt) else None
-    out["min_jacobian_det"] = metrics.min_jacobian_determinant(deformation, x_world)
+    # a field known only at its points (model="displacement") has no Jacobian off them worth a number
+    out["min_jacobian_det"] = (metrics.min_jacobian_determinant(deformation, x_world) if ambient_jacobian else None)
     if isinstance(src, Mesh):
         out["flipped_triangles_percent"] = metrics.flipped_triangles_percent(
             deformation, x_world, src.faces.to(x_world.device), warped)

@@ -80,7 +80,10 @@ def register(
     regularization: Optional[float] = typer.Option(None, help="Weight of the regulariser (shapes: kinetic energy, 1e-3; images: diffusion, 0.003)."),
     prealign: Optional[str] = typer.Option(None, help="Shapes: rigid, similarity or affine before a flow (default none). Images: affine (the default) or none."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default) or float64: the precision the fit runs in."),
-    reach: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: unbalanced transport reach, relative to the target's size (default none: balanced); tolerates outliers and missing parts."),
+    reach: Optional[float] = typer.Option(None, help="Shapes: sinkhorn's unbalanced transport reach (default 0.15; --set reach=null: balanced) or chamfer's distance cap (default none), relative to the target's RMS radius; tolerates outliers and missing parts."),
+    trim: Optional[float] = typer.Option(None, help="Shapes, loss chamfer (or sinkhorn's chamfer refine): the farthest fraction of pairs left out, in [0, 0.5) (default 0)."),
+    direction: Optional[str] = typer.Option(None, help="Shapes, loss chamfer: both (default), source (each source point to its closest target point: a target with extra parts or outliers) or target (a partial target)."),
+    outliers: Optional[float] = typer.Option(None, help="Shapes, loss chamfer: CPD's outlier weight w in [0, 1) (default 0: off)."),
     blur: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: entropic blur, relative to the target's size (0.02)."),
     subsample: Optional[int] = typer.Option(None, help="Shapes, losses sinkhorn and chamfer: points per shape the fine stage is fitted on (4000; 512 for sinkhorn with --set refine=null)."),
     solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs the amg extra: pip install 'shapeflow\\[amg]')."),
@@ -118,7 +121,7 @@ def register(
         _fail(f"--dtype {dtype}: choose float32 or float64")
     landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
     given = dict(iterations=iterations, regularization=regularization, prealign=prealign, dtype=dtype, reach=reach,
-                 blur=blur, subsample=subsample, solver=solver, labels_moving=labels_moving,
+                 trim=trim, direction=direction, outliers=outliers, blur=blur, subsample=subsample, solver=solver, labels_moving=labels_moving,
                  labels_fixed=labels_fixed, mask_moving=mask_moving, mask_fixed=mask_fixed,
                  features=None if features is None else str(features), landmarks=landmarks,
                  landmark_weight=landmark_weight)

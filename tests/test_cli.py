@@ -212,6 +212,19 @@ def test_first_class_fit_options_reach_register(tmp_path):
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float64}   # fitted in float64
 
 
+def test_robust_chamfer_options_reach_register(tmp_path):
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q", "--iterations", "3", "--loss", "chamfer", "--trim", "0.1",
+                                   "--direction", "target", "--outliers", "0.05"])
+    assert run.exit_code == 0, run.stderr
+    options = json.loads((out / "report.json").read_text())["options"]
+    assert (options["trim"], options["direction"], options["outliers"]) == (0.1, "target", 0.05)
+    bad = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(tmp_path / "bad"), "--loss", "chamfer", "--outliers", "1.5"])
+    assert bad.exit_code == 2 and "outliers must be in [0, 1)" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def _imports(*args) -> str:
     """The modules `shapeflow ARGS` imports (python -X importtime), one name a line."""
     run = subprocess.run([sys.executable, "-X", "importtime", "-m", "shapeflow_cli.main", *map(str, args)],

@@ -16,6 +16,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Register shapes or images: the first argument always moves onto the second.")
 
 
+#: exit codes: 0 done, 1 a batch with failed pairs, 2 bad input (one line on stderr), 3 the fit diverged
+DIVERGED = 3
+
+
 def _fail(message: str) -> None:
     typer.echo(f"shapeflow: error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -140,8 +144,9 @@ def register(
         from shapeflow.viz import animate
 
         try:
-            result = sf.register(sf.read(source), sf.read(target), model=model, loss=loss, seed=seed, device=device,
-                                 progress=not quiet, **options)
+            with _sigterm_as_interrupt():
+                result = sf.register(sf.read(source), sf.read(target), model=model, loss=loss, seed=seed,
+                                     device=device, progress=not quiet, **options)
             result.save(output, overwrite=overwrite, gif=gif.name if inside else None, frames=frames)
             if gif is not None and not inside:
                 animate(result, gif, frames=frames)
@@ -149,6 +154,31 @@ def register(
             _fail(str(exc))
     if not quiet:
         _summary(result, output, None if inside else gif)
+    if result.metrics.get("diverged"):
+        typer.echo(f"{output}: the fit diverged (a non-finite loss); the last finite state was written, "
+                   f"marked diverged in report.json", err=True)
+        raise typer.Exit(DIVERGED)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's kill, `timeout`) stops the fit like Ctrl-C: the best state is kept
+    and written, marked interrupted. Restored afterwards; only in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse_set(item: str) -> tuple[str, object]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import copy
 
 import json
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 
 from ._files import default_mode
 from .deform import Affine, Compose, Deformation, Normalized
-from .errors import ShapeflowError
+from .errors import ShapeflowError, ShapeflowWarning
 from .shapes import Image
 
 __all__ = ["Result", "linear_maps", "world_parts"]
@@ -42,11 +44,19 @@ class Result:
     #: image registrations: the sampling positions of the middle slice after each step (animation)
     snapshots: list = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        if "diverged" not in self.metrics:
+            self.metrics["diverged"] = diverged(self.history, self.deformation)
+            if self.metrics["diverged"]:
+                warnings.warn("register(): the fit diverged (a non-finite loss or parameters); the last finite state "
+                              "is kept and the result is marked diverged", ShapeflowWarning, stacklevel=3)
+
     def report(self) -> dict[str, Any]:
-        """A JSON-able summary: metrics, options, the loss at the start and end, the deformation's
-        description, and for linear maps their parameters in world units (`linear_maps`)."""
+        """A JSON-able summary: metrics, options (the seed among them), the loss at the start and
+        end, the deformation's description, for linear maps their parameters in world units
+        (`linear_maps`), and the versions of shapeflow, torch, numpy and Python (`versions`)."""
         fit_rows = [r for r in self.history if str(r.get("stage", "")).startswith("fine")] or self.history
-        return {"metrics": self.metrics, "options": self.options,
+        return {"versions": versions(), "metrics": self.metrics, "options": self.options,
                 "loss_start": fit_rows[0]["total"] if fit_rows else None,
                 "loss_end": min(r["total"] for r in fit_rows) if fit_rows else None,
                 "iterations": len(self.history),
@@ -89,6 +99,29 @@ class Result:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+
+def versions() -> dict[str, str]:
+    """The versions a result depends on: shapeflow, torch, numpy, Python and the platform."""
+    import platform
+
+    import numpy
+
+    try:
+        from importlib.metadata import version
+        own = version("shapeflow")
+    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+        own = "unknown"
+    return {"shapeflow": own, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def diverged(history: list[dict], deformation: Deformation) -> bool:
+    """True when a fitting step met a non-finite loss (the loops then stop and keep the last finite
+    state: `solvers.fit`, and Gauss-Newton rejects such steps) or the map's parameters are not finite."""
+    if any(not math.isfinite(row["total"]) for row in history if isinstance(row.get("total"), (int, float))):
+        return True
+    return not all(bool(torch.isfinite(p).all()) for p in deformation.parameters())
 
 
 def world_parts(deformation: Deformation) -> list[Deformation]:

@@ -126,6 +126,8 @@ def chamfer_loss(source: torch.Tensor, target: torch.Tensor, *, trim: float = 0.
     _check_pair(source, target, "chamfer_loss")
     from_source, from_target = DIRECTIONS.lookup(direction, "chamfer_loss()")
     robust = PairWeights(trim, reach, outliers).check("chamfer_loss()")
+    if not _finite(source, target):
+        return _diverged(source, target)
     total = source.new_zeros(())
     sums = []
     if from_source:
@@ -153,6 +155,8 @@ def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02
     below the KeOps threshold, KeOps "online"/"multiscale" above or on CUDA), or a geomloss
     backend by name ("tensorized", "online", "multiscale")."""
     _check_pair(source, target, "sinkhorn_loss")
+    if not _finite(source, target):
+        return _diverged(source, target)
     return _samples_loss(source, target, blur, reach, scaling, backend)(source, target)
 
 
@@ -171,6 +175,17 @@ def l2_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ShapeflowError(f"l2_loss: needs point-to-point correspondence, but source has "
                              f"{source.shape[0]} points and target {target.shape[0]}")
     return (source - target).pow(2).sum(1).mean()
+
+
+def _finite(source: torch.Tensor, target: torch.Tensor) -> bool:
+    return bool(torch.isfinite(source).all()) and bool(torch.isfinite(target).all())
+
+
+def _diverged(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A NaN loss (in the graph) for non-finite points: a fit that diverged. A KD-tree or
+    geomloss's epsilon schedule would raise from deep inside; the NaN lets the fitting loop see the
+    divergence, stop and keep its last finite state."""
+    return (source.sum() + target.sum()) * float("nan")
 
 
 def _check_pair(source: torch.Tensor, target: torch.Tensor, who: str) -> None:

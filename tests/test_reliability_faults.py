@@ -1,0 +1,129 @@
+"""Faults (issue 16): a diverging fit is detected, keeps its last finite state and is reported;
+SIGTERM during fitting writes a consistent result marked interrupted (or nothing); reports carry
+the versions and the seed; no unsafe deserialisation anywhere in the package."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import shapeflow as sf
+from shapeflow.errors import ShapeflowWarning
+from shapeflow.losses import chamfer_loss, sinkhorn_loss
+from shapeflow_cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+
+
+def _contour() -> np.ndarray:
+    points = np.loadtxt(ASSETS / "horse_contour.csv", delimiter=",", skiprows=1)
+    return (points - points.mean(0)) / points.std()
+
+
+@pytest.mark.parametrize("model", ["resnet", "node", "lddmm"])
+def test_a_diverging_adam_fit_keeps_its_last_finite_state_and_says_so(model):
+    """Adam with lr = 1e30 blows the parameters up after one step: the loss turns non-finite, the
+    loop stops, the best (finite) state is restored, and the result is marked diverged."""
+    x = _contour()
+    with pytest.warns(ShapeflowWarning, match="diverged"):
+        result = sf.register(x, 1.1 * x, model=model, lr=1e30, iterations=5, progress=False)
+    assert result.metrics["diverged"] is True
+    assert any(not np.isfinite(row["total"]) for row in result.history)
+    assert np.isfinite(result.warped).all()
+    assert all(bool(torch.isfinite(p).all()) for p in result.deformation.parameters())
+    assert result.report()["metrics"]["diverged"] is True
+
+
+def test_a_normal_fit_is_not_marked_diverged():
+    x = _contour()
+    result = sf.register(x, 1.1 * x, iterations=5, progress=False)
+    assert result.metrics["diverged"] is False
+
+
+@pytest.mark.parametrize("loss", [chamfer_loss, sinkhorn_loss])
+def test_point_losses_answer_nan_for_non_finite_points_instead_of_raising(loss):
+    x = torch.randn(20, 3, requires_grad=True)
+    bad = x.detach().clone()
+    bad[3, 1] = float("inf")
+    value = loss(bad.requires_grad_(True), torch.randn(15, 3))
+    assert torch.isnan(value)
+    assert torch.isfinite(loss(x, torch.randn(15, 3)))
+
+
+def test_the_cli_writes_a_diverged_fit_and_exits_3(tmp_path):
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q", "--iterations", "5", "--set", "lr=1e30"])
+    assert run.exit_code == 3, run.stderr
+    assert "diverged" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["diverged"] is True
+    assert np.isfinite(sf.read(out / "warped.csv").points.numpy()).all()
+
+
+def test_every_report_records_the_versions_and_the_seed():
+    x = _contour()
+    report = sf.register(x, 1.1 * x, iterations=2, seed=7, progress=False).report()
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["numpy"] == np.__version__
+    assert {"shapeflow", "python", "platform"} <= set(report["versions"])
+    assert report["options"]["seed"] == 7
+
+
+def test_sigterm_during_fitting_writes_a_result_marked_interrupted_or_nothing(tmp_path):
+    """A fit far longer than the test, killed by SIGTERM once it is running: exit 0 with a complete,
+    consistent output folder marked interrupted, or (if the signal came before the fit started)
+    the default SIGTERM death with no output and no staging folder left behind."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "shapeflow_cli.main", "register", str(ASSETS / "horse_contour.csv"),
+                                str(ASSETS / "horse_contour_deformed.csv"), "-o", str(out), "-q",
+                                "--iterations", "1000000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(12)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert not leftovers
+    if process.returncode == -signal.SIGTERM:
+        assert not out.exists()
+        return
+    assert process.returncode == 0, stderr.decode()
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["interrupted"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["deformation.pt", "report.json", "warped.csv"]
+    warped = sf.read(out / "warped.csv").points.numpy()
+    np.testing.assert_allclose(sf.load_deformation(out / "deformation.pt")(sf.read(ASSETS / "horse_contour.csv").points.numpy()),
+                               warped, atol=1e-3 * np.abs(warped).max())
+
+
+UNSAFE = [
+    (re.compile(r"\bpickle\.loads?\("), "pickle.load"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "np.load(allow_pickle=True)"),
+    (re.compile(r"weights_only\s*=\s*False"), "torch.load(weights_only=False)"),
+    (re.compile(r"\bdill\b|\bjoblib\.load\b|\bcloudpickle\.load"), "another unpickler"),
+]
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    """Safe formats only: every torch.load passes weights_only=True, nothing unpickles a user's file."""
+    problems = []
+    for path in sorted([*(ROOT / "shapeflow").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]):
+        text = path.read_text()
+        for pattern, name in UNSAFE:
+            if pattern.search(text):
+                problems.append(f"{path.relative_to(ROOT)}: {name}")
+        for call in re.finditer(r"torch\.load\(", text):
+            args = text[call.end():text.find(")", call.end()) + 200]
+            if "weights_only=True" not in args.split("\n\n")[0][:300]:
+                problems.append(f"{path.relative_to(ROOT)}: torch.load without weights_only=True")
+    assert not problems, problems

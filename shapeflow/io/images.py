@@ -45,6 +45,7 @@ def _read_nifti(path: Path) -> Image:
         raise ShapeflowError(f"{path}: a 4D NIfTI time series ({shape[3]} volumes{timing}), not a multi-channel "
                              "image; register one volume, e.g. nibabel.save(nibabel.load(path).slicer[..., 0], "
                              "'volume.nii.gz')")
+    _check_voxels(path, shape, header)
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 5:                   # (X, Y, Z, 1, C) vector images
         data = data[:, :, :, 0]
@@ -59,6 +60,26 @@ def _read_nifti(path: Path) -> Image:
     elif channels.ndim == 3:
         affine = _drop_axis(affine)
     return _from_affine(channels, affine, path)
+
+
+#: the most voxels (times channels) an image may have: 2^31, 8 GiB in float32
+MAX_VOXELS = 2 ** 31
+
+
+def _check_voxels(path: Path, shape: tuple[int, ...], header) -> None:
+    """Refuse, before reading any data, a header announcing more than `MAX_VOXELS` voxels or (an
+    uncompressed file) more data than the file holds."""
+    voxels = int(np.prod(shape, dtype=np.float64))
+    dims = " x ".join(str(n) for n in shape)
+    if voxels > MAX_VOXELS:
+        raise ShapeflowError(f"{path}: the header announces {dims} = {voxels:.3g} voxels, above the limit of "
+                             f"{MAX_VOXELS:.3g} (shapeflow.io.images.MAX_VOXELS); a corrupt header, or crop the image first")
+    if not str(path).endswith(".gz"):
+        need = int(header.get("vox_offset", 0)) + voxels * header.get_data_dtype().itemsize
+        have = path.stat().st_size
+        if need > have:
+            raise ShapeflowError(f"{path}: the header announces {dims} voxels ({need} bytes with its offset) but the "
+                                 f"file holds {have} bytes (truncated, or a corrupt header)")
 
 
 def _is_time_series(header) -> bool:
@@ -104,7 +125,16 @@ def _read_picture(path: Path) -> Image:
 
 def _read_itk(path: Path) -> Image:
     sitk = import_optional("SimpleITK", "reading .mha/.mhd/.nrrd")
-    img = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()           # the header only: refuse an absurd size before reading
+    size = tuple(reader.GetSize()) + ((reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
+    voxels = int(np.prod(size, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise ShapeflowError(f"{path}: the header announces {' x '.join(map(str, size))} = {voxels:.3g} voxels, above "
+                             f"the limit of {MAX_VOXELS:.3g} (shapeflow.io.images.MAX_VOXELS); a corrupt header, or "
+                             f"crop the image first")
+    img = reader.Execute()
     array = sitk.GetArrayFromImage(img).astype(np.float32)        # (z, y, x[, C])
     d = img.GetDimension()
     if img.GetNumberOfComponentsPerPixel() > 1:

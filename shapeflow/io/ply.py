@@ -144,12 +144,32 @@ def _group(columns: dict, path: Path, what: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_counts(path: Path, fmt: str, elements, size: int) -> None:
+    """Refuse a header whose element counts cannot fit in the `size` bytes after it (a truncated
+    file, or a corrupt or hostile count such as 10^9 vertices), before anything is allocated.
+    The least a record takes: its fixed-size properties plus empty lists (binary), or one
+    character and one separator per property (ASCII)."""
+    need = 0
+    for name, count, props in elements:
+        if fmt == "ascii":
+            least = 2 * len(props)
+        else:
+            least = sum(np.dtype(kind if count_kind is None else count_kind).itemsize
+                        for _, kind, count_kind in props)
+        need += count * least
+        if need > size + 1:         # + 1: the last ASCII value needs no separator
+            raise ShapeflowError(f"{path}: the PLY header announces {count} {name} records, which need at least "
+                                 f"{need} bytes, but the file holds {size} bytes after its header (truncated, or a "
+                                 f"corrupt count)")
+
+
 def read_ply(path: Path) -> dict:
     """{points (N, 3) as stored (float32 for `float`, float64 for `double` and ASCII), polygons
     (flat) or None, point_data, cell_data} of a PLY file."""
     with open(path, "rb") as handle:
         fmt, elements = _header(handle)
         body = handle.read()
+    _check_counts(path, fmt, elements, len(body))
     tokens = body.decode("ascii", "replace").split() if fmt == "ascii" else None
     order = "<" if fmt == "binary_little_endian" else ">"
     at, read = 0, {}

@@ -18,6 +18,8 @@ from .._optional import import_optional
 from ..errors import ShapeflowError
 from ..shapes import Image
 from .dicom import LPS, read_dicom_file, read_dicom_series
+from .isolated import read_isolated
+from .limits import MAX_VOXELS, check_vtk_counts
 
 __all__ = ["IMAGE_READERS", "IMAGE_WRITERS", "image_from_vtk", "read_dicom_series", "read_image", "write_image"]
 
@@ -62,10 +64,6 @@ def _read_nifti(path: Path) -> Image:
     return _from_affine(channels, affine, path)
 
 
-#: the most voxels (times channels) an image may have: 2^31, 8 GiB in float32
-MAX_VOXELS = 2 ** 31
-
-
 def _check_voxels(path: Path, shape: tuple[int, ...], header) -> None:
     """Refuse, before reading any data, a header announcing more than `MAX_VOXELS` voxels or (an
     uncompressed file) more data than the file holds."""
@@ -73,7 +71,7 @@ def _check_voxels(path: Path, shape: tuple[int, ...], header) -> None:
     dims = " x ".join(str(n) for n in shape)
     if voxels > MAX_VOXELS:
         raise ShapeflowError(f"{path}: the header announces {dims} = {voxels:.3g} voxels, above the limit of "
-                             f"{MAX_VOXELS:.3g} (shapeflow.io.images.MAX_VOXELS); a corrupt header, or crop the image first")
+                             f"{MAX_VOXELS:.3g} (shapeflow.io.limits.MAX_VOXELS); a corrupt header, or crop the image first")
     if not str(path).endswith(".gz"):
         need = int(header.get("vox_offset", 0)) + voxels * header.get_data_dtype().itemsize
         have = path.stat().st_size
@@ -132,7 +130,7 @@ def _read_itk(path: Path) -> Image:
     voxels = int(np.prod(size, dtype=np.float64))
     if voxels > MAX_VOXELS:
         raise ShapeflowError(f"{path}: the header announces {' x '.join(map(str, size))} = {voxels:.3g} voxels, above "
-                             f"the limit of {MAX_VOXELS:.3g} (shapeflow.io.images.MAX_VOXELS); a corrupt header, or "
+                             f"the limit of {MAX_VOXELS:.3g} (shapeflow.io.limits.MAX_VOXELS); a corrupt header, or "
                              f"crop the image first")
     img = reader.Execute()
     array = sitk.GetArrayFromImage(img).astype(np.float32)        # (z, y, x[, C])
@@ -177,6 +175,13 @@ def image_from_vtk(grid, path: Path) -> Image:
 
 
 def _read_vtk_image(path: Path) -> Image:
+    import pyvista  # noqa: F401 - imported once here, not in every forked reader
+
+    check_vtk_counts(path)
+    return read_isolated(_read_vtk_image_here, path)     # a crash on a corrupt file stays in a child
+
+
+def _read_vtk_image_here(path: Path) -> Image:
     import pyvista as pv
 
     grid = pv.read(str(path))

@@ -22,6 +22,8 @@ import numpy as np
 from .._files import suffix_of
 from ..errors import ShapeflowError
 from ..shapes import Mesh, PointCloud
+from .isolated import read_isolated
+from .limits import check_vtk_counts
 from .ply import read_ply, write_ply
 
 __all__ = ["READERS", "WRITERS"]
@@ -223,6 +225,13 @@ def _arrays(attributes) -> dict[str, np.ndarray]:
 
 
 def _read_vtk(path: Path):
+    import pyvista  # noqa: F401 - imported once here, not in every forked reader
+
+    check_vtk_counts(path)       # before VTK allocates what a corrupt header announces
+    return read_isolated(_read_vtk_here, path)      # a crash on a corrupt file stays in a child
+
+
+def _read_vtk_here(path: Path):
     import pyvista as pv
 
     data = pv.read(str(path))

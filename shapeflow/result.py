@@ -121,6 +121,8 @@ def diverged(history: list[dict], deformation: Deformation) -> bool:
     state: `solvers.fit`, and Gauss-Newton rejects such steps) or the map's parameters are not finite."""
     if any(not math.isfinite(row["total"]) for row in history if isinstance(row.get("total"), (int, float))):
         return True
+    if any(row.get("diverged") for row in history):      # a Gauss-Newton step met a NaN and was rejected
+        return True
     return not all(bool(torch.isfinite(p).all()) for p in deformation.parameters())
 
 

@@ -127,3 +127,47 @@ def test_no_unsafe_deserialisation_in_the_package():
             if "weights_only=True" not in args.split("\n\n")[0][:300]:
                 problems.append(f"{path.relative_to(ROOT)}: torch.load without weights_only=True")
     assert not problems, problems
+
+
+class _Quadratic:
+    """`1/2 |x - 3|^2`, whose cost turns NaN beyond x = 2 (a model that blows up there)."""
+
+    def cost(self, x):
+        value = 0.5 * float((x - 3).square().sum())
+        return (float("nan") if float(x.max()) > 2 else value), None
+
+    def linearize(self, x, state):
+        from shapeflow.solvers import Linearization
+
+        return Linearization(x - 3, lambda mu: (-(x - 3) / (1 + mu), 1))
+
+
+def test_gauss_newton_rejects_a_nan_step_keeps_the_last_finite_iterate_and_says_diverged():
+    from shapeflow.solvers import minimize_least_squares
+
+    steps = []
+    result = minimize_least_squares(_Quadratic(), torch.zeros(2, dtype=torch.float64), maxiter=5, damping=0.0,
+                                    line_search="decrease", max_halvings=0, callback=steps.append)
+    assert result.diverged and steps[-1].diverged
+    assert torch.isfinite(result.x).all() and float(result.x.max()) <= 2
+
+
+def test_a_diverging_image_fit_is_reported(monkeypatch):
+    """The image pipeline's objective turns NaN after a few evaluations (injected): the Gauss-Newton
+    loop rejects those steps, the result is finite and marked diverged."""
+    import shapeflow.pipelines.images as images
+    from shapeflow.learn import phantom_pair
+
+    calls = {"n": 0}
+    real = images.grid_diffusion
+
+    def failing(u, spacing=None):
+        calls["n"] += 1
+        return real(u, spacing) * (float("nan") if calls["n"] > 4 else 1.0)
+
+    monkeypatch.setattr(images, "grid_diffusion", failing)
+    moving, fixed = phantom_pair(1, size=(32, 32), modality="mono")
+    with pytest.warns(ShapeflowWarning, match="diverged"):
+        result = sf.register(moving, fixed, prealign=None, progress=False)
+    assert result.metrics["diverged"] is True
+    assert torch.isfinite(result.warped.data).all()

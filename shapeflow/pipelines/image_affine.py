@@ -128,7 +128,8 @@ def fit_affine(levels: list[tuple[torch.Tensor, Grid, torch.Tensor, Grid]], hist
               if affine is None else problem.from_affine(affine))
         stage = f"affine-level{number}"
         rows = lambda step, stage=stage: history.append(
-            {"stage": stage, "phase": "levenberg-marquardt", "iteration": step.iteration, "total": step.cost})
+            {"stage": stage, "phase": "levenberg-marquardt", "iteration": step.iteration, "total": step.cost,
+             **({"diverged": True} if step.diverged else {})})
         fit = minimize_least_squares(problem, x0, maxiter=iterations, damping=1e-3, line_search="decrease",
                                      max_halvings=0, max_damping_tries=17, gtol=0.0, xtol=0.0, ftol=1e-6,
                                      callback=rows)

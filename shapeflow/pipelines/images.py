@@ -524,6 +524,8 @@ def _fit_levels(model_cls, model_opts, levels: list[_Level], term: ImageResidual
                 history.append({"stage": f"level{number}", "phase": "gauss-newton", "iteration": step.iteration,
                                 "total": step.cost, "data": data, "cg_iterations": step.inner_iterations,
                                 "accepted": step.accepted})
+                if step.diverged:
+                    history[-1]["diverged"] = True
                 if marks is not None:
                     history[-1]["landmarks"] = landmarks
                 if term.score_name is not None:

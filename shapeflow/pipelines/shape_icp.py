@@ -383,7 +383,7 @@ def _run_stages(x, y, source_faces, target_faces, options, pairs: PairTerm, lamb
         def report(step, stage=stage):
             terms = step.state["terms"]
             row = {"stage": stage, "phase": "gauss-newton", "iteration": len(history), "total": step.cost,
-                   "data": terms["data"], "energy": terms["regular"]}
+                   "data": terms["data"], "energy": terms["regular"], **({"diverged": True} if step.diverged else {})}
             history.append(row)
             advance(row)
 

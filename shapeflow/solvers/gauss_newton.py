@@ -71,6 +71,7 @@ class GaussNewtonStep:
     inner_iterations: int
     damping: float
     step_length: float
+    diverged: bool = False      # a non-finite gradient or trial cost was met (the iterate x stays finite)
 
 
 @dataclass
@@ -81,7 +82,8 @@ class GaussNewtonResult:
     history: F at x0 and after every accepted iteration. iterations: outer iterations run.
     converged: a stopping test (gtol/xtol/ftol) was met. damping: the Levenberg-Marquardt mu used
     at each iteration. cg_iterations: inner iterations per iteration (0 for a dense solve).
-    interrupted: stopped by Ctrl-C (x is the best iterate reached).
+    interrupted: stopped by Ctrl-C (x is the best iterate reached). diverged: a NaN gradient or
+    trial cost was met (the step was rejected; x is the last finite iterate).
     """
 
     x: Tensor
@@ -93,6 +95,7 @@ class GaussNewtonResult:
     cg_iterations: list[int] = field(default_factory=list)
     interrupted: bool = False
     state: Any = field(default=None, repr=False)
+    diverged: bool = False
 
 
 #: line searches: (f_new, f, t, slope) -> accept the step length t
@@ -143,6 +146,11 @@ def minimize_least_squares(
             with torch.no_grad():
                 lin = problem.linearize(x, state)
             g_norm = _norm(lin.gradient)
+            if math.isnan(g_norm):      # a diverged linearisation: keep the last finite iterate
+                result.diverged = True
+                if callback is not None:
+                    callback(GaussNewtonStep(it, x, f, state, False, 0, mu, 0.0, True))
+                break
             g0_norm = g_norm if g0_norm is None else g0_norm
             if g_norm <= gtol:
                 result.converged = True
@@ -156,6 +164,7 @@ def minimize_least_squares(
                     limit = max(max_halvings, infeasible_halvings or 0)
                     for halving in range(limit + 1):
                         f_new, state_new = problem.cost(x + t * dx)
+                        result.diverged |= math.isnan(f_new)     # inf is a refused step (e.g. a fold), NaN is not
                         if accept(f_new, f, t, slope) or halving == limit or (
                                 halving >= max_halvings and math.isfinite(f_new)):
                             break
@@ -177,7 +186,8 @@ def minimize_least_squares(
                 if damping > 0 and t == 1.0:
                     mu = max(mu / 3.0, 1e-12)
             if callback is not None:
-                callback(GaussNewtonStep(it, x, f, state, accepted, int(inner), mu, t if accepted else 0.0))
+                callback(GaussNewtonStep(it, x, f, state, accepted, int(inner), mu, t if accepted else 0.0,
+                                         result.diverged))
             if not accepted:  # no damping gives a decrease: stationary up to rounding, or stuck
                 result.converged = g_norm <= 1e-6 * max(1.0, g0_norm)
                 break

@@ -18,11 +18,9 @@ from shapeflow.pipelines.batch import MARKER, read_pairs
 distributed = pytest.importorskip("distributed")
 
 
-@pytest.fixture(scope="module")
-def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as c:
-        yield c
+@pytest.fixture
+def client(dask_client):
+    return dask_client
 
 
 def _contour(k: int, n: int = 40) -> np.ndarray:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .._files import default_mode
@@ -207,4 +206,4 @@ def _rms_change(old: Any, new: Any) -> float:
         a, b = old.data.double(), new.data.double()
     else:
         a, b = old.points.double(), new.points.double()
-    return float(np.sqrt(((a - b) ** 2).sum(-1 if not isinstance(old, Image) else 0).mean()))
+    return float(((a - b) ** 2).sum(0 if isinstance(old, Image) else -1).mean().sqrt())

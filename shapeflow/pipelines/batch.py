@@ -47,7 +47,7 @@ OPTIONAL_COLUMNS = ("name", "landmarks_source", "landmarks_target", "labels_sour
 #: metrics copied into summary.csv when the registration has them (a dict: its "mean", else the mean of its values)
 HEADLINE_METRICS = ("chamfer", "hausdorff", "rmse", "min_jacobian_det", "flipped_triangles_percent", "mse_after",
                     "dice_mean", "hd95", "jacobian_percent_negative", "landmark_error", "poor_fit")
-SUMMARY_COLUMNS = ("name", "status", "seconds", *HEADLINE_METRICS, "source", "target", "worker", "error", "warning")
+SUMMARY_COLUMNS = ("name", "status", "seconds", "cpu_seconds", *HEADLINE_METRICS, "source", "target", "worker", "error", "warning")
 #: options register_many gives every pair unless told otherwise: one torch thread per one-thread worker
 PAIR_DEFAULTS = {"threads": 1, "seed": 0}
 
@@ -257,7 +257,7 @@ def register_pair(spec: PairSpec, output: str, options: dict, key: dict, save: d
     """
     from ..register import register
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     row = {"name": spec.name, "source": spec.source, "target": spec.target, "worker": _worker_id()}
     try:
         with tempfile.TemporaryDirectory(prefix="shapeflow-batch-") as tmp:
@@ -274,6 +274,7 @@ def register_pair(spec: PairSpec, output: str, options: dict, key: dict, save: d
             if caught:      # one line in the summary instead of every worker's stderr
                 row["warning"] = str(caught[0].message).strip().splitlines()[0][:300]
             row.update(status="done", seconds=round(time.perf_counter() - started, 3),
+                       cpu_seconds=round(time.process_time() - cpu, 3),
                        **headline_metrics(result.metrics))
             marker = {"format": MARKER_FORMAT, "key": key, "row": row,
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -339,7 +340,8 @@ def cluster_client(workers: int | None = None, scheduler: str | None = None, *,
             yield client
         return
     with distributed.LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                                  memory_limit=memory_limit, dashboard_address=dashboard_address) as cluster, \
+                                  memory_limit=memory_limit, dashboard_address=dashboard_address,
+                                  silence_logs=logging.ERROR) as cluster, \
             distributed.Client(cluster) as client:
         yield client
 

@@ -71,12 +71,13 @@ def join_url(base: str, name: str) -> str:
 
 
 def _resolve(value: str, base: str | None) -> str:
-    """A path from the CSV: URLs and absolute paths as they are, relative ones against `base`."""
-    if "://" in value or base is None or os.path.isabs(value):
+    """A path from the CSV: URLs as they are, relative paths against `base` (the current folder
+    without one), local paths made absolute (workers may run elsewhere)."""
+    if "://" in value:
         return value
-    if "://" in base:
+    if base is not None and "://" in base:
         return base.rstrip("/") + "/" + value
-    return str(Path(base) / value)
+    return os.path.abspath(os.path.join(base or "", value))
 
 
 def _stem(path: str) -> str:
@@ -414,7 +415,7 @@ def register_many(pairs: str | os.PathLike | Iterable[Any], output: str | os.Pat
     what finished and re-raises KeyboardInterrupt; the same call then resumes.
     """
     specs = read_pairs(pairs)
-    output = str(output)
+    output = str(output) if "://" in str(output) else os.path.abspath(output)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ShapeflowError(f"register_many(): retries must be an int >= 0, got {retries!r}")
     for name in ("progress", "landmarks", "labels_moving", "labels_fixed"):

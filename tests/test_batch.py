@@ -149,18 +149,19 @@ def test_a_worker_killed_mid_batch(tmp_path, client):
     runner = threading.Thread(target=lambda: holder.update(
         summary=sf.register_many(pairs, out, client=client, progress=False, **options)))
     runner.start()
-    victim, running, deadline = None, [], time.monotonic() + 120
+    victim, assigned, deadline = None, [], time.monotonic() + 120
     while time.monotonic() < deadline:
         busy = {w: keys for w, keys in client.processing().items() if keys}
-        markers = list(out.glob(f"*/{MARKER}"))
-        if busy and markers:         # mid-batch: something finished, something running
+        if busy and list(out.glob(f"*/{MARKER}")):         # mid-batch: something finished, something running
             victim, keys = next(iter(busy.items()))
-            running = [k.split("-")[1] for k in keys if not (out / k.split("-")[1] / MARKER).exists()]
-            break
+            assigned = [k.split("-")[1] for k in keys]
+            if any(not (out / name / MARKER).exists() for name in assigned):
+                break
         time.sleep(0.05)
     assert victim is not None, "the batch never got under way"
     pid = client.run(os.getpid, workers=[victim])[victim]
     os.kill(pid, signal.SIGKILL)
+    running = [name for name in assigned if not (out / name / MARKER).exists()]    # unfinished when killed
     runner.join(timeout=300)
     summary = holder["summary"]
     assert [r["status"] for r in summary.rows] == ["done"] * 6, summary.rows

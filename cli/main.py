@@ -121,22 +121,13 @@ def register(
         _fail(f"--frames {frames}: an animation needs at least 2 frames")
     if (landmarks_source is None) != (landmarks_target is None):
         _fail("--landmarks-source and --landmarks-target go together; give both or neither")
-    if dtype not in (None, "float32", "float64"):
-        _fail(f"--dtype {dtype}: choose float32 or float64")
     landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
-    given = dict(iterations=iterations, regularization=regularization, prealign=prealign, dtype=dtype, reach=reach,
-                 trim=trim, direction=direction, outliers=outliers, blur=blur, subsample=subsample, solver=solver, labels_moving=labels_moving,
-                 labels_fixed=labels_fixed, mask_moving=mask_moving, mask_fixed=mask_fixed,
-                 features=None if features is None else str(features), landmarks=landmarks,
-                 landmark_weight=landmark_weight)
-    options = {k: v for k, v in given.items() if v is not None}
-    if prealign is not None and prealign.lower() == "none":
-        options["prealign"] = None          # explicit: images pre-align by default
-    for item in option:
-        name, value = _parse_set(item)
-        if name in options or name in ("seed", "device", "progress"):
-            _fail(f"--set {item}: {name} has its own option")
-        options[name] = value
+    options = register_options(option, iterations=iterations, regularization=regularization, prealign=prealign,
+                                dtype=dtype, reach=reach, trim=trim, direction=direction, outliers=outliers, blur=blur,
+                                subsample=subsample, solver=solver, labels_moving=labels_moving,
+                                labels_fixed=labels_fixed, mask_moving=mask_moving,
+                                mask_fixed=mask_fixed, features=None if features is None else str(features),
+                                landmarks=landmarks, landmark_weight=landmark_weight)
     inside = gif is not None and (gif.parent == Path(".") and not gif.is_absolute()
                                   or gif.resolve().parent == output.resolve())
     with _quiet(quiet, vtk=gif is not None):
@@ -179,6 +170,22 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def register_options(option: list[str], **given) -> dict:
+    """register() options from the command line (`register`, `batch`): the given ones and the
+    `--set NAME=VALUE`s; `--prealign none` is an explicit None (images pre-align by default)."""
+    if given.get("dtype") not in (None, "float32", "float64"):
+        _fail(f"--dtype {given['dtype']}: choose float32 or float64")
+    options = {k: v for k, v in given.items() if v is not None}
+    if given.get("prealign") is not None and given["prealign"].lower() == "none":
+        options["prealign"] = None
+    for item in option:
+        name, value = _parse_set(item)
+        if name in options or name in ("seed", "device", "progress"):
+            _fail(f"--set {item}: {name} has its own option")
+        options[name] = value
+    return options
 
 
 def _parse_set(item: str) -> tuple[str, object]:
@@ -249,6 +256,10 @@ def warp(
 
 from .train import train_command  # noqa: E402  (`shapeflow train`: cli/train.py, issue 13)
 app.command("train")(train_command)
+from .batch import commands as cohort_commands  # noqa: E402  (`shapeflow batch`, `shapeflow atlas`: issue 15)
+batch_command, atlas_command = cohort_commands(register)
+app.command("batch")(batch_command)
+app.command("atlas")(atlas_command)
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

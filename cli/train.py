@@ -25,6 +25,8 @@ def train_command(
             result = train(config, output, resume=not no_resume, progress=not quiet)
         except _library_errors() as exc:
             _fail(str(exc))
+    if result.get("rank"):          # under torchrun, rank 0 reports and writes
+        return
     if result.get("interrupted"):
         typer.echo(f"interrupted at step {result['step']} of {result['steps']}; checkpoint {result['checkpoint']}; "
                    "run the same command to resume", err=True)

@@ -10,6 +10,8 @@ from .deform import (Affine, Compose, Deformation, DisplacementField, KernelLDDM
                      StationaryVelocityField, load_deformation)
 from .errors import InverseError, ShapeflowError, ShapeflowWarning
 from .io import read, write
+from .pipelines.atlas import Atlas, build_atlas
+from .pipelines.batch import BatchSummary, register_many
 from .register import register
 from .result import Result
 from .shapes import Curve, Image, Landmarks, Mesh, PointCloud
@@ -18,5 +20,6 @@ __all__ = ["register", "Result", "read", "write", "load_deformation", "PointClou
            "Deformation", "Rigid", "Similarity", "Affine", "ResNetFlow", "NeuralODEFlow", "KernelLDDMM", "Compose",
            "DisplacementField", "PointDisplacement",
            "StationaryVelocityField",
-           "ShapeflowError", "ShapeflowWarning", "InverseError", "learn", "viz"]
+           "ShapeflowError", "ShapeflowWarning", "InverseError", "learn", "viz",
+           "register_many", "BatchSummary", "build_atlas", "Atlas"]
 __version__ = "0.1.0"

@@ -7,7 +7,8 @@ import importlib.util
 from types import ModuleType
 
 # module name -> the shapeflow extra that installs it
-EXTRAS = {"cupy": "gpu", "cupyx": "gpu", "pyamg": "amg", "SimpleITK": "itk", "pydicom": "dicom"}
+EXTRAS = {"cupy": "gpu", "cupyx": "gpu", "pyamg": "amg", "SimpleITK": "itk", "pydicom": "dicom",
+          "dask": "cluster", "distributed": "cluster", "fsspec": "cluster"}
 
 
 def is_available(module: str) -> bool:

@@ -15,7 +15,7 @@ from ._optional import import_optional
 from .errors import ShapeflowError
 from .shapes import Image, Mesh, PointCloud
 
-__all__ = ["animate", "plot_history", "render_frames", "overlay", "checkerboard"]
+__all__ = ["animate", "animate_sequence", "plot_history", "render_frames", "overlay", "checkerboard"]
 
 
 @contextmanager
@@ -69,12 +69,12 @@ def animate(result: Any, path: str | os.PathLike, frames: int = 24, fps: int = 1
     return path
 
 
-def _frames_3d(path: np.ndarray, source: PointCloud, target: PointCloud, size) -> list[np.ndarray]:
+def _frames_3d(path: np.ndarray, source: PointCloud, target: PointCloud, size, titles=None) -> list[np.ndarray]:
     with _headless_vtk():
-        return _render_3d(import_optional("pyvista", "3D renderings"), path, source, target, size)
+        return _render_3d(import_optional("pyvista", "3D renderings"), path, source, target, size, titles)
 
 
-def _render_3d(pv, path: np.ndarray, source: PointCloud, target: PointCloud, size) -> list[np.ndarray]:
+def _render_3d(pv, path: np.ndarray, source: PointCloud, target: PointCloud, size, titles=None) -> list[np.ndarray]:
 
     def poly(points, shape):
         if isinstance(shape, Mesh):
@@ -99,7 +99,7 @@ def _render_3d(pv, path: np.ndarray, source: PointCloud, target: PointCloud, siz
     images = []
     for k, frame in enumerate(path):
         moving.points = frame
-        label.set_text("upper_left", f"t = {k / (len(path) - 1):.2f}")
+        label.set_text("upper_left", titles[k] if titles else f"t = {k / (len(path) - 1):.2f}")
         plotter.render()
         images.append(plotter.screenshot(return_img=True))
     plotter.close()
@@ -116,7 +116,7 @@ def _view_direction(points: np.ndarray) -> np.ndarray:
     return direction / np.linalg.norm(direction)
 
 
-def _frames_2d(path: np.ndarray, target: np.ndarray, size) -> list[np.ndarray]:
+def _frames_2d(path: np.ndarray, target: np.ndarray, size, titles=None) -> list[np.ndarray]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -133,8 +133,56 @@ def _frames_2d(path: np.ndarray, target: np.ndarray, size) -> list[np.ndarray]:
         ax.set_xlim(lo[0] - pad, hi[0] + pad)
         ax.set_ylim(lo[1] - pad, hi[1] + pad)
         ax.set_aspect("equal")
-        ax.set_title(f"t = {k / (len(path) - 1):.2f}")
+        ax.set_title(titles[k] if titles else f"t = {k / (len(path) - 1):.2f}")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=7, frameon=False)
+        canvas.draw()
+        images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return images
+
+
+def animate_sequence(items: list, path: str | os.PathLike, titles: list[str] | None = None, fps: int = 2,
+                     size: tuple[int, int] = (480, 400)) -> Path:
+    """Write a GIF (or .mp4) of a sequence of shapes with the same points (`PointCloud`s or
+    `Mesh`es, `(N, d)` each, drawn over the last one as a grey ghost) or of `Image`s (the middle
+    slice), one frame per item, e.g. an atlas template evolving over its iterations."""
+    path = Path(path)
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise ShapeflowError(f"{path}: animations are written as .gif or .mp4")
+    if len(items) < 1:
+        raise ShapeflowError("animate_sequence(): no items")
+    titles = titles or [f"{k}" for k in range(len(items))]
+    if isinstance(items[0], Image):
+        images = _slices_frames([_middle(item.data) for item in items], items[0].dim, titles, size)
+    else:
+        stack = np.stack([item.points.detach().cpu().double().numpy() for item in items])    # (T, N, d)
+        if stack.shape[-1] == 2:
+            images = _frames_2d(stack, stack[-1], size, titles)
+        else:
+            images = _frames_3d(stack, items[0], items[-1], size, titles)
+    import imageio.v2 as imageio
+
+    def write(tmp: Path) -> None:
+        if path.suffix.lower() == ".gif":
+            imageio.mimsave(tmp, images, format="GIF", duration=[1000 / fps] * len(images), loop=0)
+        else:
+            imageio.mimsave(tmp, images, fps=fps)
+
+    atomic_write(path, write)
+    return path
+
+
+def _slices_frames(slices: list[np.ndarray], dim: int, titles: list[str], size) -> list[np.ndarray]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lo, hi = _display_range(*slices)
+    images = []
+    for title, image in zip(titles, slices):
+        fig = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        _show(ax, image, dim, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title, fontsize=9)
         canvas.draw()
         images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
     return images

@@ -128,6 +128,8 @@ LAYERS = [
     {"shapeflow.result"},
     {"shapeflow.pipelines", "shapeflow.learn"},
     {"shapeflow.register"},
+    # cohorts: many register() calls on Dask (issue 15); above register, which they call
+    {"shapeflow.pipelines.batch", "shapeflow.pipelines.atlas"},
     {"shapeflow"},
 ]
 

@@ -462,6 +462,39 @@ def _forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+@contextlib.contextmanager
+def _data_parallel(device: torch.device) -> Iterator[tuple[int, int]]:
+    """(rank, world size): under `torchrun` (WORLD_SIZE > 1 in the environment) a process group
+    (gloo on the CPU, nccl on CUDA) is joined for the duration of training, unless one exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield 0, 1
+        return
+    dist = torch.distributed
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    """Average `tensors` in place over the process group, in one flat all-reduce (what
+    DistributedDataParallel does to the gradients)."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def train(config: dict | str | Path, output: str | Path, *, resume: bool = True, progress: bool = True) -> dict:
     """Train the configured network with the configured method; write OUTPUT/ (module docstring).
 
@@ -472,6 +505,12 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
     Ctrl-C saves a checkpoint and returns `{"interrupted": True, "step": ...}`; otherwise
     returns the report also written to OUTPUT/report.json. Seeded: the same config gives the
     same weights on the CPU, straight or resumed.
+
+    Under `torchrun --nproc-per-node P` (data parallel): every process draws the same global
+    batch of [train] batch pairs (a multiple of P) and trains on its 1/P share; the gradients
+    and the logged loss are averaged over the processes (gloo on the CPU, nccl on CUDA), so the
+    loss curve is that of one process with the same global batch and seed. Rank 0 validates and
+    writes OUTPUT/; the other ranks return `{"rank": r}`.
     """
     config = load_config(config)
     output = Path(output)
@@ -480,6 +519,8 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
     data, method = DataOptions(**config["data"]), MethodOptions(**config["method"])
     options = TrainOptions(**config["train"])
     device = _device(options.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     checkpoint = output / "checkpoint.pt"
     state = load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
     if state is not None and _resumable(state["config"]) != _resumable(config):
@@ -489,7 +530,10 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
     if state is not None and state["step"] > options.steps:
         raise ShapeflowError(f"{checkpoint}: already at step {state['step']}, beyond [train] steps = {options.steps}")
     output.mkdir(parents=True, exist_ok=True)
-    with torch_threads(options.threads), _forked_rng(device):
+    with torch_threads(options.threads), _forked_rng(device), _data_parallel(device) as (rank, world):
+        if options.batch % world:
+            raise ShapeflowError(f"[train] batch: {options.batch} pairs do not split over {world} processes; "
+                                 "choose a multiple of the process count")
         splits = {name: _Split(data, name, getattr(data, name), device) for name in ("train", "validation", "test")}
         dim = len(data.size) if data.source == "phantoms" else splits["train"][0].grid.dim
         torch.manual_seed(options.seed)
@@ -507,7 +551,13 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
             step, history, validation = int(state["step"]), state["history"], state["validation"]
             seconds = float(state.get("seconds", 0.0))
 
+        if world > 1:          # the same start everywhere (the seed gives it; rank 0's weights make sure)
+            for tensor in network.state_dict().values():
+                torch.distributed.broadcast(tensor, 0)
+
         def save(rng: dict) -> None:
+            if rank:
+                return
             _atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "weights": network.state_dict(),
                           "initial": initial_weights,
                           "optimizer": optimizer.state_dict(), "rng": rng, "config": json.dumps(config),
@@ -520,7 +570,7 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
 
         def validate() -> dict:
             """Mean Dice on the validation pairs when due at `step` and not yet measured there."""
-            due = options.validate_every and len(splits["validation"]) and step > 0 \
+            due = not rank and options.validate_every and len(splits["validation"]) and step > 0 \
                 and (step % options.validate_every == 0 or step == options.steps)
             if not due or (validation and validation[-1]["step"] == step):
                 return {}
@@ -532,16 +582,22 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
         rng, saved, started = _rng_state(generator, device), [], time.perf_counter()
         try:
             validate()                                   # one that Ctrl-C cut short before the checkpoint
-            with progress_bar(progress, f"train {method.name}", max(options.steps - step, 0)) as update:
+            with progress_bar(progress and not rank, f"train {method.name}", max(options.steps - step, 0)) as update:
                 while step < options.steps:
                     rng = _rng_state(generator, device)          # the state a resumed run restarts from
                     began = time.perf_counter()
                     network.train()
                     index = torch.randint(len(splits["train"]), (options.batch,), generator=generator).tolist()
-                    batch = [splits["train"][i] for i in index]
+                    batch = [splits["train"][i] for i in index[rank::world]]     # this process's share
                     loss, metrics = METHODS[method.name](network, batch, method, generator)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if world > 1:
+                        _all_reduce_mean([p.grad for p in network.parameters() if p.grad is not None], world)
+                        logged = [k for k, v in metrics.items() if k in ("loss", "dice") and isinstance(v, float)]
+                        means = torch.tensor([metrics[k] for k in logged], dtype=torch.float64)
+                        _all_reduce_mean([means], world)
+                        metrics = {**metrics, **dict(zip(logged, means.tolist()))}
                     with _deferred_interrupt():
                         optimizer.step()
                         step += 1
@@ -558,6 +614,8 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
                     "checkpoint": str(checkpoint)}
         if state is None and not saved:      # steps = 0: still leave a checkpoint of the initial state
             save(rng)
+        if rank:
+            return {"rank": rank, "steps": options.steps, "output": str(output)}
         initial = copy.deepcopy(network)
         initial.load_state_dict(initial_weights)
         return _finish(network, initial, config, method, splits["test"], history, validation, elapsed(), output)

@@ -287,6 +287,10 @@ def as_points(obj: Any, name: str) -> torch.Tensor:
     return check_points(obj, name)
 
 
+#: the voxel sizes an image may have, in world units (mm for medical images): 1 nm to 1000 km
+MIN_SPACING, MAX_SPACING = 1e-6, 1e9
+
+
 @dataclass
 class Image:
     """A 2D or 3D image on a regular grid placed in world space (millimetres).
@@ -337,6 +341,9 @@ class Image:
         self.spacing = self._vector(self.spacing, 1.0, "spacing", d)
         if (self.spacing <= 0).any():
             raise ShapeflowError(f"{where}spacing must be positive, got {self.spacing.tolist()}")
+        if ((self.spacing < MIN_SPACING) | (self.spacing > MAX_SPACING)).any():
+            raise ShapeflowError(f"{where}spacing {self.spacing.tolist()} is outside [{MIN_SPACING:g}, {MAX_SPACING:g}] "
+                                 f"world units per voxel: a corrupt header (or rescale the image's units)")
         self.origin = self._vector(self.origin, 0.0, "origin", d)
         direction = torch.eye(d, dtype=torch.float64) if self.direction is None else \
             torch.as_tensor(np.asarray(self.direction, dtype=np.float64))

@@ -293,8 +293,9 @@ def load_deformation(path: str | os.PathLike) -> Deformation:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}")
         model.to(_DTYPES[dtype]).load_state_dict(payload["state"])
-    except ShapeflowError:
-        raise
+    except ShapeflowError as exc:       # a model we do not know, or a bad config: say which file
+        message = str(exc)
+        raise ShapeflowError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not ours
         raise ShapeflowError(f"{path}: not a readable shapeflow deformation ({type(exc).__name__})") from None
     return model.eval()

@@ -83,10 +83,10 @@ def _shape(loaded: dict, path: Path, kind: str | None) -> PointCloud:
     points = np.asarray(loaded["points"])
     if points.ndim != 2:
         raise ShapeflowError(f"{path}: expected a table of points (N rows, 2 or 3 columns), got shape {points.shape}")
-    if points.dtype.kind in "fiu":      # the file's own precision: float32 as stored, else float64
-        tensor = torch.as_tensor(np.array(points, dtype=np.float32 if points.dtype == np.float32 else np.float64))
-    else:
-        tensor = points
+    if points.dtype.kind not in "fiub":
+        raise ShapeflowError(f"{path}: the points hold {points.dtype} values, not real numbers")
+    # the file's own precision: float32 as stored, else float64
+    tensor = torch.as_tensor(np.array(points, dtype=np.float32 if points.dtype == np.float32 else np.float64))
     common = {"source": str(path), "point_data": loaded.get("point_data"), "columns": loaded.get("columns")}
     has_faces = loaded.get("faces") is not None or loaded.get("polygons") is not None
     if kind == "landmarks":

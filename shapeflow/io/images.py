@@ -48,6 +48,9 @@ def _read_nifti(path: Path) -> Image:
                              "image; register one volume, e.g. nibabel.save(nibabel.load(path).slicer[..., 0], "
                              "'volume.nii.gz')")
     _check_voxels(path, shape, header)
+    if header.get_data_dtype().kind not in "fiub":
+        raise ShapeflowError(f"{path}: NIfTI of {header.get_data_dtype()} voxels; only real numbers are registered "
+                             "(for complex data, register the magnitude: numpy.abs)")
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 5:                   # (X, Y, Z, 1, C) vector images
         data = data[:, :, :, 0]

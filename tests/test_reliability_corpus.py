@@ -241,3 +241,62 @@ def test_register_refuses_bad_landmarks(tmp_path, case):
                                    "-q", "--iterations", "2", "--landmarks-source", str(good),
                                    "--landmarks-target", str(bad)])
     _assert_refused(run, out, "marks", tmp_path)
+
+
+PAIRS = {
+    "empty": "",
+    "header only": "source,target\n",
+    "missing target column": "source\na.csv\n",
+    "misspelt columns": "src,tgt\na.csv,b.csv\n",
+    "unknown column": "source,target,weight\na.csv,b.csv,1\n",
+    "duplicate names": "name,source,target\np,a.csv,b.csv\np,a.csv,b.csv\n",
+    "binary garbage": bytes(range(256)).decode("latin-1"),
+    "semicolons": "source;target\na.csv;b.csv\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PAIRS))
+def test_batch_refuses_a_bad_pairs_file(tmp_path, case):
+    bad = tmp_path / "pairs.csv"
+    bad.write_text(PAIRS[case], encoding="latin-1")
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["batch", str(bad), "-o", str(out), "-q"])
+    _assert_refused(run, out, "pairs.csv", tmp_path)
+
+
+SHIPPED_CONFIG = (ASSETS / "models" / "suits2d.toml").read_text()
+CONFIGS = {
+    "empty": "",
+    "not toml": "this is = = not toml",
+    "missing section": SHIPPED_CONFIG.replace("[method]", "[methods]"),
+    "unknown section": SHIPPED_CONFIG + "\n[extra]\na = 1\n",
+    "unknown key": SHIPPED_CONFIG.replace("steps = 120", "stepz = 120"),
+    "negative steps": SHIPPED_CONFIG.replace("steps = 120", "steps = -5"),
+    "zero batch": SHIPPED_CONFIG.replace("batch = 2", "batch = 0"),
+    "string lr": SHIPPED_CONFIG.replace("lr = 5e-4", 'lr = "fast"'),
+    "negative lr": SHIPPED_CONFIG.replace("lr = 5e-4", "lr = -1.0"),
+    "unknown method": SHIPPED_CONFIG.replace('name = "suits"\niterations', 'name = "magic"\niterations'),
+    "unknown network": SHIPPED_CONFIG.replace('name = "suits"\npretrain_mind', 'name = "resnet9000"\npretrain_mind'),
+    "wrong network for method": SHIPPED_CONFIG.replace('name = "suits"\npretrain_mind = 200', 'name = "learngn"'),
+    "unknown modality": SHIPPED_CONFIG.replace('modality = "multi"', 'modality = "xray"'),
+    "tiny size": SHIPPED_CONFIG.replace("size = [96, 96]", "size = [4, 4]"),
+    "4D size": SHIPPED_CONFIG.replace("size = [96, 96]", "size = [16, 16, 16, 16]"),
+    "unknown source": SHIPPED_CONFIG.replace('source = "phantoms"', 'source = "internet"'),
+    "folder without path": SHIPPED_CONFIG.replace('source = "phantoms"', 'source = "folder"'),
+    "unknown device": SHIPPED_CONFIG.replace("seed = 0", 'seed = 0\ndevice = "tpu"'),
+    "negative pretraining": SHIPPED_CONFIG.replace("pretrain_mind = 200", "pretrain_mind = -3"),
+    "init not a path": SHIPPED_CONFIG.replace("pretrain_mind = 200", "pretrain_mind = 200\ninit = 5"),
+    "section is a value": SHIPPED_CONFIG.replace("[network]\nname = \"suits\"\npretrain_mind = 200\n", "network = 3\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_train_refuses_a_bad_config(tmp_path, case):
+    bad = tmp_path / "config.toml"
+    bad.write_text(CONFIGS[case])
+    out = tmp_path / "run"
+    run = CliRunner().invoke(app, ["train", str(bad), "-o", str(out), "-q"])
+    assert run.exit_code == 2, (case, run.exit_code, run.stderr[-400:], run.stdout[-300:])
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "config.toml" in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())

@@ -159,6 +159,15 @@ def load_config(config: dict | str | Path) -> dict:
             config = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ShapeflowError(f"{path}: not valid TOML ({exc})") from None
+        try:
+            return _checked_config(config)
+        except ShapeflowError as exc:       # name the file the bad key or value is in
+            raise ShapeflowError(f"{path}: {exc}") from None
+    return _checked_config(config)
+
+
+def _checked_config(config) -> dict:
+    """`load_config`'s checks on the parsed config (a dict)."""
     if not isinstance(config, dict):
         raise ShapeflowError(f"train(): config must be a dict or a TOML file path, got {type(config).__name__}")
     for name in config:
@@ -184,6 +193,9 @@ def load_config(config: dict | str | Path) -> dict:
             or network.get("pretrain_mind", 0) < 0:
         raise ShapeflowError(f"[network] pretrain_mind: expected an int >= 0 (steps), got {network['pretrain_mind']!r}")
     kind = KNOWN_NETWORKS.get(network["name"])
+    if kind is None and "init" not in network:
+        raise ShapeflowError(f"[network] name: unknown network {network['name']!r}; choose from "
+                             f"{', '.join(KNOWN_NETWORKS)}")
     if kind is not None and NETWORK_KINDS[method.name] != kind:
         raise ShapeflowError(f"[network] name: method {method.name!r} trains "
                              f"{_KIND_NAMES[NETWORK_KINDS[method.name]]}, got {network['name']!r}")

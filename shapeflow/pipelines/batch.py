@@ -144,6 +144,8 @@ def read_pairs(pairs: str | os.PathLike | Iterable[Any]) -> list[PairSpec]:
                 text = handle.read()
         except FileNotFoundError:
             raise ShapeflowError(f"{url}: no such pairs file") from None
+        except UnicodeDecodeError as exc:
+            raise ShapeflowError(f"{url}: not a text (UTF-8) CSV file (byte {exc.start} cannot be decoded)") from None
         reader = csv.DictReader(io.StringIO(text))
         columns = [c.strip() for c in reader.fieldnames or []]
         reader.fieldnames = columns

@@ -125,6 +125,13 @@ def _read_picture(path: Path) -> Image:
 
 
 def _read_itk(path: Path) -> Image:
+    """An .mha/.mhd/.nrrd image through SimpleITK, in a forked child: ITK crashes on some corrupt
+    headers (NDims = -1, found by benchmarks/fuzz_readers.py)."""
+    import_optional("SimpleITK", "reading .mha/.mhd/.nrrd")
+    return read_isolated(_read_itk_here, path)
+
+
+def _read_itk_here(path: Path) -> Image:
     sitk = import_optional("SimpleITK", "reading .mha/.mhd/.nrrd")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

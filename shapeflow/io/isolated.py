@@ -1,6 +1,7 @@
-"""Run a reader backed by C++ code (VTK) in a forked child process, so that a corrupt file which
-crashes it (a segmentation fault on out-of-range cell indices, found by benchmarks/fuzz_readers.py)
-becomes a one-line `ShapeflowError` instead of killing the user's process.
+"""Run a reader backed by C++ code (VTK, ITK) in a forked child process, so that a corrupt file
+which crashes it (a segmentation fault on out-of-range cell indices in VTK, on `NDims = -1` in
+ITK; found by benchmarks/fuzz_readers.py) becomes a one-line `ShapeflowError` instead of killing
+the user's process.
 
 The child runs the reader and sends back its result (NumPy arrays, `Image` fields) through a pipe;
 the parent rebuilds it. Where `fork` does not exist (Windows, macOS' default), the reader runs in
@@ -80,4 +81,4 @@ def read_isolated(reader: Callable[[Path], Any], path: Path) -> Any:
         raise ValueError(payload)       # `sf.read` turns it into its "unreadable" one-liner
     code = -child.exitcode if child.exitcode and child.exitcode < 0 else child.exitcode
     name = signal.Signals(code).name if code in signal.Signals._value2member_map_ else str(code)
-    raise ShapeflowError(f"{path}: the VTK reader crashed on this file ({name}): a corrupt or truncated file")
+    raise ShapeflowError(f"{path}: the reader crashed on this file ({name}): a corrupt or truncated file")

@@ -19,10 +19,12 @@ composes on them (jvp, vjp, jacfwd of grad, hessian), in the coordinates and in 
   spline, applied axis by axis as a tensor product; linear functions are left unchanged). The
   coefficient array has n + 2 entries per axis (c_{-1} ... c_n) and is differentiable in theta
   (a dense (n+2) x (n+2) solve per axis).
-* `spline_sample(coefficients, grid, points)`: s at world points, C^2 in the points; zero two
-  voxels beyond the grid (coefficients outside c_{-1..n} are 0), so it is C^2 everywhere.
-* `linear_sample(data, grid, points)`: multilinear interpolation (zero outside the grid), the same
-  numbers as `grids.sample(..., padding="zeros")` inside the grid, in plain torch ops.
+* `spline_sample(coefficients, grid, points, padding)`: s at world points, C^2 in the points inside
+  the grid. padding "border" (default, as `grids.sample`): a point outside reads the nearest
+  border point (its index clamped); "zeros": the spline itself, which falls to zero two voxels
+  beyond the grid (coefficients outside c_{-1..n} are 0), C^2 everywhere.
+* `linear_sample(data, grid, points, padding)`: multilinear interpolation, the same numbers as
+  `grids.sample(..., padding=padding)`, in plain torch ops.
 
 `INTERPOLATIONS` names them for `register(interpolation=...)`; `Interpolant(data, grid, kind)`
 holds the data (and theta) and is called on points.
@@ -134,15 +136,30 @@ def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor) ->
     return torch.cat([fn(index[i:i + CHUNK]) for i in range(0, index.shape[0], CHUNK)], 1)
 
 
-def spline_sample(coefficients: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
+PADDINGS = ("border", "zeros")
+
+
+def _index(grid: Grid, points: torch.Tensor, dtype, padding: str, who: str) -> torch.Tensor:
+    """Continuous voxel indices (P, d) of world `points (*P, d)`, clamped to the grid for "border"."""
+    if padding not in PADDINGS:
+        raise ShapeflowError(f"{who}: unknown padding {padding!r}; choose from {', '.join(PADDINGS)}")
+    t = grid.to_index(points.to(dtype)).reshape(-1, grid.dim)
+    if padding == "border":
+        top = torch.tensor([n - 1 for n in grid.shape], dtype=t.dtype, device=t.device)
+        t = torch.minimum(torch.clamp(t, min=0), top)
+    return t
+
+
+def spline_sample(coefficients: torch.Tensor, grid: Grid, points: torch.Tensor, padding: str = "border") -> torch.Tensor:
     """The cubic spline of `coefficients: (C, *(S + 2))` (from `spline_coefficients`, data grid
-    `grid` of size S) at world `points: (*P, d)` -> `(C, *P)`. C^2 in the points."""
+    `grid` of size S) at world `points: (*P, d)` -> `(C, *P)`. C^2 in the points inside the grid;
+    padding "border" or "zeros" (module docstring)."""
     d = grid.dim
     shape = tuple(n + 2 for n in grid.shape)
     if tuple(coefficients.shape[1:]) != shape:
         raise ShapeflowError(f"spline_sample(): coefficients have shape {tuple(coefficients.shape)}, "
                              f"expected (C, *{shape}) for a grid of {grid.shape}")
-    t = grid.to_index(points.to(coefficients.dtype)).reshape(-1, d)                       # (P, d)
+    t = _index(grid, points, coefficients.dtype, padding, "spline_sample()")            # (P, d)
     size = torch.tensor(shape, device=t.device)
 
     def one(t: torch.Tensor) -> torch.Tensor:
@@ -155,11 +172,10 @@ def spline_sample(coefficients: torch.Tensor, grid: Grid, points: torch.Tensor) 
     return _chunked(one, t).reshape(coefficients.shape[0], *points.shape[:-1])
 
 
-def linear_sample(data: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
-    """Multilinear interpolation of `data: (C, *S)` at world `points: (*P, d)` -> `(C, *P)`, zero
-    outside the grid (beyond one voxel it fades to 0 as `grid_sample(padding_mode="zeros")`)."""
-    d = grid.dim
-    t = grid.to_index(points.to(data.dtype)).reshape(-1, d)
+def linear_sample(data: torch.Tensor, grid: Grid, points: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Multilinear interpolation of `data: (C, *S)` at world `points: (*P, d)` -> `(C, *P)`; outside
+    the grid "border" clamps, "zeros" fades to 0 within one voxel (as `grid_sample`'s paddings)."""
+    t = _index(grid, points, data.dtype, padding, "linear_sample()")
     size = torch.tensor(grid.shape, device=t.device)
 
     def one(t: torch.Tensor) -> torch.Tensor:

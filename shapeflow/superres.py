@@ -69,7 +69,7 @@ class SuperResolutionModel:
         for j in range(self.q - 1):
             a = w[6 * j: 6 * j + 6]
             where = (self.points - self.centre) @ (eye + a[:4].reshape(2, 2)).T + self.centre + a[4:]
-            views.append(linear_sample(f[None], self.grid, where).reshape(self.fine))
+            views.append(linear_sample(f[None], self.grid, where, padding="zeros").reshape(self.fine))
         return torch.stack(views)
 
     def predict(self, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,10 @@ def test_linear_sample_matches_grid_sample_and_is_forward_differentiable():
     grid = _grid((6, 7), [1.2, 0.9], [1.0, 2.0])
     data = torch.randn(3, 6, 7, dtype=D, generator=torch.Generator().manual_seed(4))
     q = _inside(grid, 30)
-    assert torch.allclose(linear_sample(data, grid, q), sample(data, grid, q, padding="zeros"), atol=1e-12)
+    outside = torch.cat([q, q + 2.5 * grid.spacing, q - 4 * grid.spacing])
+    for padding in ("zeros", "border"):
+        assert torch.allclose(linear_sample(data, grid, outside, padding), sample(data, grid, outside, padding=padding),
+                              atol=1e-12)
     tangent = torch.randn_like(q)
     _, jvp = torch.func.jvp(lambda x: linear_sample(data, grid, x), (q,), (tangent,))
     _, vjp = torch.func.vjp(lambda x: linear_sample(data, grid, x), q)

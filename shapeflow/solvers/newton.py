@@ -166,7 +166,8 @@ def minimize_newton(
     `eta` times the predicted one). Otherwise full steps `(H + damping I) p = -g`, each kept only if
     f decreases (else halved, at most 30 times): damping = 0 with a singular or indefinite H raises
     a ShapeflowError. Stops when |grad f| <= gtol, |p| <= xtol (|x| + xtol), an accepted step
-    decreases f by at most ftol |f|, or a step is rejected with a radius below xtol. callback(iteration,
+    decreases f by at most ftol |f| (or the model predicts no more than that), or a step is rejected
+    with a radius below xtol. callback(iteration,
     x, f, |grad f|) after every iteration. Returns a `NewtonResult`.
     """
     who = "minimize_newton()"
@@ -189,6 +190,9 @@ def minimize_newton(
         if trust_region:
             p = trust_region_step(g, H, radius)
             predicted = -float(g @ p + 0.5 * p @ H @ p)
+            if predicted <= max(ftol, 1e-15) * abs(float(value)):      # nothing left to gain above rounding
+                result.converged = True
+                break
             new_value, new_g = _value_and_grad(f, x + p)
             actual = float(value - new_value)
             rho = actual / predicted if predicted > 0 else -1.0

@@ -83,6 +83,9 @@ def register(
     reach: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: unbalanced transport reach, relative to the target's size (default none: balanced); tolerates outliers and missing parts."),
     blur: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: entropic blur, relative to the target's size (0.02)."),
     subsample: Optional[int] = typer.Option(None, help="Shapes, losses sinkhorn and chamfer: points per shape the fine stage is fitted on (4000; 512 for sinkhorn with --set refine=null)."),
+    optimizer: Optional[str] = typer.Option(None, help="Images, affine stage: lm (default, Levenberg-Marquardt), gauss-newton, newton (exact autodiff Hessian, trust region) or gradient."),
+    multiscale: Optional[str] = typer.Option(None, help="Images, affine stage: pyramid (default), continuation or predictor-corrector (along the spline blur theta; needs --interpolation spline)."),
+    interpolation: Optional[str] = typer.Option(None, help="Images, affine stage's objective: linear (default) or spline (C2 cubic B-spline)."),
     solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs the amg extra: pip install 'shapeflow\\[amg]')."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
@@ -118,7 +121,8 @@ def register(
         _fail(f"--dtype {dtype}: choose float32 or float64")
     landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
     given = dict(iterations=iterations, regularization=regularization, prealign=prealign, dtype=dtype, reach=reach,
-                 blur=blur, subsample=subsample, solver=solver, labels_moving=labels_moving,
+                 blur=blur, subsample=subsample, solver=solver, optimizer=optimizer, multiscale=multiscale,
+                 interpolation=interpolation, labels_moving=labels_moving,
                  labels_fixed=labels_fixed, mask_moving=mask_moving, mask_fixed=mask_fixed,
                  features=None if features is None else str(features), landmarks=landmarks,
                  landmark_weight=landmark_weight)

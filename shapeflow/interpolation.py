@@ -154,7 +154,6 @@ def spline_sample(coefficients: torch.Tensor, grid: Grid, points: torch.Tensor, 
     """The cubic spline of `coefficients: (C, *(S + 2))` (from `spline_coefficients`, data grid
     `grid` of size S) at world `points: (*P, d)` -> `(C, *P)`. C^2 in the points inside the grid;
     padding "border" or "zeros" (module docstring)."""
-    d = grid.dim
     shape = tuple(n + 2 for n in grid.shape)
     if tuple(coefficients.shape[1:]) != shape:
         raise ShapeflowError(f"spline_sample(): coefficients have shape {tuple(coefficients.shape)}, "

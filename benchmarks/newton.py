@@ -45,8 +45,9 @@ THETAS = [256.0, 64.0, 16.0, 4.0, 0.0]
 
 
 def fig2_pair(n: int = 40):
-    """(AffineSSD objective, true parameters): fixed = a Gaussian blob times a checker of period 4 px."""
-    grid = Grid((n, n), torch.ones(2, dtype=D), torch.zeros(2, dtype=D), torch.eye(2, dtype=D))
+    """(AffineSSD objective, true parameters): fixed = a Gaussian blob times a checker of period 4 px
+    (of the 40x40 picture; n samples it on a finer grid of the same square)."""
+    grid = Grid((n, n), torch.full((2,), 40.0 / n, dtype=D), torch.zeros(2, dtype=D), torch.eye(2, dtype=D))
     P = grid.points(D)
 
     def image(P):
@@ -152,8 +153,12 @@ def _node_transform(points: torch.Tensor, w: torch.Tensor, steps: int = 4) -> to
 
 
 def part_ad(rows: list, quick: bool) -> None:
-    objective, truth = fig2_pair()
-    repeats = 3 if quick else 10
+    for n in ((40,) if quick else (40, 160)):
+        _ad_costs(rows, n, 3 if quick else 10)
+
+
+def _ad_costs(rows: list, n: int, repeats: int) -> None:
+    objective, truth = fig2_pair(n)
     coefficients = objective.template.coefficients(0.0)
     grid = objective.template.grid
     scale = objective.length
@@ -165,13 +170,14 @@ def part_ad(rows: list, quick: bool) -> None:
         where = centre + scale * _node_transform((objective.points - centre) / scale, w)
         return spline_sample(coefficients, grid, where).reshape(-1)
 
-    cases = {"affine (6)": (lambda w: objective.template(objective.where(w)).reshape(-1), truth + 0.01),
-             "neural ODE (50)": (node_forward, w_node)}
+    cases = {f"affine (6), {n}x{n}": (lambda w: objective.template(objective.where(w)).reshape(-1), truth + 0.01),
+             f"neural ODE (50), {n}x{n}": (node_forward, w_node)}
     for name, (forward, w) in cases.items():
         loss = lambda v, forward=forward: (forward(v) - objective.fixed.reshape(-1)).pow(2).sum() * objective.weight
         timings = {"loss": lambda: loss(w), "gradient": lambda: torch.func.grad(loss)(w),
-                   "hessian": lambda: hessian(loss, w, "forward-over-reverse"), "forward": lambda: forward(w),
-                   "jacobian": lambda: torch.func.jacfwd(forward)(w)}
+                   "hessian": lambda: hessian(loss, w, "forward-over-reverse"),
+                   "hessian (reverse-over-reverse)": lambda: hessian(loss, w, "reverse-over-reverse"),
+                   "forward": lambda: forward(w), "jacobian": lambda: torch.func.jacfwd(forward)(w)}
         for quantity, fn in timings.items():
             ms, sd = _median_ms(fn, repeats)
             rows.append({"part": "ad", "transform": name, "quantity": quantity, "ms": ms, "sd": sd})
@@ -252,9 +258,8 @@ def _plot_superres(curves: dict, taylor: dict, hs: list) -> None:
     plt.close(fig)
 
 
-PAPER_AD = {("affine (6)", "gradient"): 2.5, ("affine (6)", "hessian"): 5.7, ("affine (6)", "jacobian"): 11,
-            ("neural ODE (50)", "gradient"): 2.7, ("neural ODE (50)", "hessian"): 24,
-            ("neural ODE (50)", "jacobian"): 17}
+PAPER_AD = {("affine", "gradient"): 2.5, ("affine", "hessian"): 5.7, ("affine", "jacobian"): 11,
+            ("neural", "gradient"): 2.7, ("neural", "hessian"): 24, ("neural", "jacobian"): 17}
 
 
 def write_markdown(rows: list, meta: dict) -> str:
@@ -299,9 +304,9 @@ def write_markdown(rows: list, meta: dict) -> str:
                 "| transform | quantity | ms | factor | paper factor |", "|---|---|---|---|---|"]
         for name in dict.fromkeys(r["transform"] for r in ad):
             get = {r["quantity"]: r for r in ad if r["transform"] == name}
-            for q in ("loss", "gradient", "hessian", "forward", "jacobian"):
+            for q in ("loss", "gradient", "hessian", "hessian (reverse-over-reverse)", "forward", "jacobian"):
                 base = get["forward" if q in ("forward", "jacobian") else "loss"]["ms"]
-                paper = PAPER_AD.get((name, q), 1 if q in ("loss", "forward") else "-")
+                paper = PAPER_AD.get((name.split()[0], q.split()[0]), 1 if q in ("loss", "forward") else "-")
                 out.append(f"| {name} | {q} | {get[q]['ms']:.2f} ± {get[q]['sd']:.2f} | {get[q]['ms'] / base:.1f}x | "
                            f"{paper}x |")
         out.append("")

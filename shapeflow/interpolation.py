@@ -125,7 +125,7 @@ def _tensor_gather(values: torch.Tensor, index: torch.Tensor, weights: torch.Ten
             ok = ok & valid[:, a, taps[a]]
             where = where + index[:, a, taps[a]] * strides[a]
             w = w * weights[:, a, taps[a]]
-        picked = flat[:, torch.where(ok, where, torch.zeros_like(where))]                # (C, P)
+        picked = torch.index_select(flat, 1, torch.where(ok, where, torch.zeros_like(where)))   # (C, P)
         out = out + picked * torch.where(ok, w, torch.zeros_like(w))
     return out
 

@@ -90,6 +90,9 @@ def register(
     outliers: Optional[float] = typer.Option(None, help="Shapes, loss chamfer: CPD's outlier weight w in [0, 1) (default 0: off)."),
     blur: Optional[float] = typer.Option(None, help="Shapes, loss sinkhorn: entropic blur, relative to the target's size (0.02)."),
     subsample: Optional[int] = typer.Option(None, help="Shapes, losses sinkhorn and chamfer: points per shape the fine stage is fitted on (4000; 512 for sinkhorn with --set refine=null)."),
+    optimizer: Optional[str] = typer.Option(None, help="Images, affine stage: lm (default, Levenberg-Marquardt), gauss-newton, newton (exact autodiff Hessian, trust region) or gradient."),
+    multiscale: Optional[str] = typer.Option(None, help="Images, affine stage: pyramid (default), continuation or predictor-corrector (along the spline blur theta; needs --interpolation spline)."),
+    interpolation: Optional[str] = typer.Option(None, help="Images, affine stage's objective: linear (default) or spline (C2 cubic B-spline)."),
     solver: Optional[str] = typer.Option(None, help="Images: inner solver of each Gauss-Newton step, cg (default, matrix free) or amg (algebraic multigrid, CPU, needs the amg extra: pip install 'shapeflow\\[amg]')."),
     labels_moving: Optional[Path] = typer.Option(None, help="Images: label map of the moving image (warped with it; Dice, HD95)."),
     labels_fixed: Optional[Path] = typer.Option(None, help="Images: label map of the fixed image."),
@@ -124,7 +127,8 @@ def register(
     landmarks = None if landmarks_source is None else (str(landmarks_source), str(landmarks_target))
     options = register_options(option, iterations=iterations, regularization=regularization, prealign=prealign,
                                 dtype=dtype, reach=reach, trim=trim, direction=direction, outliers=outliers, blur=blur,
-                                subsample=subsample, solver=solver, labels_moving=labels_moving,
+                                subsample=subsample, solver=solver, optimizer=optimizer, multiscale=multiscale,
+                                interpolation=interpolation, labels_moving=labels_moving,
                                 labels_fixed=labels_fixed, mask_moving=mask_moving,
                                 mask_fixed=mask_fixed, features=None if features is None else str(features),
                                 landmarks=landmarks, landmark_weight=landmark_weight)

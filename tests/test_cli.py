@@ -431,3 +431,23 @@ def test_image_masks_and_prealign_none_reach_register(tmp_path):
     run = CliRunner().invoke(app, ["register", str(paths["moving"]), str(paths["fixed"]), "-o", str(tmp_path / "o2"),
                                    "-q", "--mask-fixed", str(tmp_path / "nope.nii.gz")])
     assert run.exit_code == 2 and "nope.nii.gz: no such file" in run.output
+
+
+def test_image_affine_newton_options_reach_register(tmp_path):
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "moving.png", _picture((3, -2)))
+    iio.imwrite(tmp_path / "fixed.png", _picture())
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(tmp_path / "moving.png"), str(tmp_path / "fixed.png"), "-o", str(out),
+                                   "-q", "--model", "affine", "--optimizer", "newton", "--interpolation", "spline",
+                                   "--multiscale", "predictor-corrector"])
+    assert run.exit_code == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["options"]["optimizer"], report["options"]["multiscale"]) == ("newton", "predictor-corrector")
+    matrix = np.array(report["linear"]["matrix"])
+    centre = np.array([23.5, 31.5])
+    np.testing.assert_allclose(matrix[:2, :2] @ centre + matrix[:2, 2], centre + [3.0, -2.0], atol=0.5)
+    bad = CliRunner().invoke(app, ["register", str(tmp_path / "moving.png"), str(tmp_path / "fixed.png"), "-o",
+                                   str(tmp_path / "bad"), "-q", "--model", "affine", "--optimizer", "bfgs"])
+    assert bad.exit_code != 0 and "unknown optimizer 'bfgs'" in bad.stderr

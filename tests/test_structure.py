@@ -122,11 +122,11 @@ LAYERS = [
      "shapeflow._options", "shapeflow._numba", "shapeflow._threads"},
     {"shapeflow.shapes", "shapeflow.sampling"},
     {"shapeflow.grids"},
-    {"shapeflow.regularizers", "shapeflow.kernels"},
+    {"shapeflow.regularizers", "shapeflow.kernels", "shapeflow.interpolation"},
     {"shapeflow.solvers", "shapeflow.deform", "shapeflow.losses"},
     {"shapeflow.metrics", "shapeflow.io", "shapeflow.viz", "shapeflow.apply", "shapeflow.synthetic"},
     {"shapeflow.result"},
-    {"shapeflow.pipelines", "shapeflow.learn"},
+    {"shapeflow.pipelines", "shapeflow.learn", "shapeflow.superres"},
     {"shapeflow.register"},
     # cohorts: many register() calls on Dask (issue 15); above register, which they call
     {"shapeflow.pipelines.batch", "shapeflow.pipelines.atlas"},

@@ -60,7 +60,9 @@ from ..result import Result
 from ..shapes import Image
 from ..solvers import GaussNewtonStep, Linearization, minimize_least_squares
 from ..solvers.normal.grid import GRID_SOLVERS, PointTerm, gauss_newton_step
-from .image_affine import fit_affine
+from ..interpolation import INTERPOLATIONS
+from ..solvers.continuation import PREDICTORS, check_thetas
+from .image_affine import MULTISCALE, OPTIMIZERS, TRANSFORMS, fit_affine
 
 __all__ = ["ImageOptions", "register_images", "GridProblem"]
 
@@ -111,6 +113,15 @@ class ImageOptions(CommonOptions):
     mask_moving: Any = None              # masks (paths, Images or arrays on the image's grid; nonzero =
     mask_fixed: Any = None               # use): the data term counts only voxels inside both
     snapshots: bool = True               # keep a 2D slice per step for the animation
+    optimizer: str = "lm"                # affine stage: "lm", "gauss-newton", "newton" (exact autodiff Hessian,
+                                         # trust region) or "gradient" (see `image_affine.py`)
+    multiscale: str = "pyramid"          # affine stage: "pyramid", "continuation" or "predictor-corrector" (in theta)
+    interpolation: str = "linear"        # affine stage's objective: "linear" or "spline" (C^2 cubic B-spline)
+    thetas: list[float] | None = None    # continuation: decreasing spline scales theta (mm^4), last 0 (default:
+                                         # blur lengths of 8, 4, 2, 1 voxels, then 0)
+    predictor: str = "newton"            # predictor-corrector: "newton" (exact Hessian) or "gauss-newton"
+    transform: str = "affine"            # the objective's map for optimizer/multiscale/interpolation other than
+                                         # the defaults: "affine" or "rigid"
 
     _what = "image option"
 
@@ -123,6 +134,15 @@ class ImageOptions(CommonOptions):
             if isinstance(value, (list, tuple)) and len(value) != self.levels:
                 raise ShapeflowError(f"register(): {name} has {len(value)} values but levels={self.levels}; "
                                      "give one per level (coarsest first) or a single value")
+        for registry, value in ((OPTIMIZERS, self.optimizer), (MULTISCALE, self.multiscale),
+                                (INTERPOLATIONS, self.interpolation), (PREDICTORS, self.predictor),
+                                (TRANSFORMS, self.transform)):
+            registry.lookup(value, "register()")
+        if self.thetas is not None:
+            check_thetas(self.thetas, "register()")
+        if self.multiscale != "pyramid" and self.interpolation != "spline":
+            raise ShapeflowError(f"register(): multiscale={self.multiscale!r} blurs the spline interpolant by theta; "
+                                 "use interpolation='spline'")
 
     def per_level(self, value, level: int, built: int):
         """`value` (or its entry) for pyramid level `level` (0 = coarsest of the `built` levels)."""
@@ -405,6 +425,10 @@ def _check_combination(model_cls, model: str, opts: ImageOptions, given: set[str
         return
     if opts.prealign not in (None, "none", "affine"):
         raise ShapeflowError(f"register(): image prealign must be 'affine' or None ('none'), got {opts.prealign!r}")
+    affine_only = sorted(given & {"optimizer", "multiscale", "interpolation", "thetas", "predictor", "transform"})
+    if affine_only and opts.prealign in (None, "none"):
+        raise ShapeflowError(f"register(): {', '.join(affine_only)} configure the affine stage; with prealign=None "
+                             "there is none")
     if opts.solver == "amg":
         if getattr(model_opts, "stride", 1) != 1:
             raise ShapeflowError(f"register(): solver='amg' needs stride=1 (a dense field), got stride={model_opts.stride}")
@@ -465,7 +489,10 @@ def register_images(moving: Image, fixed: Image, model: str = "svf", loss: str =
                             float(opts.landmark_weight), diagonal)
         affine, interrupted = fit_affine([(lv.moving, lv.moving_grid, lv.fixed_features, lv.grid) for lv in levels],
                                          history, landmarks=affine_marks,
-                                         weights=[(lv.fixed_weight, lv.moving_weight) for lv in levels])
+                                         weights=[(lv.fixed_weight, lv.moving_weight) for lv in levels],
+                                         optimizer=opts.optimizer, multiscale=opts.multiscale,
+                                         interpolation=opts.interpolation, thetas=opts.thetas,
+                                         predictor=opts.predictor, transform=opts.transform)
     if not model_cls.linear and not interrupted:
         slicer = _middle_slice(fixed_grid, device, dtype) if opts.snapshots else None
         marks = None

@@ -276,6 +276,7 @@ def gauss_newton(
     cg_tol: float = 1e-8,
     cg_maxiter: Optional[int] = None,
     line_search: bool = True,
+    callback: Optional[Callable[[GaussNewtonStep], None]] = None,
 ) -> GaussNewtonResult:
     """Minimise `1/2 |residual(x)|^2 + lam/2 x^T L x` by damped Gauss-Newton (`minimize_least_squares`).
 
@@ -285,7 +286,8 @@ def gauss_newton(
     jacobian: "matrix_free" (jvp/vjp + CG), "dense" (assembled J, dense solve), or "auto"
       (dense when n <= 200). line_search: Armijo backtracking (True) or full steps only.
     Stops when |grad F| <= gtol, the step is below xtol (|x| + xtol), or the relative decrease
-    of F is below ftol. Returns a GaussNewtonResult (history of F per iteration).
+    of F is below ftol. callback: as in `minimize_least_squares` (x flattened). Returns a
+    GaussNewtonResult (history of F per iteration).
     """
     if jacobian not in JACOBIANS:
         raise ShapeflowError(f"gauss_newton(): unknown jacobian {jacobian!r}; valid names: {sorted(JACOBIANS)}")
@@ -295,6 +297,6 @@ def gauss_newton(
     problem = _ResidualProblem(residual, x0.shape, regulariser, dense, cg_tol, cg_maxiter)
     result = minimize_least_squares(problem, x0.detach().reshape(-1), maxiter=maxiter, damping=damping,
                                     line_search="armijo", max_halvings=13 if line_search else 0,
-                                    gtol=gtol, xtol=xtol, ftol=ftol)
+                                    gtol=gtol, xtol=xtol, ftol=ftol, callback=callback)
     result.x = result.x.reshape(x0.shape)
     return result

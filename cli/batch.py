@@ -16,7 +16,7 @@ import typer
 #: `shapeflow register` options that apply to every pair of a batch / every registration of an atlas
 SHARED = ("model", "loss", "iterations", "regularization", "prealign", "dtype", "reach", "trim", "direction", "outliers", "blur",
           "subsample",
-          "solver", "features", "landmark_weight", "option", "seed", "device")
+          "solver", "optimizer", "multiscale", "interpolation", "features", "landmark_weight", "option", "seed", "device")
 
 
 def commands(register_command) -> tuple:

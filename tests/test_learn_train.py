@@ -135,6 +135,17 @@ def test_foreign_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_start_model_of_the_wrong_dimension_is_a_one_line_error(tmp_path):
+    from shapeflow.learn import save_features
+
+    path = save_features(tmp_path / "gn3d.pt", build_features("learngn", 3, **TINY["learngn"]))
+    c = config("learngn", "learngn", steps=1)
+    c["network"]["init"] = str(path)
+    with pytest.raises(ShapeflowError, match=r"\[network\] init: .*gn3d.pt holds a LearnGNNet .*'dim': 3") as info:
+        train(c, tmp_path / "run", progress=False)
+    assert "\n" not in str(info.value)
+
+
 def test_resuming_with_another_config_is_refused(tmp_path):
     train(config(steps=0), tmp_path, progress=False)
     changed = config(steps=1)

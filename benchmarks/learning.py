@@ -407,6 +407,24 @@ def gradients_markdown(gradients: dict) -> list[str]:
             lines.append(f"| {row['size']}x{row['size']} | {row['iterations']} | {mode} | "
                          f"{v['cosine_to_unrolled']:.4f} | {v['seconds']:.3f} | {v['graph_mib']:.1f} | "
                          f"{v['peak_mib']:.1f} |")
+    rows = sorted((row for row in gradients.values() if "size" in row), key=lambda r: (r["size"], r["iterations"]))
+    big = [row for row in rows if row["size"] == rows[-1]["size"]] if rows else []
+    if len(big) >= 2:
+        a, b = big[0], big[-1]
+        growth = (b["unrolled"]["graph_mib"] - a["unrolled"]["graph_mib"]) / (b["iterations"] - a["iterations"])
+        lines += ["", f"Memory at {b['size']}x{b['size']}: unrolled keeps every step's system, its graph growing by "
+                  f"{growth:.1f} MiB per Gauss-Newton step ({a['unrolled']['graph_mib']:.1f} MiB at {a['iterations']} "
+                  f"steps, {b['unrolled']['graph_mib']:.1f} at {b['iterations']}); IFT "
+                  f"({b['ift']['graph_mib']:.1f} MiB) and JFB ({b['jfb']['graph_mib']:.1f} MiB) keep one "
+                  "linearisation at u* whatever the steps, and their peak (the CG's work vectors) is flat too. "
+                  "At the small grid everything is below what the resident set resolves (< 1 MiB). Time: IFT "
+                  f"{b['ift']['seconds'] / b['unrolled']['seconds']:.2f}x and JFB "
+                  f"{b['jfb']['seconds'] / b['unrolled']['seconds']:.2f}x the unrolled step at {b['iterations']} "
+                  "steps. "
+                  f"Cosines at {b['size']}x{b['size']}: full Gauss-Newton steps without a line search do not settle on "
+                  "this pair in 5 or 20 steps, so the gradient of the truncated iteration (unrolled) and that of a "
+                  "fixed point (IFT, JFB) are unrelated there (cosine near 0); only at a converged optimum does IFT "
+                  "equal unrolled (the test above)."]
     return lines + [""]
 
 

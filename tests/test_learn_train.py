@@ -63,7 +63,7 @@ def test_toml_config_is_read_and_checked(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("method, network, lr", [("suits", "suits", 1e-2), ("learngn", "learngn", 3e-3),
+@pytest.mark.parametrize("method, network, lr", [("suits", "suits", 1e-2), ("learngn", "learngn", 1e-2),
                                                  ("dio", "unet", 1e-2)])
 def test_a_few_steps_lower_the_loss_on_a_fixed_pair(method, network, lr):
     torch.manual_seed(0)

@@ -63,7 +63,7 @@ def test_toml_config_is_read_and_checked(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("method, network, lr", [("suits", "suits", 1e-2), ("learngn", "learngn", 3e-3),
+@pytest.mark.parametrize("method, network, lr", [("suits", "suits", 1e-2), ("learngn", "learngn", 1e-2),
                                                  ("dio", "unet", 1e-2)])
 def test_a_few_steps_lower_the_loss_on_a_fixed_pair(method, network, lr):
     torch.manual_seed(0)
@@ -132,6 +132,17 @@ def test_foreign_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
     (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])            # cut short
     with pytest.raises(ShapeflowError, match="not a readable training checkpoint") as info:
         train(config(steps=2), out, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_start_model_of_the_wrong_dimension_is_a_one_line_error(tmp_path):
+    from shapeflow.learn import save_features
+
+    path = save_features(tmp_path / "gn3d.pt", build_features("learngn", 3, **TINY["learngn"]))
+    c = config("learngn", "learngn", steps=1)
+    c["network"]["init"] = str(path)
+    with pytest.raises(ShapeflowError, match=r"\[network\] init: .*gn3d.pt holds a LearnGNNet .*'dim': 3") as info:
+        train(c, tmp_path / "run", progress=False)
     assert "\n" not in str(info.value)
 
 

@@ -26,7 +26,7 @@ import torch
 from ..errors import ShapeflowError
 from ..grids import Grid, sample, spatial_gradient
 from ..regularizers import grid_laplacian, grid_laplacian_apply
-from ..solvers import grid_normal_operator, linear_solve, solve_grid_normal
+from ..solvers import grid_normal_operator, linear_solve
 
 __all__ = ["gauss_newton_layer", "gauss_newton_system_layer", "implicit_registration_layer", "gauss_newton_steps",
            "linearise", "normal_factor", "BACKWARDS"]
@@ -143,22 +143,16 @@ def gauss_newton_system_layer(gradient: torch.Tensor, residual: torch.Tensor, u:
     if not lam >= 0:
         raise ShapeflowError(f"gauss_newton_system_layer(): lam must be >= 0, got {lam}")
     d, shape = grid.dim, tuple(grid.shape)
-    n = math.prod(shape)
     C = gradient.shape[0]
     spacing = tuple(float(h) for h in grid.spacing.tolist())
     blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / C                      # (d, d, *S)
     rhs = -(residual[:, None] * gradient).sum(0) / C                                          # (d, *S)
     if u is not None:
         rhs = rhs - lam * grid_laplacian_apply(u, list(spacing))
-    diagonal = torch.diagonal(blocks, dim1=0, dim2=1).movedim(-1, 0).reshape(-1)             # (d n,)
     if mode == "implicit":
-        lap_index, lap_values = _laplacian_pattern(shape, spacing, d, gradient.dtype, str(gradient.device))
-        off_index, pairs = _off_diagonal_index(d, n, gradient.device)
-        flat = blocks.reshape(d, d, n)
-        values = torch.cat([lam * lap_values, *[flat[i, j] for i, j in pairs]])
-        A = torch.sparse_coo_tensor(torch.cat([lap_index, off_index], 1), values, (d * n, d * n),
-                                    check_invariants=False)
+        A, diagonal = _assembled_system(gradient, grid, lam, blocks)
     else:
+        diagonal = torch.diagonal(blocks, dim1=0, dim2=1).movedim(-1, 0).reshape(-1)         # (d n,)
         eye = torch.eye(d, dtype=blocks.dtype, device=blocks.device).view(d, d, *([1] * d))
         off_diagonal = blocks * (1 - eye)
         lap_diagonal = grid_normal_operator(torch.zeros(1, d, *shape, dtype=gradient.dtype, device=gradient.device),
@@ -170,10 +164,32 @@ def gauss_newton_system_layer(gradient: torch.Tensor, residual: torch.Tensor, u:
                     ).reshape(-1)
 
         A.diagonal = lambda: lap_diagonal                                                    # for M="jacobi"
+    return _solve(A, diagonal, rhs.reshape(-1), tol, maxiter, mode).view(d, *shape)
+
+
+def _assembled_system(gradient: torch.Tensor, grid: Grid, lam: float,
+                      blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gauss-Newton matrix `sum_c g_c g_c^T / C + lam L` of gradient (C, d, *S) as `(A, diagonal)`:
+    A sparse COO (lam L and the blocks' off-diagonal entries, values differentiable in `gradient`),
+    diagonal (d n,) the blocks' diagonal (`linear_solve`'s `diag`)."""
+    d, shape = grid.dim, tuple(grid.shape)
+    n = math.prod(shape)
+    if blocks is None:
+        blocks = torch.einsum("ci...,cj...->ij...", gradient, gradient) / gradient.shape[0]
+    spacing = tuple(float(h) for h in grid.spacing.tolist())
+    lap_index, lap_values = _laplacian_pattern(shape, spacing, d, gradient.dtype, str(gradient.device))
+    off_index, pairs = _off_diagonal_index(d, n, gradient.device)
+    flat = blocks.reshape(d, d, n)
+    values = torch.cat([lam * lap_values, *[flat[i, j] for i, j in pairs]])
+    A = torch.sparse_coo_tensor(torch.cat([lap_index, off_index], 1), values, (d * n, d * n), check_invariants=False)
+    return A, torch.diagonal(blocks, dim1=0, dim2=1).movedim(-1, 0).reshape(-1)
+
+
+def _solve(A, diagonal: torch.Tensor, rhs: torch.Tensor, tol: float, maxiter: int | None,
+           mode: str = "implicit") -> torch.Tensor:
     with warnings.catch_warnings():      # torch's one-time "CSR support is in beta" notice
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        du = linear_solve(A, diagonal, rhs.reshape(-1), mode=mode, M="jacobi", tol=tol, maxiter=maxiter)
-    return du.view(d, *shape)
+        return linear_solve(A, diagonal, rhs, mode=mode, M="jacobi", tol=tol, maxiter=maxiter)
 
 
 # ----------------------------------------------------------------------------- the optimiser as a layer
@@ -217,19 +233,19 @@ def gauss_newton_steps(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, la
                        step: float = 1.0, tol: float = 1e-3, maxiter: int = 100) -> torch.Tensor:
     """`iterations` Gauss-Newton steps on two feature images from u = 0, without a graph.
 
-    moving, fixed: (C, *S) on `grid`. Each step solves the system of `gauss_newton_layer` by the
-    solver's fused Jacobi CG (relative tolerance `tol`, at most `maxiter` iterations, the blocks
-    through `normal_factor`) and adds `step * du`. Returns u (d, *S), detached.
+    moving, fixed: (C, *S) on `grid`. Each step solves the system of `gauss_newton_layer`
+    exactly as `gauss_newton_system_layer` does (the coupled blocks and the Laplacian assembled
+    sparse, Jacobi CG to relative tolerance `tol` in at most `maxiter` iterations) and adds
+    `step * du`, so a graph-free forward (DIO's "ift" and "jfb") computes the very iterates the
+    "unrolled" mode differentiates. Returns u (d, *S), detached.
     """
     with torch.no_grad():
         moving, fixed = moving.detach(), fixed.detach()
         u = torch.zeros(grid.dim, *grid.shape, dtype=moving.dtype, device=moving.device)
         for _ in range(iterations):
             residual, gradient = linearise(moving, fixed, grid, u)
-            rhs = _gauss_newton_rhs(residual, gradient, u, grid, lam)
-            du, _ = solve_grid_normal(normal_factor(gradient), rhs.reshape(-1), lam=lam, spacing=grid.spacing.tolist(),
-                                      tol=tol, maxiter=maxiter)
-            u = u + step * du.view(u.shape)
+            u = u + step * gauss_newton_system_layer(gradient, residual, u, grid, lam, "implicit", tol=tol,
+                                                     maxiter=maxiter)
     return u
 
 
@@ -275,10 +291,10 @@ def implicit_registration_layer(features_moving: torch.Tensor, features_fixed: t
         return u
     residual, gradient = linearise(features_moving, features_fixed, grid, u)
     F = _gauss_newton_rhs(residual, gradient, u, grid, lam)                                   # (d, *S)
-    hessian = grid_normal_operator(normal_factor(gradient.detach()), lam=lam, spacing=grid.spacing.tolist())
-    if backward == "ift":
-        du = linear_solve(hessian, None, F.reshape(-1), mode="implicit", M=hessian.diagonal(), tol=tol,
-                          maxiter=maxiter).view(u.shape)
+    if backward == "ift":      # H^-1 F: the system of the forward steps at u*, H held constant
+        A, diagonal = _assembled_system(gradient.detach(), grid, lam)
+        du = _solve(A, diagonal, F.reshape(-1), tol, maxiter).view(u.shape)
     else:
+        hessian = grid_normal_operator(normal_factor(gradient.detach()), lam=lam, spacing=grid.spacing.tolist())
         du = F / hessian.diagonal().view(u.shape)
     return u + (du - du.detach())

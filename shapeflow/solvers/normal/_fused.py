@@ -99,8 +99,10 @@ def normal_matvec(
     """
     kernel = _kernel()
     w = list(weights) + [0.0] * (3 - len(weights))
-    if u.dim() == 3:  # 2D field: one plane along a third axis
-        u, out, jac = u.unsqueeze(-1), out.unsqueeze(-1), jac.unsqueeze(-1)
+    if u.dim() == 3:  # 2D field (C, X, Y) as (C, X, 1, Y): the innermost loop runs along the contiguous
+        # axis (as (C, X, Y, 1) it had length 1, and a 96x96 matvec cost 1.8 ms instead of 0.03 ms)
+        u, out, jac = u.unsqueeze(2), out.unsqueeze(2), jac.unsqueeze(3)
+        w = [w[0], 0.0, w[1]]
     # torch's thread count, numba's own count restored after; the parallel build also at one
     # thread (its serial build measured 20-30 % slower for this kernel)
     dot = run_numba(kernel, u.detach().numpy(), jac.detach().numpy(), out.detach().numpy(),

@@ -1,12 +1,16 @@
 """File helpers: extensions, and atomic writes (a temporary file beside the target, renamed into place)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "default_mode", "suffix_of"]
+from .errors import ShapeflowError
+
+__all__ = ["atomic_folder", "atomic_write", "default_mode", "suffix_of"]
 
 
 def suffix_of(path: str | os.PathLike) -> str:
@@ -36,3 +40,27 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(directory: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging folder beside `directory`; when the block ends without error, the
+    staging folder replaces `directory`. A failure (or Ctrl-C) leaves `directory` as it was and
+    no staging folder behind. An existing `directory` is an error unless `overwrite`."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise ShapeflowError(f"{directory}: output folder exists; choose another or pass overwrite (--overwrite)")
+    if directory.exists() and not directory.is_dir():
+        raise ShapeflowError(f"{directory}: exists and is not a folder")
+    parent = directory.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}."))
+    os.chmod(staging, default_mode(0o777))
+    try:
+        yield staging
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -6,8 +6,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._files import default_mode
+from ._files import atomic_folder
 from .deform import Affine, Compose, Deformation, Normalized
 from .errors import ShapeflowError, ShapeflowWarning
 from .shapes import Image
@@ -72,15 +70,7 @@ class Result:
         from .io.outputs import write_warped
 
         directory = Path(directory)
-        if directory.exists() and not overwrite:
-            raise ShapeflowError(f"{directory}: output folder exists; choose another or pass overwrite (--overwrite)")
-        if directory.exists() and not directory.is_dir():
-            raise ShapeflowError(f"{directory}: exists and is not a folder")
-        parent = directory.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}."))
-        os.chmod(staging, default_mode(0o777))
-        try:
+        with atomic_folder(directory, overwrite) as staging:
             for item in (self.source, self.target):
                 where = getattr(item, "source", None)
                 if where and Path(where).resolve().is_relative_to(directory.resolve()):
@@ -92,12 +82,6 @@ class Result:
                 from .viz import animate
 
                 animate(self, staging / Path(gif).name, frames=frames)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return directory
 
 

@@ -23,8 +23,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .._files import default_mode
+from .._files import atomic_folder
 from ..errors import ShapeflowError
 from ..io import read, write
 from ..progress import progress_bar
@@ -66,13 +64,7 @@ class Atlas:
         from ..viz import animate_sequence
 
         directory = Path(directory)
-        if directory.exists() and not overwrite:
-            raise ShapeflowError(f"{directory}: output folder exists; choose another or pass overwrite (--overwrite)")
-        parent = directory.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}."))
-        os.chmod(staging, default_mode(0o777))
-        try:
+        with atomic_folder(directory, overwrite) as staging:
             write(dataclasses.replace(self.template, source=None), staging / f"template{_suffix(self.template)}")
             table = io.StringIO()
             rows = csv.writer(table, lineterminator="\n")
@@ -87,12 +79,6 @@ class Atlas:
                 folder.mkdir(parents=True)
                 phi.save(folder / "deformation.pt")
                 (folder / "report.json").write_text(json.dumps({"metrics": metrics}, indent=2) + "\n")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return directory
 
 

@@ -204,6 +204,25 @@ DEFORMATIONS = {
     "bad config": _mutate_payload(lambda p: p.__setitem__("model", json.dumps({"type": "Rigid", "config": {"dim": 7}}))),
     "a numpy file": _npy("bad.pt", np.zeros(3)),
     "a zip that is not torch": _text("bad.pt", b"PK\x03\x04" + b"\0" * 60),
+    "model json a list": _mutate_payload(lambda p: p.__setitem__("model", "[1, 2]")),
+    "model without type": _mutate_payload(lambda p: p.__setitem__("model", json.dumps({"config": {"dim": 2}}))),
+    "model without config": _mutate_payload(lambda p: p.__setitem__("model", json.dumps({"type": "Rigid"}))),
+    "state not a dict": _mutate_payload(lambda p: p.__setitem__("state", [1, 2])),
+    "state with an extra key": _mutate_payload(lambda p: p["state"].__setitem__("extra", torch.zeros(2))),
+    "state with NaN": _mutate_payload(lambda p: p["state"].__setitem__("translation", torch.full((2,), float("nan")))),
+    "state with inf": _mutate_payload(lambda p: p["state"].__setitem__("translation", torch.tensor([float("inf"), 0.0]))),
+    "normalized without inner": _mutate_payload(lambda p: p.__setitem__(
+        "model", json.dumps({"type": "Normalized", "config": {"scale": 1.0}}))),
+    "compose without parts": _mutate_payload(lambda p: p.__setitem__(
+        "model", json.dumps({"type": "Compose", "config": {"parts": []}}))),
+    "resnet of zero blocks": _mutate_payload(lambda p: p.__setitem__(
+        "model", json.dumps({"type": "ResNetFlow", "config": {"dim": 2, "blocks": 0, "width": 4}}))),
+    "float16 dtype": _mutate_payload(lambda p: p.__setitem__("dtype", "float16")),
+    "format a number": _mutate_payload(lambda p: p.__setitem__("format", 5)),
+    "a folder": lambda d: (d / "bad.pt").mkdir() or d / "bad.pt",
+    "gzip bytes": _text("bad.pt", b"\x1f\x8b\x08\x00" + b"\0" * 40),
+    "plain text": _text("bad.pt", "a deformation, honestly\n"),
+    "a 3D map for a 2D shape": lambda d: sf.Rigid(3).save(d / "bad.pt"),
 }
 
 
@@ -214,12 +233,28 @@ def test_warp_refuses_a_bad_deformation_file(tmp_path, case):
     run = CliRunner().invoke(app, ["warp", str(bad), str(GOOD_2D), "-o", str(out), "-q"])
     assert run.exit_code == 2, (case, run.exit_code, run.stderr[-400:], run.stdout[-400:])
     lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and bad.name in lines[0], lines
+    named = GOOD_2D.name if case == "a 3D map for a 2D shape" else bad.name      # the pairing is what is wrong
+    assert len(lines) == 1 and named in lines[0], lines
     assert not out.exists()
 
 
 LANDMARKS = {
     "empty": "",
+    "header only": "x,y\n",
+    "one landmark row of text": "x,y\n1,2\nfoo,bar\n3,4\n",
+    "semicolons": "1;2\n3;4\n5;6\n",
+    "tabs and text": "1\ta\n3\t4\n5\t6\n",
+    "four columns": "1,2,3,4\n5,6,7,8\n9,1,2,3\n",
+    "binary": bytes(range(200)).decode("latin-1"),
+    "huge count of columns": ",".join(["1"] * 50) + "\n",
+    "count differs by one": "1,2\n3,4\n5,6\n7,8\n",
+    "nan in the first row": "nan,2\n3,4\n5,6\n",
+    "only commas": ",,\n,,\n,,\n",
+    "unicode garbage": "\u2603,\u2603\n1,2\n3,4\n",
+    "negative inf": "1,2\n-inf,3\n4,5\n",
+    "hex numbers": "0x1,0x2\n0x3,0x4\n0x5,0x6\n",
+    "quoted text": "\"a\",\"b\"\n\"c\",\"d\"\n\"e\",\"f\"\n",
+    "empty lines only": "\n\n\n",
     "one column": "1\n2\n",
     "wrong dimension": "1,2,3\n4,5,6\n7,8,9\n",
     "nan": "1,2\nnan,3\n4,5\n",
@@ -230,12 +265,23 @@ LANDMARKS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(LANDMARKS))
+LANDMARK_FILES = {
+    "npy 1D": np.arange(6.0), "npy 3D": np.zeros((3, 2, 2)), "npy strings": np.array([["a", "b"]] * 3),
+    "npy nan": np.array([[1.0, 2.0], [np.nan, 1.0], [0.0, 0.0]]), "npy empty": np.zeros((0, 2)),
+    "npy wrong count": np.zeros((5, 2)), "npy wrong dimension": np.zeros((3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LANDMARKS) + sorted(LANDMARK_FILES))
 def test_register_refuses_bad_landmarks(tmp_path, case):
     good = tmp_path / "good_marks.csv"
     good.write_text("1,2\n3,4\n5,6\n")
-    bad = tmp_path / "bad_marks.csv"
-    bad.write_text(LANDMARKS[case])
+    if case in LANDMARK_FILES:
+        bad = tmp_path / "bad_marks.npy"
+        np.save(bad, LANDMARK_FILES[case])
+    else:
+        bad = tmp_path / "bad_marks.csv"
+        bad.write_text(LANDMARKS[case], encoding="latin-1" if case == "binary" else "utf-8")
     out = tmp_path / "out"
     run = CliRunner().invoke(app, ["register", str(GOOD_2D), str(ASSETS / "horse_contour_deformed.csv"), "-o", str(out),
                                    "-q", "--iterations", "2", "--landmarks-source", str(good),
@@ -245,6 +291,28 @@ def test_register_refuses_bad_landmarks(tmp_path, case):
 
 PAIRS = {
     "empty": "",
+    "only a name column": "name\np\n",
+    "source only with rows": "source\na.csv\nb.csv\n",
+    "target only": "target\nb.csv\n",
+    "columns in capitals": "SOURCE,TARGET\na.csv,b.csv\n",
+    "typo in landmarks column": "source,target,landmark_source\na.csv,b.csv,m.csv\n",
+    "unknown masks column": "source,target,mask_source\na.csv,b.csv,m.csv\n",
+    "two duplicate unnamed rows": "source,target\na.csv,b.csv\na.csv,b.csv\n",
+    "three duplicate names": "name,source,target\nq,a.csv,b.csv\nr,a.csv,b.csv\nq,c.csv,d.csv\n",
+    "tab separated": "source\ttarget\na.csv\tb.csv\n",
+    "a json file": '{"source": "a.csv", "target": "b.csv"}\n',
+    "an xml file": "<pairs><pair source='a' target='b'/></pairs>\n",
+    "only blank lines": "\n\n\n",
+    "header with spaces only": "   ,   \n",
+    "a header of nul bytes": "\x00\x00,\x00\na.csv,b.csv\n",
+    "utf-16": "source,target\na.csv,b.csv\n".encode("utf-16").decode("latin-1"),
+    "empty column name": "source,target,\na.csv,b.csv,x\n",
+    "a pairs file of pairs files": "pairs\npairs.csv\n",
+    "unknown labels column": "source,target,labels\na.csv,b.csv,l.nii\n",
+    "image-style column names": "source,target,landmarks_moving\na.csv,b.csv,m.csv\n",
+    "missing header, data only": "a.csv,b.csv\nc.csv,d.csv\n",
+    "header repeated as the only row": "source,target\nsource,target\nsource,target\n",
+    "a very long unknown column": "source,target," + "x" * 500 + "\na.csv,b.csv,1\n",
     "header only": "source,target\n",
     "missing target column": "source\na.csv\n",
     "misspelt columns": "src,tgt\na.csv,b.csv\n",
@@ -267,6 +335,16 @@ def test_batch_refuses_a_bad_pairs_file(tmp_path, case):
 SHIPPED_CONFIG = (ASSETS / "models" / "suits2d.toml").read_text()
 CONFIGS = {
     "empty": "",
+    "float steps": SHIPPED_CONFIG.replace("steps = 120", "steps = 1.5"),
+    "boolean batch": SHIPPED_CONFIG.replace("batch = 2", "batch = true"),
+    "string seed": SHIPPED_CONFIG.replace("seed = 0", 'seed = "zero"'),
+    "iterations reversed": SHIPPED_CONFIG.replace("iterations = [2, 6]", "iterations = [6, 2]"),
+    "iterations of text": SHIPPED_CONFIG.replace("iterations = [2, 6]", 'iterations = "many"'),
+    "negative lam": SHIPPED_CONFIG.replace("lam = 0.1", "lam = -0.1"),
+    "size of text": SHIPPED_CONFIG.replace("size = [96, 96]", 'size = "large"'),
+    "zero train pairs": SHIPPED_CONFIG.replace("train = 64", "train = 0"),
+    "binary file": bytes(range(256)).decode("latin-1"),
+    "method as a value": SHIPPED_CONFIG.replace('[method]\nname = "suits"', 'method = "suits"\n[unused]\nname = "suits"'),
     "not toml": "this is = = not toml",
     "missing section": SHIPPED_CONFIG.replace("[method]", "[methods]"),
     "unknown section": SHIPPED_CONFIG + "\n[extra]\na = 1\n",
@@ -293,7 +371,7 @@ CONFIGS = {
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_train_refuses_a_bad_config(tmp_path, case):
     bad = tmp_path / "config.toml"
-    bad.write_text(CONFIGS[case])
+    bad.write_text(CONFIGS[case], encoding="latin-1" if case == "binary file" else "utf-8")
     out = tmp_path / "run"
     run = CliRunner().invoke(app, ["train", str(bad), "-o", str(out), "-q"])
     assert run.exit_code == 2, (case, run.exit_code, run.stderr[-400:], run.stdout[-300:])

@@ -293,6 +293,9 @@ def load_deformation(path: str | os.PathLike) -> Deformation:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}")
         model.to(_DTYPES[dtype]).load_state_dict(payload["state"])
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ShapeflowError(f"{path}: the deformation holds NaN or infinite values ({', '.join(bad[:3])})")
     except ShapeflowError as exc:       # a model we do not know, or a bad config: say which file
         message = str(exc)
         raise ShapeflowError(message if message.startswith(str(path)) else f"{path}: {message}") from None

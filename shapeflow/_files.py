@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -11,6 +12,9 @@ from typing import Callable, Iterator
 from .errors import ShapeflowError
 
 __all__ = ["atomic_folder", "atomic_write", "default_mode", "suffix_of"]
+
+#: errno values of a full disk or an exhausted quota
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def suffix_of(path: str | os.PathLike) -> str:
@@ -37,6 +41,11 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
         writer(Path(tmp))
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise ShapeflowError(f"{path}: no space left on the device while writing; nothing was written "
+                                 f"(free some space and run again)") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -61,6 +70,11 @@ def atomic_folder(directory: Path, overwrite: bool = False) -> Iterator[Path]:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise ShapeflowError(f"{directory}: no space left on the device while writing; nothing was written "
+                                 f"(free some space and run again)") from None
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

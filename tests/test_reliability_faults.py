@@ -171,3 +171,54 @@ def test_a_diverging_image_fit_is_reported(monkeypatch):
         result = sf.register(moving, fixed, prealign=None, progress=False)
     assert result.metrics["diverged"] is True
     assert torch.isfinite(result.warped.data).all()
+
+
+def test_a_full_disk_on_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The deformation file hits ENOSPC half-way: one line naming the output, exit 2, no output
+    folder and no staging folder left."""
+    import errno
+
+    from shapeflow.deform import base
+
+    def full(self, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(base.Deformation, "save", full)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", str(ASSETS / "horse_contour.csv"), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q", "--iterations", "2"])
+    assert run.exit_code == 2 and "no space left on the device" in run.stderr and str(out) in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+KILL_WHILE_WRITING = """
+import sys, time
+import numpy as np
+import shapeflow as sf
+from shapeflow.deform import base
+real = base.Deformation.save
+def slow(self, path):
+    real(self, path)
+    print("writing", flush=True)
+    time.sleep(60)             # killed here, half-way through the output folder
+base.Deformation.save = slow
+x = np.loadtxt(sys.argv[1], delimiter=",", skiprows=1)
+sf.register(x, x + 1.0, model="rigid", progress=False).save(sys.argv[2])
+"""
+
+
+def test_a_process_killed_while_writing_leaves_no_output_folder(tmp_path):
+    """SIGKILL half-way through writing: the output folder does not exist (everything goes into a
+    hidden staging folder first, renamed at the end). The staging folder itself cannot be removed
+    by a killed process: it stays, hidden (`.out.*`), for the user or the next run to delete."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", KILL_WHILE_WRITING, str(ASSETS / "horse_contour.csv"), str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.kill()
+    process.wait(timeout=30)
+    assert not out.exists()
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert len(staging) == 1 and (staging[0] / "deformation.pt").exists()      # hidden, complete files only

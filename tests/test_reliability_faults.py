@@ -222,3 +222,47 @@ def test_a_process_killed_while_writing_leaves_no_output_folder(tmp_path):
     assert not out.exists()
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert len(staging) == 1 and (staging[0] / "deformation.pt").exists()      # hidden, complete files only
+
+
+def _nan_after(function, calls: int):
+    """`function` that returns NaN in its float result (first element of a tuple) after `calls` calls."""
+    count = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        out = function(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] <= calls:
+            return out
+        return (float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+    return wrapped
+
+
+@pytest.mark.parametrize("case", ["shape displacement (non-rigid ICP)", "image affine (Levenberg-Marquardt)",
+                                  "image displacement (Gauss-Newton)", "image svf (Gauss-Newton)"])
+def test_every_gauss_newton_pipeline_reports_a_nan_as_diverged(monkeypatch, case):
+    """A NaN injected into the objective after a few evaluations: the step is rejected, the
+    result stays finite and is marked diverged, with the warning."""
+    from shapeflow.learn import phantom_pair
+
+    if case.startswith("shape"):
+        from shapeflow.pipelines import shape_icp
+
+        monkeypatch.setattr(shape_icp.IcpProblem, "cost", _nan_after(shape_icp.IcpProblem.cost, 3))
+        x = _contour()
+        with pytest.warns(ShapeflowWarning, match="diverged"):
+            result = sf.register(x, 1.1 * x, model="displacement", progress=False)
+        assert np.isfinite(result.warped).all()
+    else:
+        from shapeflow.pipelines import image_affine, images
+
+        if "affine" in case:
+            monkeypatch.setattr(image_affine.AffineProblem, "cost", _nan_after(image_affine.AffineProblem.cost, 3))
+            options = {"model": "affine"}
+        else:
+            monkeypatch.setattr(images.GridProblem, "cost", _nan_after(images.GridProblem.cost, 3))
+            options = {"model": case.split()[1], "prealign": None}
+        moving, fixed = phantom_pair(2, size=(32, 32), modality="mono")
+        with pytest.warns(ShapeflowWarning, match="diverged"):
+            result = sf.register(moving, fixed, progress=False, **options)
+        assert torch.isfinite(result.warped.data).all()
+    assert result.metrics["diverged"] is True

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import shapeflow as sf  # noqa: E402
 from shapeflow.errors import ShapeflowError  # noqa: E402
 
-IN_PROCESS = [".ply", ".obj", ".off", ".stl", ".csv", ".txt", ".xyz", ".npy", ".nii", ".nii.gz", ".png"]
+IN_PROCESS = [".ply", ".obj", ".off", ".stl", ".csv", ".txt", ".xyz", ".npy", ".nii", ".nii.gz", ".png", ".dcm"]
 SUBPROCESS = [".vtk", ".vtp", ".vti", ".mha", ".nrrd"]
 
 
@@ -51,6 +51,9 @@ def seed_files(folder: Path) -> dict[str, bytes]:
                           (".nii", volume), (".nii.gz", volume), (".vti", volume), (".mha", volume),
                           (".nrrd", volume), (".png", picture)]:
         out[suffix] = sf.write(shape, folder / f"seed{suffix}", overwrite=True).read_bytes()
+    from pydicom.data import get_testdata_file      # a small CT slice shipped with pydicom
+
+    out[".dcm"] = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     return out
 
 

@@ -378,3 +378,36 @@ def test_train_refuses_a_bad_config(tmp_path, case):
     lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "config.toml" in lines[0], lines
     assert not out.exists() or not any(out.iterdir())
+
+
+def _image_pair_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Cases needing more than one bad file: (register arguments, the name the error must carry)."""
+    from pydicom.data import get_testdata_file
+    import shutil
+
+    good = _nifti("good.nii.gz", VOLUME)(tmp)
+    flat = _nifti("flat.nii.gz", np.random.default_rng(1).random((12, 10)).astype(np.float32))(tmp)
+    constant = _nifti("constant.nii.gz", np.ones((12, 10, 8), np.float32))(tmp)
+    labels = _nifti("labels_wrong.nii.gz", np.zeros((5, 5, 5), np.int16))(tmp)
+    mixed = tmp / "mixed"
+    mixed.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), mixed / name)
+    return {
+        "2D moving, 3D fixed": ([flat, good], "flat.nii.gz"),
+        "3D moving, 2D fixed": ([good, flat], "flat.nii.gz"),
+        "constant moving": ([constant, good], "constant.nii.gz"),
+        "constant fixed": ([good, constant], "constant.nii.gz"),
+        "labels on another grid": ([good, good, "--labels-moving", labels, "--labels-fixed", labels], "labels_wrong"),
+        "a DICOM folder with two series": ([mixed, good], "mixed"),
+    }
+
+
+@pytest.mark.parametrize("case", ["2D moving, 3D fixed", "3D moving, 2D fixed", "constant moving", "constant fixed",
+                                  "labels on another grid", "a DICOM folder with two series"])
+def test_register_refuses_a_bad_image_pair(tmp_path, case):
+    pytest.importorskip("pydicom")
+    args, named = _image_pair_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["register", *map(str, args), "-o", str(out), "-q", "--iterations", "1"])
+    _assert_refused(run, out, named, tmp_path)

@@ -58,6 +58,11 @@ def test_meshes_round_trip_with_their_faces(tmp_path_factory, data, n):
         np.testing.assert_allclose(back.points.numpy(), points, rtol=1e-6 if suffix in (".obj", ".off") else 0,
                                    err_msg=suffix)
         np.testing.assert_array_equal(back.faces.numpy(), faces, err_msg=suffix)
+    if len(np.unique(faces, axis=0)) == len(faces) and len(np.unique(points.astype(np.float32), axis=0)) == n:
+        # STL stores float32 triangle corners (no shared vertices): the same triangles, as float32
+        back = sf.read(sf.write(mesh, folder / "m.stl"))
+        np.testing.assert_array_equal(np.sort(back.points.numpy()[back.faces.numpy()].reshape(-1, 9), axis=0),
+                                      np.sort(points.astype(np.float32)[faces].reshape(-1, 9), axis=0))
 
 
 @settings(max_examples=15, **SETTINGS)
@@ -67,7 +72,7 @@ def test_images_round_trip_with_their_geometry(tmp_path_factory, shape, seed, sp
     data = torch.from_numpy(np.random.default_rng(seed).normal(size=(1, *shape)).astype(np.float32))
     image = sf.Image(data, spacing=[spacing] * len(shape), origin=[origin] * len(shape))
     folder = tmp_path_factory.mktemp("image")
-    for suffix in (".nii.gz", ".mha", ".nrrd"):
+    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd", ".vti"):
         back = sf.read(sf.write(image, folder / f"i{suffix}"))
         torch.testing.assert_close(back.data, image.data, rtol=0, atol=0)
         np.testing.assert_allclose(back.spacing, image.spacing, rtol=1e-6, err_msg=suffix)
@@ -98,3 +103,18 @@ def test_fuzzed_files_read_by_vtk_and_itk_never_crash_the_process(tmp_path):
                               "--examples", "30", "--folder", str(tmp_path / suffix.strip("."))],
                              capture_output=True, encoding="utf-8", errors="replace", timeout=300)
         assert run.returncode == 0, f"{suffix}: exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(shape=st.lists(st.integers(2, 9), min_size=2, max_size=3), seed=st.integers(0, 2 ** 16))
+def test_arrays_and_pictures_round_trip(tmp_path_factory, shape, seed):
+    """.npy images keep every value and the unit grid; 2D pictures (.png) keep 8-bit integers."""
+    rng = np.random.default_rng(seed)
+    folder = tmp_path_factory.mktemp("array")
+    image = sf.Image(torch.from_numpy(rng.normal(size=(1, *shape)).astype(np.float32)))
+    back = sf.read(sf.write(image, folder / "a.npy"), kind="image")
+    torch.testing.assert_close(back.data, image.data, rtol=0, atol=0)
+    if len(shape) == 2:
+        picture = sf.Image(torch.from_numpy(rng.integers(0, 256, size=(1, *shape)).astype(np.float32)))
+        back = sf.read(sf.write(picture, folder / "p.png"))
+        torch.testing.assert_close(back.data, picture.data, rtol=0, atol=0)

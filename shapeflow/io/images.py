@@ -281,8 +281,16 @@ def _write_vtk_image(image: Image, path: Path) -> None:
 
 
 def _write_npy(image: Image, path: Path) -> None:
+    """The array as `_read_npy` reads it back: (H, W) or (D, H, W) for one channel, (C, D, H, W) for
+    a 3D image with channels; a 2D image with channels has no unambiguous .npy layout."""
+    data = image.data_with_nan().detach().cpu().numpy()
+    if data.shape[0] == 1:
+        data = data[0]
+    elif data.ndim == 3:
+        raise ShapeflowError(f"{path}: a 2D image with {data.shape[0]} channels would read back as a 3D volume "
+                             "from .npy; write it as .nii.gz or .mha")
     with open(path, "wb") as handle:
-        np.save(handle, image.data_with_nan().detach().cpu().numpy())
+        np.save(handle, data)
 
 
 IMAGE_WRITERS: dict[str, Callable[[Image, Path], None]] = {

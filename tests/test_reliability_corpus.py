@@ -411,3 +411,15 @@ def test_register_refuses_a_bad_image_pair(tmp_path, case):
     out = tmp_path / "out"
     run = CliRunner().invoke(app, ["register", *map(str, args), "-o", str(out), "-q", "--iterations", "1"])
     _assert_refused(run, out, named, tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_atlas_refuses_a_bad_subject(tmp_path, case):
+    """The same corruptions as a subject of `shapeflow atlas`: refused on the client, before any
+    cluster starts."""
+    bad = SHAPES[case](tmp_path)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["atlas", str(GOOD_2D), str(bad), str(ASSETS / "horse_contour_deformed.csv"),
+                                   "-o", str(out), "-q"])
+    named = "2D" if case == "2D against 3D" else bad.name
+    _assert_refused(run, out, named, tmp_path)

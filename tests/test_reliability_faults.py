@@ -266,3 +266,17 @@ def test_every_gauss_newton_pipeline_reports_a_nan_as_diverged(monkeypatch, case
             result = sf.register(moving, fixed, progress=False, **options)
         assert torch.isfinite(result.warped.data).all()
     assert result.metrics["diverged"] is True
+
+
+@pytest.mark.parametrize("optimizer", ["newton", "gradient", "gauss-newton"])
+def test_the_newton_affine_path_reports_a_nan_as_diverged(monkeypatch, optimizer):
+    from shapeflow.learn import phantom_pair
+    from shapeflow.pipelines import image_affine
+
+    name = "residual" if optimizer == "gauss-newton" else "cost"        # what each optimizer evaluates
+    monkeypatch.setattr(image_affine.AffineSSD, name, _nan_after(getattr(image_affine.AffineSSD, name), 4))
+    moving, fixed = phantom_pair(2, size=(32, 32), modality="mono")
+    with pytest.warns(ShapeflowWarning, match="diverged"):
+        result = sf.register(moving, fixed, model="affine", optimizer=optimizer, interpolation="spline",
+                             progress=False)
+    assert result.metrics["diverged"] is True and torch.isfinite(result.warped.data).all()

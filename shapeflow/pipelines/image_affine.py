@@ -324,6 +324,8 @@ def minimize_affine(objective: AffineSSD, w0: torch.Tensor, theta: float, optimi
         rows = (lambda step: record(step.iteration, 2 * step.cost)) if record is not None else None
         fit = gauss_newton(lambda w: objective.residual(w, theta), w0, maxiter=iterations, jacobian="dense",
                            damping=1e-3 if optimizer == "lm" else 0.0, ftol=1e-10, gtol=0.0, callback=rows)
+    if fit.diverged and record is not None:     # a NaN met and rejected: one row says so (Result.diverged)
+        record(fit.iterations, float("nan"))
     return fit.x.detach(), fit.iterations
 
 

@@ -74,6 +74,7 @@ class NewtonResult:
     x: (n,) the last accepted iterate. cost: f(x). history: f at x0 and after every accepted step.
     gradient_norms: |grad f| at the same points. radii: trust radius per iteration (Newton, trust
     region). iterations: iterations run. converged: |grad f| <= gtol or the step fell below xtol.
+    diverged: a trial point's value was NaN.
     """
 
     x: Tensor
@@ -83,6 +84,7 @@ class NewtonResult:
     radii: list[float] = field(default_factory=list)
     iterations: int = 0
     converged: bool = False
+    diverged: bool = False      # a trial point gave a NaN (rejected; x stays the last finite iterate)
 
 
 def trust_region_step(g: Tensor, H: Tensor, radius: float, iterations: int = 200) -> Tensor:
@@ -186,6 +188,9 @@ def minimize_newton(
             break
         if H is None:                      # a rejected trust-region step keeps x, hence H
             H = hessian(f, x, hessian_mode).detach()
+        if not (math.isfinite(gnorm) and bool(torch.isfinite(H).all())):    # diverged: keep the last finite x
+            result.diverged = True
+            break
         n = x.numel()
         if trust_region:
             p = trust_region_step(g, H, radius)
@@ -194,6 +199,7 @@ def minimize_newton(
                 result.converged = True
                 break
             new_value, new_g = _value_and_grad(f, x + p)
+            result.diverged |= math.isnan(float(new_value))
             actual = float(value - new_value)
             rho = actual / predicted if predicted > 0 else -1.0
             pnorm = float(p.norm())
@@ -216,6 +222,7 @@ def minimize_newton(
             accepted = False
             for _ in range(31):
                 new_value, new_g = _value_and_grad(f, x + p)
+                result.diverged |= math.isnan(float(new_value))
                 if math.isfinite(float(new_value)) and float(new_value) < float(value):
                     accepted = True
                     break
@@ -265,10 +272,14 @@ def minimize_gradient(
         if float(g.norm()) <= gtol:
             result.converged = True
             break
+        if not math.isfinite(float(g.norm())):      # diverged: keep the last finite x
+            result.diverged = True
+            break
         slope = -float(g @ g)
         accepted = False
         for _ in range(41):
             new_value, new_g = _value_and_grad(f, x - alpha * g)
+            result.diverged |= math.isnan(float(new_value))
             if math.isfinite(float(new_value)) and float(new_value) <= float(value) + 1e-4 * alpha * slope:
                 accepted = True
                 break

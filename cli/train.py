@@ -14,7 +14,7 @@ def train_command(
 ) -> None:
     """Train a network through the Gauss-Newton solver (methods suits, learngn, dio); Ctrl-C saves a
     checkpoint that the same command resumes from."""
-    from .main import _fail, _library_errors, _quiet
+    from .main import _fail, _library_errors, _quiet, _sigterm_as_interrupt
 
     if not config.is_file():
         _fail(f"{config}: no such config file")
@@ -22,7 +22,8 @@ def train_command(
         from shapeflow.learn import train
 
         try:
-            result = train(config, output, resume=not no_resume, progress=not quiet)
+            with _sigterm_as_interrupt():      # a scheduler's SIGTERM saves a checkpoint like Ctrl-C
+                result = train(config, output, resume=not no_resume, progress=not quiet)
         except _library_errors() as exc:
             _fail(str(exc))
     if result.get("rank"):          # under torchrun, rank 0 reports and writes

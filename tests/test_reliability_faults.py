@@ -280,3 +280,46 @@ def test_the_newton_affine_path_reports_a_nan_as_diverged(monkeypatch, optimizer
         result = sf.register(moving, fixed, model="affine", optimizer=optimizer, interpolation="spline",
                              progress=False)
     assert result.metrics["diverged"] is True and torch.isfinite(result.warped.data).all()
+
+
+TINY_TRAINING = """
+[data]
+source = "phantoms"
+size = [32, 32]
+modality = "multi"
+train = 8
+validation = 2
+test = 2
+
+[network]
+name = "suits"
+
+[method]
+name = "suits"
+iterations = [1, 2]
+
+[train]
+steps = 100000
+batch = 1
+validate_every = 100000
+checkpoint_every = 100000
+"""
+
+
+def test_sigterm_during_training_saves_a_checkpoint_that_resumes(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TRAINING)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "shapeflow_cli.main", "train", str(config), "-o", str(run), "-q"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(15)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == -signal.SIGTERM:      # the signal came before training started
+        assert not (run / "checkpoint.pt").exists()
+        return
+    assert process.returncode == 130, stderr[-500:]
+    assert "interrupted at step" in stderr and (run / "checkpoint.pt").exists()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert isinstance(state, dict)

@@ -324,16 +324,17 @@ def _first_difference(a, b, prefix: str = "") -> str:
 
 @contextlib.contextmanager
 def _deferred_interrupt() -> Iterator[None]:
-    """Ctrl-C inside the block is raised at its end, so an update is never half applied."""
+    """Ctrl-C (or SIGTERM) inside the block is raised at its end, so an update is never half applied."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    previous = {sig: signal.signal(sig, lambda *args: caught.append(args)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt
 

@@ -28,6 +28,10 @@ def train_command(
             _fail(str(exc))
     if result.get("rank"):          # under torchrun, rank 0 reports and writes
         return
+    if result.get("diverged"):
+        typer.echo(f"{config}: training diverged at step {result['step']} (a non-finite loss or gradient); the last "
+                   f"good state is in {result['checkpoint']}: lower [train] lr and resume", err=True)
+        raise typer.Exit(code=3)
     if result.get("interrupted"):
         typer.echo(f"interrupted at step {result['step']} of {result['steps']}; checkpoint {result['checkpoint']}; "
                    "run the same command to resume", err=True)

@@ -170,3 +170,26 @@ def test_cli_trains_a_two_step_config(tmp_path):
     path.write_text('[data]\n[network]\nname = "suits"\n[method]\nname = "suits"\nlam = -1\n[train]\n')
     run = CliRunner().invoke(app, ["train", str(path), "-o", str(tmp_path / "bad")])
     assert run.exit_code == 2 and "[method] lam" in run.output and len(run.output.strip().splitlines()) == 1
+
+
+def test_a_diverging_training_stops_at_the_last_good_state(tmp_path, monkeypatch):
+    """The method's loss turns NaN at the 4th step: training stops before applying it, the
+    checkpoint holds the 3 good steps' weights (equal to a straight 3-step run's), and the result
+    says diverged."""
+    straight = train(config(steps=3), tmp_path / "straight", progress=False)
+    assert not straight.get("diverged")
+    calls = {"n": 0}
+    original = METHODS["suits"]
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = original(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 4 else loss), metrics
+
+    monkeypatch.setitem(METHODS, "suits", failing)
+    stopped = train(config(steps=6), tmp_path / "diverged", progress=False)
+    assert stopped["diverged"] and stopped["step"] == 3
+    weights = _weights(tmp_path / "diverged")
+    assert all(bool(torch.isfinite(v).all()) for v in weights.values())
+    for name, value in _weights(tmp_path / "straight").items():
+        assert torch.equal(value, weights[name]), name

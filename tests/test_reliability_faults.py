@@ -323,3 +323,21 @@ def test_sigterm_during_training_saves_a_checkpoint_that_resumes(tmp_path):
     assert "interrupted at step" in stderr and (run / "checkpoint.pt").exists()
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert isinstance(state, dict)
+
+
+def test_the_train_command_reports_a_diverged_training_with_exit_3(tmp_path, monkeypatch):
+    from shapeflow.learn.methods import METHODS
+
+    original = METHODS["suits"]
+
+    def failing(*args, **kwargs):
+        loss, metrics = original(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setitem(METHODS, "suits", failing)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TRAINING.replace("steps = 100000", "steps = 3"))
+    run = CliRunner().invoke(app, ["train", str(config), "-o", str(tmp_path / "run"), "-q"])
+    assert run.exit_code == 3, run.stderr[-500:]
+    assert "training diverged at step 0" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "run" / "checkpoint.pt").exists()

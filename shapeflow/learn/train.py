@@ -611,6 +611,17 @@ def train(config: dict | str | Path, output: str | Path, *, resume: bool = True,
                         means = torch.tensor([metrics[k] for k in logged], dtype=torch.float64)
                         _all_reduce_mean([means], world)
                         metrics = {**metrics, **dict(zip(logged, means.tolist()))}
+                    finite = bool(torch.isfinite(loss.detach()).all()) and all(
+                        bool(torch.isfinite(p.grad).all()) for p in network.parameters() if p.grad is not None)
+                    bad = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
+                    if world > 1:          # every process stops if one diverged
+                        _all_reduce_mean([bad], world)
+                    if float(bad) > 0:
+                        # diverged (a non-finite loss or gradient; the solver's backward may hide a NaN
+                        # loss as a finite gradient): the weights are still the last good step's; stop
+                        save(rng)
+                        return {"diverged": True, "step": step, "steps": options.steps, "output": str(output),
+                                "checkpoint": str(checkpoint)}
                     with _deferred_interrupt():
                         optimizer.step()
                         step += 1

@@ -334,3 +334,16 @@ def test_chunked_inplace_loop_matches_one_chunk(monkeypatch, M, k):
     torch.testing.assert_close(x2, x1, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(x1, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-8)
     assert torch.equal(i1.iterations, i2.iterations) and i1.converged and i2.converged
+
+
+def test_a_non_finite_right_hand_side_gives_nan_not_zero():
+    """A NaN column of B (e.g. a NaN upstream gradient in an adjoint solve) must come out NaN,
+    not as the untouched initial guess 0 (which hid a diverged training loss as a zero gradient)."""
+    from shapeflow.solvers import conjugate_gradient
+
+    A = torch.diag(torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=torch.float64))
+    B = torch.ones(4, 2, dtype=torch.float64)
+    B[1, 1] = float("nan")
+    X, _ = conjugate_gradient(lambda v: A @ v, B)
+    torch.testing.assert_close(X[:, 0], 1 / torch.diagonal(A))
+    assert torch.isnan(X[:, 1]).all()

@@ -160,9 +160,12 @@ def _norm(U: Tensor) -> Tensor:
 
 def cg_start(matvec: Matvec, precond: Optional[Matvec], B: Tensor, X0: Tensor, tol: float) -> CGState:
     """Initial CG state for A X = B from X0. B, X0: (n, k)."""
+    bnorm = _norm(B)
+    # a non-finite right-hand side gives a non-finite solution (NaN), never the silent X0 that
+    # the inactive column would otherwise keep (a NaN upstream gradient must not become 0)
+    X0 = torch.where(torch.isfinite(bnorm), X0, torch.full_like(X0, float("nan")))
     R = B - matvec(X0)
     Z = R.clone() if precond is None else precond(R)  # p must not alias r (in-place updates)
-    bnorm = _norm(B)
     safe = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     active = (_norm(R) / safe > tol) & (bnorm > 0)
     iterations = torch.zeros(B.shape[1], dtype=torch.int64, device=B.device)

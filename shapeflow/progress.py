@@ -1,4 +1,5 @@
-"""A progress bar on stderr with the current loss terms (rich), or nothing."""
+"""A progress bar on stderr with the current loss terms (rich), or nothing (disabled, or stderr is
+not a terminal)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -22,8 +23,12 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_interactive:     # a log file or a pipe: a transient bar would leave blank lines there
+        yield lambda row=None: None
+        return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[terms]}"), console=Console(stderr=True), transient=True) as bar:
+                  TextColumn("{task.fields[terms]}"), console=console, transient=True) as bar:
         task = bar.add_task(description, total=total, terms="")
 
         def update(row: dict | None = None) -> None:

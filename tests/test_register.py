@@ -177,3 +177,11 @@ def test_small_problems_run_on_one_thread_inside_the_call_only(monkeypatch):
             sf.register(points, points, threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_progress_bar_leaves_nothing_on_a_stderr_that_is_not_a_terminal(capfd):
+    """A script logging to a file saw two blank lines per fit: rich's transient bar on a non-terminal."""
+    x = np.random.default_rng(0).normal(size=(40, 2))
+    sf.register(x, x + 0.1, model="rigid", progress=True)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""

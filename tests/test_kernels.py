@@ -53,7 +53,7 @@ def test_auto_follows_the_measured_threshold_through_monkeypatch(monkeypatch):
     assert resolve_backend("auto", 10, 10, "cpu") == "keops"
     assert resolve_backend("auto", 9, 11, "cpu") == "torch"
     assert sinkhorn_backend("auto", 10, 10, 3, "cpu") == "online"
-    assert sinkhorn_backend("auto", 9, 11, 3, "cpu") == "tensorized"
+    assert sinkhorn_backend("auto", 9, 11, 3, "cpu") == "dense"
     monkeypatch.setattr(backends, "MULTISCALE_MIN_PAIRS", 99)
     assert sinkhorn_backend("auto", 10, 10, 3, "cpu") == "multiscale"
     assert sinkhorn_backend("auto", 10, 10, 4, "cpu") == "online"
@@ -71,7 +71,7 @@ def test_unknown_backend_and_bad_inputs_are_errors_naming_the_argument():
         gaussian_kernel_product(x, y[:, :2], b, 1.0)
     with pytest.raises(ShapeflowError, match=r"nearest_neighbors\(\): unknown backend 'kdtree'"):
         nearest_neighbors(x, y, backend="kdtree")
-    with pytest.raises(ShapeflowError, match=r"unknown Sinkhorn backend 'keops'; choose from auto, tensorized"):
+    with pytest.raises(ShapeflowError, match=r"unknown Sinkhorn backend 'keops'; choose from auto, dense, tensorized"):
         sinkhorn_backend("keops", 10, 10, 3, "cpu")
 
 
@@ -105,7 +105,7 @@ def test_sinkhorn_on_a_large_cloud_goes_to_keops_and_keops_equals_tensorized(mon
     assert sinkhorn_backend("auto", 20000, 20000, 3, "cpu") == "multiscale"
     n = math.isqrt(KEOPS_MIN_PAIRS) + 1
     assert sinkhorn_backend("auto", n, n, 4, "cpu") == "online"            # multiscale is for d <= 3
-    assert sinkhorn_backend("auto", n - 2, n - 2, 3, "cpu") == "tensorized"
+    assert sinkhorn_backend("auto", n - 2, n - 2, 3, "cpu") == "dense"
     g = torch.Generator().manual_seed(3)
     x, y = torch.rand(400, 3, generator=g, dtype=torch.float64), torch.rand(300, 3, generator=g, dtype=torch.float64)
     dense = sinkhorn_loss(x, y, blur=0.05, backend="tensorized")

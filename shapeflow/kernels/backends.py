@@ -42,10 +42,11 @@ BACKENDS = Registry("backend", {
 #: float32 (the backward holds several); KeOps needs O(N + M) memory.
 KEOPS_MIN_PAIRS = 14_000 ** 2
 
-#: geomloss's Sinkhorn backends; "auto" goes through `resolve_backend`.
+#: Sinkhorn backends (ours dense, geomloss's otherwise); "auto" goes through `resolve_backend`.
 SINKHORN_BACKENDS = Registry("Sinkhorn backend", {
-    "auto": "tensorized below the KeOps threshold, online or multiscale (KeOps) above",
-    "tensorized": "dense cost matrices in torch",
+    "auto": "dense below the KeOps threshold, online or multiscale (KeOps) above",
+    "dense": "dense cost matrices in torch, warm-started across a fit's steps (shapeflow.losses.sinkhorn)",
+    "tensorized": "geomloss's dense cost matrices in torch (no warm start: the reference)",
     "online": "KeOps reductions, exact",
     "multiscale": "KeOps block-sparse reductions on clustered points (d <= 3), truncated kernel",
 })
@@ -74,7 +75,7 @@ def sinkhorn_backend(backend: str, n: int, m: int, d: int, device: torch.device 
                      *, who: str = "sinkhorn_loss()") -> str:
     """geomloss backend for Sinkhorn between (N, d) and (M, d) clouds on `device`.
 
-    backend: "auto", "tensorized", "online" or "multiscale". "auto": "tensorized" where
+    backend: "auto", "dense", "tensorized", "online" or "multiscale". "auto": "dense" where
     `resolve_backend` says "torch"; otherwise "multiscale" when d <= 3 and `n * m >
     MULTISCALE_MIN_PAIRS`, else "online".
     """
@@ -82,7 +83,7 @@ def sinkhorn_backend(backend: str, n: int, m: int, d: int, device: torch.device 
     if backend != "auto":
         return backend
     if resolve_backend("auto", n, m, device, who=who) == "torch":
-        return "tensorized"
+        return "dense"
     return "multiscale" if d <= 3 and n * m > MULTISCALE_MIN_PAIRS else "online"
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..progress import progress_bar
+from .adam import Adam
 
 __all__ = ["fit", "FitReport"]
 
@@ -60,9 +61,9 @@ def fit(parameters: Iterable[torch.nn.Parameter], objective: Objective, *, itera
 
     try:
         with progress_bar(progress, stage, iterations + lbfgs_iterations) as advance:
-            adam = torch.optim.Adam(params, lr=lr, foreach=True)   # one call per step, not one per tensor
+            adam = Adam(params, lr=lr)
             for step in range(iterations):
-                adam.zero_grad(set_to_none=True)
+                adam.zero_grad()
                 total = evaluate(step, "adam")
                 if not torch.isfinite(total):
                     break

@@ -1,0 +1,170 @@
+"""The debiased Sinkhorn divergence on dense cost matrices, warm-started from a previous call.
+
+geomloss (Feydy et al.) is the reference: a cold call here runs its algorithm (symmetric,
+averaged Sinkhorn updates over an epsilon-scaling schedule from the diameter down to the blur,
+then one last update with gradients: the envelope theorem gives the gradient of the converged
+divergence without back-propagating through the loop) and returns its value. What differs is
+`SinkhornState`: a fit calls the loss a hundred times on points that move a little between
+calls, so the dual potentials of the previous call are a better start than the schedule. A warm
+call starts from them at the final epsilon and sweeps until the potentials change by less than
+`TOL * epsilon`, at most `MAX_ITERATIONS` (3) times, instead of the schedule's ten or so; the
+target's self-transport potential, which never changes, is converged once and kept. Over a
+fit's steps the potentials converge with the points (they lag by a few sweeps), so the fit
+minimises the *converged* divergence, which the cold schedule only approximates; repeated on
+the same points, warm calls reach it (`tests/test_sinkhorn.py` checks both against geomloss, the
+second run to convergence, and the gradient against finite differences).
+
+Measured (`sf.register` defaults with `warm_start=True` against the cold loop, one thread, quiet
+machine): the 91-point fish 0.51 -> 0.39 s, 1k surface points 2.15 -> 1.69 s, 4k 3.40 -> 3.10 s,
+at RMSE 0.090 -> 0.099, 0.181 -> 0.145 and 0.125 -> 0.135 % of the diagonal; but the ant to its
+bent copy 0.039 -> 0.38 (0.050 with TOL 1e-2 and 5 sweeps, which leaves 5-10 % of the time
+saved; 0.041 with 30 sweeps, slower than cold). The lagging potentials steer the first steps,
+when the points move most. So the loss uses warm starts only when asked (`SinkhornLoss(warm_start=
+True)`, `register(..., warm_start=True)`); a cold call is geomloss's loop without importing it.
+
+Cost `C(x, y) = |x - y|^2 / 2`, `epsilon = blur^2`, `rho = reach^2` (None: balanced), uniform
+weights; `x: (N, d)`, `y: (M, d)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule"]
+
+#: a warm call stops when no potential moved by more than TOL * epsilon in a sweep
+TOL = 0.1
+#: sweeps of a warm call at most: the potentials lag the moving points a little and catch up
+#: over the next steps (1 sweep was too few: the fish ended at 2 % RMSE instead of 0.1 %)
+MAX_ITERATIONS = 3
+#: the target's self-potential, converged once per fit stage to this tolerance (sweeps at most)
+SELF_TOL, SELF_ITERATIONS = 1e-4, 200
+
+
+@dataclass
+class SinkhornState:
+    """The potentials of the last call, on its points: `f_ba: (N,)`, `g_ab: (M,)`, `f_aa: (N,)`,
+    `g_bb: (M,)`; `target` is the target tensor they belong to (a new target means a cold start),
+    `c_yy: (M, M)` its cost matrix.
+    `sweeps` counts the Sinkhorn sweeps of the last call (for tests and benchmarks)."""
+
+    f_ba: torch.Tensor | None = None
+    g_ab: torch.Tensor | None = None
+    f_aa: torch.Tensor | None = None
+    g_bb: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    sweeps: int = 0
+    c_yy: torch.Tensor | None = None
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        return (self.f_ba is not None and self.target is y and self.f_ba.shape[0] == x.shape[0]
+                and self.f_ba.dtype == x.dtype and self.f_ba.device == x.device)
+
+
+def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
+    """geomloss's annealing for p = 2: `diameter^2`, then `blur^2` reached by factors `scaling^2`."""
+    steps = []
+    e = 2 * math.log(diameter)
+    while e > 2 * math.log(blur):
+        steps.append(math.exp(e))
+        e += 2 * math.log(scaling)
+    return [diameter ** 2] + steps + [blur ** 2]
+
+
+def _cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`|a_i - b_j|^2 / 2`: (N, M), as geomloss's tensorized cost."""
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T) / 2
+
+
+def _softmin(eps: float, cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """`-eps log sum_j exp(h_j - C_ij / eps)`: (N,)."""
+    return -eps * torch.logsumexp(h[None, :] - cost / eps, dim=1)
+
+
+def _damping(eps: float, rho: float | None) -> float:
+    return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
+
+
+def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float | None = None,
+                        scaling: float = 0.5, state: SinkhornState | None = None) -> torch.Tensor:
+    """Debiased (unbalanced if `reach`) Sinkhorn divergence between the uniform measures on
+    `x: (N, d)` and `y: (M, d)` -> 0-d tensor, differentiable in both. With `state`, start from
+    (and update) the potentials of its previous call when they belong to the same target and
+    sizes; without, or on a mismatch, run the epsilon-scaling schedule first."""
+    eps, rho = blur ** 2, None if reach is None else reach ** 2
+    log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
+    log_b = torch.full((y.shape[0],), -math.log(y.shape[0]), dtype=y.dtype, device=y.device)
+    xd, yd = x.detach(), y.detach()
+    warm = state is not None and state.fits(x, y)
+    # the cost matrices with gradients (x detached in the second argument, as geomloss), and
+    # their detached values for the loop
+    c_xy_grad, c_xx_grad = _cost(x, yd), _cost(x, xd)
+    c_yx_grad = _cost(y, xd) if y.requires_grad else None
+    c_yy = state.c_yy if warm and not y.requires_grad else _cost(yd, yd)
+    with torch.no_grad():
+        c_xy, c_xx = c_xy_grad.detach(), c_xx_grad.detach()
+        c_yx = c_xy.T
+        if warm:
+            f_ba, g_ab, f_aa, g_bb = state.f_ba, state.g_ab, state.f_aa, state.g_bb
+            sweeps = 0
+            damping = _damping(eps, rho)
+            for sweeps in range(1, MAX_ITERATIONS + 1):
+                # alternating updates for the cross potentials (faster than the schedule's averaged
+                # ones from a good start), the averaged one for the symmetric self-transport
+                ft_ba = damping * _softmin(eps, c_xy, log_b + g_ab / eps)
+                gt_ab = damping * _softmin(eps, c_yx, log_a + ft_ba / eps)
+                ft_aa = damping * _softmin(eps, c_xx, log_a + f_aa / eps)
+                change = max(float((ft_ba - f_ba).abs().max()), float((gt_ab - g_ab).abs().max()),
+                             float((ft_aa - f_aa).abs().max()))
+                f_ba, g_ab, f_aa = ft_ba, gt_ab, 0.5 * (f_aa + ft_aa)
+                if change < TOL * eps:
+                    break
+        else:
+            mins = torch.minimum(xd.min(0).values, yd.min(0).values)
+            maxs = torch.maximum(xd.max(0).values, yd.max(0).values)
+            schedule = epsilon_schedule(float((maxs - mins).norm()), blur, scaling)
+            e = schedule[0]
+            damping = _damping(e, rho)
+            g_ab = damping * _softmin(e, c_yx, log_a)
+            f_ba = damping * _softmin(e, c_xy, log_b)
+            f_aa = damping * _softmin(e, c_xx, log_a)
+            g_bb = damping * _softmin(e, c_yy, log_b)
+            for e in schedule:
+                damping = _damping(e, rho)
+                ft_ba = damping * _softmin(e, c_xy, log_b + g_ab / e)
+                gt_ab = damping * _softmin(e, c_yx, log_a + f_ba / e)
+                ft_aa = damping * _softmin(e, c_xx, log_a + f_aa / e)
+                gt_bb = damping * _softmin(e, c_yy, log_b + g_bb / e)
+                f_ba, g_ab = 0.5 * (f_ba + ft_ba), 0.5 * (g_ab + gt_ab)
+                f_aa, g_bb = 0.5 * (f_aa + ft_aa), 0.5 * (g_bb + gt_bb)
+            sweeps = len(schedule)
+            if state is not None:       # the target's self-potential never changes: converge it once
+                damping = _damping(eps, rho)
+                for _ in range(SELF_ITERATIONS):
+                    gt_bb = damping * _softmin(eps, c_yy, log_b + g_bb / eps)
+                    change = float((gt_bb - g_bb).abs().max())
+                    g_bb = 0.5 * (g_bb + gt_bb)
+                    if change < SELF_TOL * eps:
+                        break
+        if state is not None:
+            state.f_ba, state.g_ab, state.f_aa, state.g_bb = f_ba, g_ab, f_aa, g_bb
+            state.target, state.sweeps, state.c_yy = y, sweeps, c_yy
+    # the last update with gradients (x detached in the second argument, as geomloss): the
+    # envelope theorem makes this the gradient of the divergence at the converged potentials
+    damping = _damping(eps, rho)
+    f_ba, g_ab = (damping * _softmin(eps, c_xy_grad, log_b + g_ab / eps),      # the cross updates in parallel
+                  damping * _softmin(eps, c_yx if c_yx_grad is None else c_yx_grad, log_a + f_ba / eps))
+    f_aa = damping * _softmin(eps, c_xx_grad, log_a + f_aa / eps)
+    if state is None or y.requires_grad:
+        g_bb = damping * _softmin(eps, c_yy if not y.requires_grad else _cost(y, yd), log_b + g_bb / eps)
+    # else: g_bb is converged and constant (the target does not move): its update is itself
+    a, b = log_a.exp(), log_b.exp()
+    if rho is None:
+        return (a * (f_ba - f_aa)).sum() + (b * (g_ab - g_bb)).sum()
+    # Sejourne et al. 2019, Prop. 12: the value weighs the exponentiated potentials by rho + eps/2,
+    # the gradient by rho + eps (geomloss writes the second weight in an nn.Module `backward` that
+    # autograd never calls, so its unbalanced gradients are (rho + eps/2) / (rho + eps) too small)
+    spread = (a * ((-f_aa / rho).exp() - (-f_ba / rho).exp())).sum() + (b * ((-g_bb / rho).exp() - (-g_ab / rho).exp())).sum()
+    return (rho + eps) * spread - (eps / 2) * spread.detach()

@@ -147,3 +147,14 @@ def test_register_with_warm_start_fits_a_smooth_deformation():
         warped = sf.register(source, target, warm_start=warm, progress=False).warped
         errors[warm] = np.sqrt(((warped - target) ** 2).sum(1).mean())
     assert errors[True] < 0.3 * before and errors[True] < 2 * errors[False] + 1e-3
+
+
+def test_geomloss_backends_get_the_same_unbalanced_gradient_as_the_dense_loop():
+    x, y = _clouds(7)
+    grads = {}
+    for backend in ("dense", "tensorized"):
+        points = x.clone().requires_grad_()
+        value = sinkhorn_loss(points, y, blur=0.06, reach=0.15, backend=backend)
+        grads[backend] = (value.detach(), torch.autograd.grad(value, points)[0])
+    torch.testing.assert_close(grads["dense"][0], grads["tensorized"][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["dense"][1], grads["tensorized"][1], rtol=1e-8, atol=1e-10)

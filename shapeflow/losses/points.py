@@ -163,7 +163,14 @@ def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02
     chosen = sinkhorn_backend(backend, source.shape[0], target.shape[0], source.shape[1], source.device)
     if chosen == "dense":
         return sinkhorn_divergence(source, target, blur, reach, scaling, state=state)
-    return _samples_loss(source, target, blur, reach, scaling, chosen)(source, target)
+    value = _samples_loss(source, target, blur, reach, scaling, chosen)(source, target)
+    if reach is None:
+        return value
+    # geomloss's unbalanced gradient lacks Prop. 12's weight (`shapeflow.losses.sinkhorn`): the
+    # same value, its gradient scaled by (rho + eps) / (rho + eps/2), as the dense loop's
+    eps, rho = blur ** 2, reach ** 2
+    scale = (rho + eps) / (rho + eps / 2)
+    return scale * value - (scale - 1) * value.detach()
 
 
 def _samples_loss(source: torch.Tensor, target: torch.Tensor, blur: float, reach: float | None,

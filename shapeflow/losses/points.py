@@ -1,4 +1,5 @@
-"""Data terms between point sets: Chamfer, Sinkhorn (optimal transport through geomloss) and L2.
+"""Data terms between point sets: Chamfer, Sinkhorn (optimal transport: our dense loop, geomloss
+and KeOps for large clouds) and L2.
 
 Functions do the work (`chamfer_loss(x, y)`); the `nn.Module` wrappers only hold options.
 Every function takes `source: (N, d)` and `target: (M, d)` and returns a 0-d tensor.

@@ -19,7 +19,7 @@ from ..kernels import SINKHORN_BACKENDS, nearest_neighbors, sinkhorn_backend
 from ..kernels.backends import quiet_import
 from ..shapes import PointCloud
 from .base import PointLoss, Stage
-from .sinkhorn import SinkhornState, sinkhorn_divergence
+from .sinkhorn import SinkhornState, sinkhorn_divergence, with_unbalanced_gradient
 
 __all__ = ["chamfer_loss", "sinkhorn_loss", "l2_loss", "nearest_neighbors", "PairWeights", "DIRECTIONS",
            "ChamferLoss", "SinkhornLoss", "L2Loss"]
@@ -167,11 +167,7 @@ def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.02
     value = _samples_loss(source, target, blur, reach, scaling, chosen)(source, target)
     if reach is None:
         return value
-    # geomloss's unbalanced gradient lacks Prop. 12's weight (`shapeflow.losses.sinkhorn`): the
-    # same value, its gradient scaled by (rho + eps) / (rho + eps/2), as the dense loop's
-    eps, rho = blur ** 2, reach ** 2
-    scale = (rho + eps) / (rho + eps / 2)
-    return scale * value - (scale - 1) * value.detach()
+    return with_unbalanced_gradient(value, blur, reach)     # as the dense loop's (Prop. 12)
 
 
 def _samples_loss(source: torch.Tensor, target: torch.Tensor, blur: float, reach: float | None,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule"]
+__all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient"]
 
 #: a warm call stops when no potential moved by more than TOL * epsilon in a sweep
 TOL = 0.1
@@ -166,5 +166,14 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float, reach: fl
     # Sejourne et al. 2019, Prop. 12: the value weighs the exponentiated potentials by rho + eps/2,
     # the gradient by rho + eps (geomloss writes the second weight in an nn.Module `backward` that
     # autograd never calls, so its unbalanced gradients are (rho + eps/2) / (rho + eps) too small)
-    spread = (a * ((-f_aa / rho).exp() - (-f_ba / rho).exp())).sum() + (b * ((-g_bb / rho).exp() - (-g_ab / rho).exp())).sum()
-    return (rho + eps) * spread - (eps / 2) * spread.detach()
+    spread = ((a * ((-f_aa / rho).exp() - (-f_ba / rho).exp())).sum()
+              + (b * ((-g_bb / rho).exp() - (-g_ab / rho).exp())).sum())
+    return with_unbalanced_gradient((rho + eps / 2) * spread, blur, reach)
+
+
+def with_unbalanced_gradient(value: torch.Tensor, blur: float, reach: float) -> torch.Tensor:
+    """`value`, an unbalanced divergence whose gradient carries geomloss's weight rho + eps/2, with
+    the same value and its gradient scaled to Prop. 12's rho + eps."""
+    eps, rho = blur ** 2, reach ** 2
+    scale = (rho + eps) / (rho + eps / 2)
+    return scale * value - (scale - 1) * value.detach()

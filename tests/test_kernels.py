@@ -113,3 +113,47 @@ def test_sinkhorn_on_a_large_cloud_goes_to_keops_and_keops_equals_tensorized(mon
     assert sinkhorn_backend("auto", 400, 300, 3, "cpu") == "online"
     keops = sinkhorn_loss(x, y, blur=0.05)
     assert abs(float(keops) - float(dense)) <= 1e-6 * abs(float(dense))
+
+
+# --------------------------------------------------------------- exp without the underflow slow path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_exp_equals_torch_exp_and_flushes_only_what_underflows(dtype):
+    """`fast_exp` is `torch.exp` bit for bit where the result is above 5 * tiny, and exactly 0 below."""
+    from shapeflow.kernels import fast_exp
+    from shapeflow.kernels.exp import exp_floor
+    floor = exp_floor(dtype)
+    z = torch.linspace(3 * floor, 5.0, 20001, dtype=dtype)
+    ours, reference = fast_exp(z), torch.exp(z)
+    kept = reference > 5 * torch.finfo(dtype).tiny
+    assert torch.equal(ours[kept], reference[kept])
+    assert (ours[~kept] == 0).all() and (~kept).sum() > 1000      # the range really crosses the floor
+    assert float((ours - reference).abs().max()) <= 5 * torch.finfo(dtype).tiny
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_logsumexp_matches_torch_on_rows_that_underflow(dtype):
+    """Rows spanning thousands (most terms underflow), ordinary rows, a row of -inf, and rows with
+    some -inf entries: as torch.logsumexp to rounding."""
+    from shapeflow.kernels import fast_logsumexp
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([-torch.rand(4, 300, generator=g, dtype=dtype) * 5000,
+                   torch.randn(4, 300, generator=g, dtype=dtype),
+                   torch.full((1, 300), -math.inf, dtype=dtype)])
+    z[5, ::3] = -math.inf
+    for dim in (0, 1):
+        ours, reference = fast_logsumexp(z, dim), torch.logsumexp(z, dim)
+        finite = torch.isfinite(reference)
+        assert torch.equal(torch.isfinite(ours), finite) and (ours[~finite] == -math.inf).all()
+        tolerance = 50 * torch.finfo(dtype).eps
+        assert torch.allclose(ours[finite], reference[finite], rtol=tolerance, atol=tolerance)
+
+
+def test_fast_exp_and_logsumexp_gradients_pass_gradcheck():
+    from shapeflow.kernels import fast_exp, fast_logsumexp
+    z = (torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 40).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fast_logsumexp(t, 1), (z,))
+    assert torch.autograd.gradcheck(lambda t: fast_exp(t / 20), (z,))
+    # where the result is flushed, the gradient is 0 (the true one is below 5 * tiny)
+    deep = torch.tensor([-800.0, -1.0], dtype=torch.float64, requires_grad=True)
+    fast_exp(deep).sum().backward()
+    assert deep.grad.tolist() == [0.0, math.exp(-1.0)]

@@ -4,8 +4,9 @@
 (also Sinkhorn, through `sinkhorn_backend`, and nearest neighbours).
 """
 from .backends import BACKENDS, KEOPS_MIN_PAIRS, SINKHORN_BACKENDS, resolve_backend, sinkhorn_backend
+from .exp import fast_exp, fast_logsumexp
 from .gaussian import gaussian_kernel_product
 from .neighbors import PointIndex, nearest_neighbors
 
 __all__ = ["gaussian_kernel_product", "nearest_neighbors", "PointIndex", "resolve_backend", "sinkhorn_backend",
-           "BACKENDS", "SINKHORN_BACKENDS", "KEOPS_MIN_PAIRS"]
+           "BACKENDS", "SINKHORN_BACKENDS", "KEOPS_MIN_PAIRS", "fast_exp", "fast_logsumexp"]

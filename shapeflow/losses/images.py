@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ShapeflowError
+from ..kernels.exp import fast_exp
 
 __all__ = ["ssd_loss", "ncc_loss", "mind_ssc", "mind_loss", "dice_loss", "one_hot", "box_mean", "mind_pairs",
            "SSDLoss", "NCCLoss", "MINDLoss", "DiceLoss", "IMAGE_LOSSES"]
@@ -225,7 +226,7 @@ def mind_ssc(image: Tensor, *, radius: int = 1, dilation: int = 2) -> Tensor:
     level = variance.mean()
     variance = torch.clamp(variance, min=1e-3 * level, max=1e3 * level)
     variance = variance.clamp_min(torch.finfo(variance.dtype).tiny)
-    return torch.exp(-distance / variance)
+    return fast_exp(-distance / variance)
 
 
 def mind_loss(moving: Tensor, fixed: Tensor, *, radius: int = 1, dilation: int = 2) -> Tensor:

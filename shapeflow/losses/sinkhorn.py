@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.exp import fast_logsumexp
+
 __all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient"]
 
 #: a warm call stops when no potential moved by more than TOL * epsilon in a sweep
@@ -80,7 +82,7 @@ def _cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _softmin(eps: float, cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """`-eps log sum_j exp(h_j - C_ij / eps)`: (N,)."""
-    return -eps * torch.logsumexp(h[None, :] - cost / eps, dim=1)
+    return -eps * fast_logsumexp(torch.add(h[None, :], cost, alpha=-1 / eps), dim=1)
 
 
 def _damping(eps: float, rho: float | None) -> float:

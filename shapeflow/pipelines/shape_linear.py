@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .._registry import Registry
 from ..errors import ShapeflowError
-from ..kernels import PointIndex
+from ..kernels import PointIndex, fast_exp
 from ..losses import LOSSES, ChamferLoss, SinkhornLoss, chamfer_loss
 from ..losses.points import PairWeights, bounding_volume
 from ..progress import progress_bar
@@ -245,7 +245,7 @@ class TransportPairs(_Pairs):
         damping = 1.0 if self.rho is None else 1 / (1 + eps / torch.clamp(REACH_BLURS ** 2 * eps, min=self.rho))
         # scaling iterations on the kernel with the last potentials absorbed (stabilised Sinkhorn:
         # its entries stay near the plan's, so none of them over- or underflows where it matters)
-        kernel = torch.exp((self.f[:, :, None] + self.g[:, None, :] - cost) / eps[..., None])   # (B, N, M)
+        kernel = fast_exp((self.f[:, :, None] + self.g[:, None, :] - cost) / eps[..., None])   # (B, N, M)
         u, v = self._scalings(kernel, eps, damping)                                   # (B, N, 1), (B, M, 1)
         self.f, self.g = self.f + eps * u[..., 0].log(), self.g + eps * v[..., 0].log()
         plan = u * kernel * v.transpose(1, 2)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from shapeflow.errors import ShapeflowError
+from shapeflow.kernels.exp import fast_exp
 
 Spacing = Optional[Union[float, Sequence[float]]]
 
@@ -288,7 +289,7 @@ def knn_laplacian(points: Tensor, k: int, sigma: Optional[float] = None) -> Tens
     if not sigma > 0:
         raise ShapeflowError(f"knn_laplacian(): sigma must be > 0, got {sigma}")
     d2 = ((points[pairs[:, 0]] - points[pairs[:, 1]]) ** 2).sum(1)
-    w = torch.exp(-d2 / (2.0 * sigma**2))
+    w = fast_exp(-d2 / (2.0 * sigma**2))
     return _from_weights(pairs[:, 0], pairs[:, 1], w, n)
 
 

@@ -30,11 +30,17 @@ def _ours(x, y, blur, reach, state=None, scaling=0.5):
     return value.detach(), torch.autograd.grad(value, x)[0]
 
 
+@pytest.mark.parametrize("sizes", [(60, 75), (70, 70), (170, 170)], ids=["unequal", "stacked", "equal-large"])
 @pytest.mark.parametrize("reach", [None, 0.15])
 @pytest.mark.parametrize("blur", [0.02, 0.06])
-def test_a_cold_call_is_geomlosss_algorithm(blur, reach):
-    x, y = _clouds()
+def test_a_cold_call_is_geomlosss_algorithm(blur, reach, sizes, monkeypatch):
+    """Unequal clouds take four softmins a sweep; equal ones up to `STACK_ENTRIES` one stacked
+    reduction (`sk._annealed`), larger equal ones four again: all are geomloss's loop."""
+    x, y = _clouds(n=sizes[0], m=sizes[1])
+    softmin, batched = sk._softmin, []
+    monkeypatch.setattr(sk, "_softmin", lambda eps, cost, h: batched.append(cost.dim() == 3) or softmin(eps, cost, h))
     value, grad = _ours(x, y, blur, reach)
+    assert any(batched) == (sizes == (70, 70))
     ref_value, ref_grad = _geomloss(x, y, blur, reach, 0.5)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
     if reach is not None:   # geomloss's unbalanced gradient lacks Prop. 12's weight (see the module)

@@ -9,15 +9,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..kernels import nearest_distances
 
 __all__ = ["landmark_errors", "surface_distances", "chamfer_distance", "hausdorff_distance", "rmse", "jacobian_determinants",
            "min_jacobian_determinant", "flipped_triangles_percent"]
 
 
 def _nn_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    a_np, b_np = a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()
-    workers = torch.get_num_threads()
-    return _kdtree()(b_np).query(a_np, workers=workers)[0], _kdtree()(a_np).query(b_np, workers=workers)[0]
+    """Nearest-neighbour distances a -> b `(N,)` and b -> a `(M,)`, float64."""
+    return nearest_distances(a, b).numpy(), nearest_distances(b, a).numpy()
 
 
 def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,10 +128,3 @@ def landmark_errors(phi, source: torch.Tensor, target: torch.Tensor) -> dict[str
     before = (source - target).norm(dim=1)
     return {"mean": float(after.mean()), "max": float(after.max()),
             "mean_before": float(before.mean()), "max_before": float(before.max())}
-
-
-def _kdtree():
-    """SciPy's `cKDTree`, imported on first use (it costs a noticeable part of `import shapeflow`)."""
-    from scipy.spatial import cKDTree
-
-    return cKDTree

@@ -4,7 +4,7 @@
     result = sf.register("source.ply", "target.ply", model="resnet", loss="sinkhorn")
     result.save("out/")
 """
-from . import learn, viz
+from . import viz
 from .deform import (Affine, Compose, Deformation, DisplacementField, KernelLDDMM, NeuralODEFlow, PointDisplacement,
                      ResNetFlow, Rigid, Similarity,
                      StationaryVelocityField, load_deformation)
@@ -23,3 +23,13 @@ __all__ = ["register", "Result", "read", "write", "load_deformation", "PointClou
            "ShapeflowError", "ShapeflowWarning", "InverseError", "learn", "viz",
            "register_many", "BatchSummary", "build_atlas", "Atlas"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`shapeflow.learn` is imported on first use: it is 80 ms of `import shapeflow` (half of it
+    after torch), which every first call would pay. `register(..., loss="learned")` imports it."""
+    if name == "learn":
+        import importlib
+
+        return importlib.import_module(".learn", __name__)
+    raise AttributeError(f"module 'shapeflow' has no attribute {name!r}")

@@ -46,6 +46,8 @@ def register(source: Any, target: Any, model: str | None = None, loss: str | Non
     if isinstance(source, Image) or isinstance(target, Image):
         if not (isinstance(source, Image) and isinstance(target, Image)):
             raise ShapeflowError("register(): source and target must both be images, or both shapes")
+        if loss == "learned":   # its feature files name networks that shapeflow.learn registers
+            from . import learn  # noqa: F401
         with torch_threads(auto_threads(target.data[0].numel(), threads)):
             return register_images(source, target, model or "svf", loss or "ssd", **options)
     array_in = not isinstance(source, PointCloud)

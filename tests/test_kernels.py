@@ -185,3 +185,9 @@ def test_a_small_registration_imports_no_scipy_spatial():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_fast_logsumexp_with_finite_rows_is_the_same_on_finite_rows():
+    from shapeflow.kernels import fast_logsumexp
+    z = -torch.rand(7, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 3000
+    torch.testing.assert_close(fast_logsumexp(z, 1, finite_rows=True), torch.logsumexp(z, 1), rtol=1e-13, atol=1e-13)

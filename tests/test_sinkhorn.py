@@ -38,7 +38,8 @@ def test_a_cold_call_is_geomlosss_algorithm(blur, reach, sizes, monkeypatch):
     reduction (`sk._annealed`), larger equal ones four again: all are geomloss's loop."""
     x, y = _clouds(n=sizes[0], m=sizes[1])
     softmin, batched = sk._softmin, []
-    monkeypatch.setattr(sk, "_softmin", lambda eps, cost, h: batched.append(cost.dim() == 3) or softmin(eps, cost, h))
+    monkeypatch.setattr(sk, "_softmin", lambda eps, cost, h, *scale: batched.append(cost.dim() == 3)
+                        or softmin(eps, cost, h, *scale))
     value, grad = _ours(x, y, blur, reach)
     assert any(batched) == (sizes == (70, 70))
     ref_value, ref_grad = _geomloss(x, y, blur, reach, 0.5)

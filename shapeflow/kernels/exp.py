@@ -40,9 +40,15 @@ def fast_exp(z: Tensor) -> Tensor:
     return F.threshold(z.clamp_min(floor).exp(), 5 * torch.finfo(z.dtype).tiny, 0.0)
 
 
-def fast_logsumexp(z: Tensor, dim: int) -> Tensor:
-    """`torch.logsumexp(z, dim)`; `z: (..., n, ...)` -> the shape without `dim`."""
+def fast_logsumexp(z: Tensor, dim: int, *, finite_rows: bool = False) -> Tensor:
+    """`torch.logsumexp(z, dim)`; `z: (..., n, ...)` -> the shape without `dim`.
+
+    finite_rows: the caller guarantees every row has a finite entry (Sinkhorn's softmin), which
+    skips the three small operations that turn rows of -inf into -inf rather than NaN."""
     top = z.detach().amax(dim, keepdim=True)
+    if finite_rows:
+        total = (z - top).clamp_min_(exp_floor(z.dtype)).exp_().sum(dim)
+        return total.log_() + top.squeeze(dim)
     empty = top == -math.inf                                            # rows of -inf: -inf, not NaN
     top = top.masked_fill(empty, 0.0)
     total = (z - top).clamp_min_(exp_floor(z.dtype)).exp_().sum(dim)

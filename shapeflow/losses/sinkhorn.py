@@ -84,9 +84,11 @@ def _cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T) / 2
 
 
-def _softmin(eps: float, cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """`-eps log sum_j exp(h_j - C_ij / eps)`: `cost: (..., N, M)`, `h: (..., M)` -> `(..., N)`."""
-    return -eps * fast_logsumexp(torch.add(h[..., None, :], cost, alpha=-1 / eps), dim=-1)
+def _softmin(eps: float, cost: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`-scale eps log sum_j exp(h_j - C_ij / eps)`: `cost: (..., N, M)`, `h: (..., M)` -> `(..., N)`
+    (`scale`: a damping folded into the same multiplication)."""
+    return (-eps * scale) * fast_logsumexp(torch.add(h[..., None, :], cost, alpha=-1 / eps), dim=-1,
+                                           finite_rows=True)
 
 
 def _damping(eps: float, rho: float | None) -> float:
@@ -107,10 +109,10 @@ def _annealed(schedule: list[float], rho: float | None, costs: list[torch.Tensor
     if all(c.shape == costs[0].shape for c in costs) and costs[0].numel() <= STACK_ENTRIES:
         cost, log_w = torch.stack(costs), torch.stack(log_weights)                      # (4, N, N), (4, N)
         e = schedule[0]
-        potentials = _damping(e, rho) * _softmin(e, cost, log_w)                        # (4, N)
+        potentials = _softmin(e, cost, log_w, _damping(e, rho))                         # (4, N)
         for e in schedule:
-            update = _damping(e, rho) * _softmin(e, cost, log_w + potentials[feeds] / e)
-            potentials = 0.5 * (potentials + update)
+            update = _softmin(e, cost, torch.add(log_w, potentials[feeds], alpha=1 / e), _damping(e, rho))
+            potentials = torch.lerp(potentials, update, 0.5)
         return list(potentials.unbind())
     e = schedule[0]
     potentials = [_damping(e, rho) * _softmin(e, c, w) for c, w in zip(costs, log_weights)]

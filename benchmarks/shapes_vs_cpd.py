@@ -98,14 +98,16 @@ NOTES = """\
   softmin and of far kernel pairs; `shapeflow.kernels.fast_exp` / `fast_logsumexp` clamp first
   (1k 2.26 -> 1.14 s, 4k 3.71 -> 2.58 s in one back-to-back check). The Sinkhorn cold loop's four
   softmins are one reduction on small equal clouds, an early stop that stops (patience 20: the
-  fish's refine stage gives up after 20 steps without a better total) and a dense argmin for small
-  nearest-neighbour queries.
+  fish's refine stage gives up after 20 steps without a better total), a dense argmin for small
+  nearest-neighbour queries, and the refine stage at half the coarse stage's step instead of a
+  third (a third fell into a wrong basin on 1 of 42 surface pairs; `losses/points.py`).
 * The fish is where we look worst: 91 points in ~0.3 s against pycpd's 10 ms. The time is ~80 Adam
   steps of a 10-block flow (each a forward and backward through torch's per-op overhead, 3-4 ms);
   parity would need a different fitter for tiny problems.
-* 1k is where we are least accurate: 0.21-0.26 % of the diagonal against pycpd's 0.05 %. This is
+* 1k is where we are least accurate: 0.16-0.21 % of the diagonal against pycpd's 0.05 %. This is
   a floor of our losses and flow, not of the step count: Sinkhorn throughout (`refine=None`) gave
-  0.19 %, with 300 steps per stage 0.16 %, `model="lddmm"` 0.50 %. CPD's Gaussian-kernel
+  0.19 %, with 300 steps per stage 0.16 %, `model="lddmm"` 0.50 % (measured before the refine
+  step changed from a third to half). CPD's Gaussian-kernel
   likelihood with every point of the same surface recovers this smooth deformation closely.
 * The notes below are from the 2026-11-25 run (before Sinkhorn's default reach 0.15):
 * Defaults since the sweep (2026-11-25): `loss="sinkhorn"` fits Sinkhorn on a 256-point subsample

@@ -137,18 +137,17 @@ def targets(rows: list[dict]) -> list[str]:
 #: what the table does not say by itself (from the 2026-12-03 run; update with a rerun)
 READING = [
     "* `first call s`: the first `register` of each child process, a 100-point pair, after the "
-    "imports: the per-process cost beyond them (0.31-0.34 s). A whole `shapeflow register` "
-    "process on the 91-point fish takes about 1.9 s, of which importing torch is about 0.9 s.",
-    "* N = 3000: 3.14 % is a wrong basin, not noise of the timer. On the same pair, seeds 1 and 2 give "
-    "0.12-0.13 %, and the code as of the start of 2026-12-03 gave 0.19 % (float32) and 1.84 % "
-    "(float64): the pair sits on a knife edge that this session's rounding changes (fast_exp) tipped. "
-    "The coarse stage (Sinkhorn on 256 farthest points, 3x blur) ends at 2.6-4.8 % on it and the "
-    "Chamfer refine either recovers (0.1 %) or locks a misassigned fold (min det J 0.03). Over 18 "
-    "pairs (1.5k, 3k, 6k points; 2 point samples x 3 deformations) the default failed on 1; a "
-    "384-point coarse stage failed on none at +32 % time; a 2x coarse blur fixed it too but broke the "
-    "30 %-cropped airplane of tests/test_robust_shapes.py (RMSE 216 against 20). Defaults unchanged.",
-    "* RMSE from 10k to 1M (0.36-0.63 %) is above the 2026-12-02 table's (0.30-0.45 %): that change "
-    "predates this run's code changes (the start-of-day code gave 0.54 % at 30k, this run 0.48 %).",
+    "imports: the per-process cost beyond them (about 0.3 s). A whole `shapeflow register` "
+    "process on the 91-point fish takes about 2.0 s, of which importing torch is 0.9-1.3 s.",
+    "* N = 3000: the run before this one (same day, the refine stage at a third of the coarse "
+    "stage's step) gave 3.14 % here, a wrong basin (min det J 0.03): the coarse stage ends at "
+    "2.6-4.8 % on this pair and the Chamfer refine either recovers or locks a misassigned fold. "
+    "Over 42 fsaverage pairs (1k-8k points, 4 point samples, 6 deformations) a third failed once, "
+    "half, 0.75 and 1 never, at the same median RMSE, so the refine step is now half "
+    "(`shapeflow/losses/points.py`); this run's 0.138 % is with it.",
+    "* RMSE from 10k to 1M (0.29-0.61 %) is above the 2026-12-02 table's (0.30-0.45 %) from 30k on: "
+    "that change predates the 2026-12-03 code changes (the start-of-day code gave 0.54 % at 30k, "
+    "this run 0.47 %).",
 ]
 
 

@@ -195,7 +195,8 @@ def _write_off(shape: PointCloud, points: np.ndarray, path: Path) -> None:
 def _read_stl(path: Path) -> dict:
     import trimesh
 
-    loaded = trimesh.load(str(path), process=True, force="mesh")     # triangle soup: merge the corners
+    # triangle soup: corners that agree to 8 decimals (trimesh's merge tolerance) become one vertex
+    loaded = trimesh.load(str(path), process=True, force="mesh")
     with open(path, "rb") as handle:                                  # binary STL stores float32
         head = handle.read(84)
     binary = len(head) == 84 and path.stat().st_size == 84 + 50 * int(np.frombuffer(head[80:], "<u4")[0])

@@ -8,5 +8,5 @@ from .exp import fast_exp, fast_logsumexp
 from .gaussian import gaussian_kernel_product
 from .neighbors import PointIndex, nearest_distances, nearest_neighbors
 
-__all__ = ["gaussian_kernel_product", "nearest_neighbors", "nearest_distances", "PointIndex", "resolve_backend", "sinkhorn_backend",
-           "BACKENDS", "SINKHORN_BACKENDS", "KEOPS_MIN_PAIRS", "fast_exp", "fast_logsumexp"]
+__all__ = ["gaussian_kernel_product", "nearest_neighbors", "nearest_distances", "PointIndex", "resolve_backend",
+           "sinkhorn_backend", "BACKENDS", "SINKHORN_BACKENDS", "KEOPS_MIN_PAIRS", "fast_exp", "fast_logsumexp"]

@@ -46,10 +46,9 @@ def fast_logsumexp(z: Tensor, dim: int, *, finite_rows: bool = False) -> Tensor:
     finite_rows: the caller guarantees every row has a finite entry (Sinkhorn's softmin), which
     skips the three small operations that turn rows of -inf into -inf rather than NaN."""
     top = z.detach().amax(dim, keepdim=True)
-    if finite_rows:
-        total = (z - top).clamp_min_(exp_floor(z.dtype)).exp_().sum(dim)
-        return total.log_() + top.squeeze(dim)
-    empty = top == -math.inf                                            # rows of -inf: -inf, not NaN
-    top = top.masked_fill(empty, 0.0)
+    empty = None if finite_rows else top == -math.inf                   # rows of -inf: -inf, not NaN
+    if empty is not None:
+        top = top.masked_fill(empty, 0.0)
     total = (z - top).clamp_min_(exp_floor(z.dtype)).exp_().sum(dim)
-    return (total.log_() + top.squeeze(dim)).masked_fill(empty.squeeze(dim), -math.inf)
+    out = total.log_() + top.squeeze(dim)
+    return out if empty is None else out.masked_fill(empty.squeeze(dim), -math.inf)

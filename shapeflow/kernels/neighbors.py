@@ -38,14 +38,7 @@ def nearest_neighbors(queries: Tensor, points: Tensor, backend: str = "auto") ->
                              "must both be (N, d) with the same d")
     if engine == "keops":
         return _keops_argmin(queries.detach(), points.detach())
-    if queries.shape[0] * points.shape[0] <= DENSE_PAIRS:
-        # differences, not the |q|^2 - 2 q.p + |p|^2 expansion: exact as the KD-tree's distances
-        distances = torch.cdist(queries.detach().double(), points.detach().double(),
-                                compute_mode="donot_use_mm_for_euclid_dist")
-        return distances.argmin(1)
-    tree = _kdtree()(points.detach().cpu().double().numpy())
-    _, index = tree.query(queries.detach().cpu().double().numpy(), k=1, workers=_workers(len(queries)))
-    return torch.as_tensor(np.asarray(index, dtype=np.int64), device=queries.device)
+    return _nearest(queries.detach(), points.detach())[1].to(queries.device)
 
 
 def nearest_distances(queries: Tensor, points: Tensor) -> Tensor:
@@ -55,11 +48,21 @@ def nearest_distances(queries: Tensor, points: Tensor) -> Tensor:
     if queries.ndim != 2 or points.ndim != 2 or queries.shape[1] != points.shape[1]:
         raise ShapeflowError(f"nearest_distances(): queries {tuple(queries.shape)} and points "
                              f"{tuple(points.shape)} must both be (N, d) with the same d")
-    q, p = queries.detach().cpu().double(), points.detach().cpu().double()
-    if len(q) * len(p) <= DENSE_PAIRS:
-        return torch.cdist(q, p, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
-    distances, _ = _kdtree()(p.numpy()).query(q.numpy(), k=1, workers=_workers(len(q)))
-    return torch.as_tensor(np.asarray(distances, dtype=np.float64))
+    return _nearest(queries.detach(), points.detach())[0].cpu()
+
+
+def _nearest(queries: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    """Distances `(N,)` float64 and indices `(N,)` int64 of the nearest of `points: (M, d)` to each of
+    `queries: (N, d)`: a dense float64 argmin on their device up to `DENSE_PAIRS` pairs (differences,
+    not the |q|^2 - 2 q.p + |p|^2 expansion: exact as the KD-tree's distances), else the KD-tree on
+    the CPU (results on the CPU)."""
+    if queries.shape[0] * points.shape[0] <= DENSE_PAIRS:
+        distances = torch.cdist(queries.double(), points.double(), compute_mode="donot_use_mm_for_euclid_dist")
+        return distances.min(1)
+    distances, index = _kdtree()(points.cpu().double().numpy()).query(queries.cpu().double().numpy(), k=1,
+                                                                      workers=_workers(len(queries)))
+    return (torch.as_tensor(np.asarray(distances, dtype=np.float64)),
+            torch.as_tensor(np.asarray(index, dtype=np.int64)))
 
 
 def _workers(queries: int) -> int:

@@ -115,11 +115,11 @@ def _annealed(schedule: list[float], rho: float | None, costs: list[torch.Tensor
             potentials = torch.lerp(potentials, update, 0.5)
         return list(potentials.unbind())
     e = schedule[0]
-    potentials = [_damping(e, rho) * _softmin(e, c, w) for c, w in zip(costs, log_weights)]
+    potentials = [_softmin(e, c, w, _damping(e, rho)) for c, w in zip(costs, log_weights)]
     for e in schedule:
-        damping = _damping(e, rho)
-        updates = [damping * _softmin(e, c, w + potentials[k] / e) for c, w, k in zip(costs, log_weights, feeds)]
-        potentials = [0.5 * (p + u) for p, u in zip(potentials, updates)]
+        updates = [_softmin(e, c, torch.add(w, potentials[k], alpha=1 / e), _damping(e, rho))
+                   for c, w, k in zip(costs, log_weights, feeds)]
+        potentials = [torch.lerp(p, u, 0.5) for p, u in zip(potentials, updates)]
     return potentials
 
 
@@ -161,7 +161,8 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float, reach: fl
             mins = torch.minimum(xd.min(0).values, yd.min(0).values)
             maxs = torch.maximum(xd.max(0).values, yd.max(0).values)
             schedule = epsilon_schedule(float((maxs - mins).norm()), blur, scaling)
-            f_ba, g_ab, f_aa, g_bb = _annealed(schedule, rho, [c_xy, c_yx, c_xx, c_yy], [log_b, log_a, log_a, log_b])
+            f_ba, g_ab, f_aa, g_bb = _annealed(schedule, rho, [c_xy, c_yx, c_xx, c_yy],
+                                               [log_b, log_a, log_a, log_b])
             sweeps = len(schedule)
             if state is not None:       # the target's self-potential never changes: converge it once
                 damping = _damping(eps, rho)

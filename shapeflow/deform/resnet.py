@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,10 +19,55 @@ from ..errors import InverseError, ShapeflowError
 from ..regularizers import kinetic_energy
 from .base import KineticFlow, register_deformation
 
-__all__ = ["ResNetFlow", "ACTIVATIONS"]
+__all__ = ["ResNetFlow", "ACTIVATIONS", "OutputLinearization"]
 
 ACTIVATIONS = {"relu": nn.functional.relu, "tanh": torch.tanh, "softplus": nn.functional.softplus,
                "silu": nn.functional.silu}
+
+
+def _silu_slope(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+#: the derivative of each activation at its argument z
+SLOPES = {"relu": lambda z: (z > 0).to(z.dtype), "tanh": lambda z: 1 - torch.tanh(z).square(),
+          "softplus": torch.sigmoid, "silu": _silu_slope}
+
+
+@dataclass
+class OutputLinearization:
+    """A flow of `points: (N, d)` to first order in its output weights `W3: (L, d, m)` (the last
+    layer of every block), at the current parameters: `J = d vec(phi(points)) / d vec(W3)`.
+
+    Block l moves x by `dt W3_l h_l(x_l)`, so a change `dW3_l` moves the end point by
+    `S_l dt dW3_l h_l` with `S_l = d x_L / d x_{l+1}`: `sensitivities` holds `dt S_l: (L, N, d, d)`,
+    `features` holds `h_l(x_l): (L, N, m)`, `moved` is `phi(points): (N, d)`.
+    """
+
+    moved: torch.Tensor
+    sensitivities: torch.Tensor
+    features: torch.Tensor
+
+    def kernel(self) -> torch.Tensor:
+        """`J J^T: (N d, N d)`, rows in the order of `moved.reshape(-1)`:
+        `sum_l (dt S_l,i dt S_l,j^T) (h_l,i . h_l,j)` for points i, j."""
+        n, d = self.moved.shape
+        blocks = len(self.features)
+        s = self.sensitivities.reshape(blocks, n * d, d)
+        rows = torch.bmm(s, s.transpose(1, 2)).view(blocks, n, d, n, d)
+        points = torch.bmm(self.features, self.features.transpose(1, 2))          # (L, N, N)
+        return (rows * points[:, :, None, :, None]).sum(0).reshape(n * d, n * d)
+
+    def pullback(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`J^T vec(vectors)` for `vectors: (N, d)`, in the shape of W3 `(L, d, m)`."""
+        pulled = torch.einsum("lnba,nb->lan", self.sensitivities, vectors)          # (L, d, N)
+        return torch.bmm(pulled, self.features)
+
+    def push(self, change: torch.Tensor) -> torch.Tensor:
+        """`J vec(change)` for a change of W3 `(L, d, m)`: how the end points move, `(N, d)`."""
+        velocities = torch.bmm(self.features, change.transpose(1, 2))              # (L, N, d)
+        return torch.einsum("lnba,lna->nb", self.sensitivities, velocities)
 
 
 def _velocity(act, points: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
@@ -41,6 +86,9 @@ class ResNetFlow(KineticFlow):
     Parameters: `W1: (L, m, d)`, `b1: (L, m)`, `W2: (L, m, m)`, `b2: (L, m)`, `W3: (L, d, m)`.
     `W3` starts at zero, so a new flow is the identity.
     """
+
+    #: fitted by Gauss-Newton in W3 on corresponding points, by Adam otherwise (`pipelines/shape_flow_gn.py`)
+    fitted_by: ClassVar[str] = "output-gauss-newton"
 
     def __init__(self, dim: int = 3, blocks: int = 10, width: int = 64, activation: str = "relu",
                  frequency: float = 1.0, seed: int | None = None):
@@ -104,6 +152,30 @@ class ResNetFlow(KineticFlow):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return self.states(points)[0][-1]
+
+    def linearize(self, points: torch.Tensor) -> OutputLinearization:
+        """The flow of `points: (N, d)` (a tensor) to first order in `W3`, without autograd:
+        see `OutputLinearization`. One forward pass, then the sensitivities backwards,
+        `S_{l-1} = S_l (I + dt Dv_l(x_l))` with `Dv = W3 diag(act'(z2)) W2 diag(act'(z1)) W1`."""
+        act, slope = ACTIVATIONS[self.activation], SLOPES[self.activation]
+        n, d = points.shape
+        with torch.no_grad():
+            x, features, slopes = points, [], []
+            for w1, b1, w2, b2, w3 in zip(self.W1, self.b1, self.W2, self.b2, self.W3):
+                z1 = torch.addmm(b1, x, w1.T)                                   # (N, m)
+                z2 = torch.addmm(b2, act(z1), w2.T)                             # (N, m)
+                h = act(z2)
+                features.append(h)
+                slopes.append((slope(z1), slope(z2)))
+                x = torch.addmm(x, h, w3.T, alpha=self.dt)
+            sensitivity = torch.eye(d, dtype=points.dtype, device=points.device).expand(n, d, d)   # S_L = I
+            scaled = [None] * self.blocks
+            for block in reversed(range(self.blocks)):
+                scaled[block] = self.dt * sensitivity                          # dt S_l, (N, d, d)
+                s1, s2 = slopes[block]
+                back = ((scaled[block] @ self.W3[block]) * s2[:, None, :]) @ self.W2[block]   # (N, d, m)
+                sensitivity = sensitivity + (back * s1[:, None, :]) @ self.W1[block]
+        return OutputLinearization(x, torch.stack(scaled), torch.stack(features))
 
     def forward_with_energy(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`phi(points)` and the kinetic energy along the way, in one pass."""

@@ -6,7 +6,9 @@ fitter it names (`Deformation.fitted_by`, `FITTERS`): "adam" runs Adam through t
 plans (`PointLoss.stages`: e.g. Sinkhorn on a coarse subsample, then Chamfer on more points);
 "procrustes" fits the linear models through the same stages by closed-form steps on point pairs
 (`shape_linear.py`: ICP, or soft correspondences for Sinkhorn); "gauss-newton" runs non-rigid ICP
-on the shared solver core (`shape_icp.py`, for `model="displacement"`). Landmarks, when given, join either fit.
+on the shared solver core (`shape_icp.py`, for `model="displacement"`); "output-gauss-newton" fits a
+flow's output weights to corresponding points by Gauss-Newton (`shape_flow_gn.py`, `model="resnet"`
+with `loss="l2"`; Adam for the other losses). Landmarks, when given, join either fit.
 `StartGuard` chooses the start (centroids aligned, or the shapes as given) and keeps the start when
 the fit ends worse by its own data term; `_check_fit` warns (`ShapeflowWarning`) of a poor fit. The
 fitted map is applied to every source point. A model or a loss is chosen by name from `MODELS` /
@@ -36,6 +38,7 @@ from ..sampling import farthest_point_sample
 from ..shapes import Landmarks, Mesh, PointCloud
 from ..io.landmarks import landmark_pair
 from ..solvers import fit
+from .shape_flow_gn import fit_output_gauss_newton
 from .shape_icp import PairTerm, fit_point_displacement
 from .shape_linear import check_linear, fit_linear
 
@@ -339,6 +342,9 @@ class Fitter:
 #: the fitters by `Deformation.fitted_by`
 FITTERS: Registry[Fitter] = Registry("fitter", {"adam": Fitter(_fit_adam, _check_adam),
                                                 "gauss-newton": Fitter(_fit_gauss_newton, _check_gauss_newton),
+                                                "output-gauss-newton": Fitter(
+                                                    functools.partial(fit_output_gauss_newton, fallback=_fit_adam),
+                                                    _check_adam),
                                                 "procrustes": Fitter(functools.partial(fit_linear, fallback=_fit_adam),
                                                                      check_linear)})
 

@@ -122,13 +122,16 @@ def minimize_least_squares(
     gtol: float = 1e-10,
     xtol: float = 1e-12,
     ftol: float = 1e-15,
+    fatol: float = 0.0,
     callback: Optional[Callable[[GaussNewtonStep], None]] = None,
 ) -> GaussNewtonResult:
     """Minimise a least-squares `problem` from `x0` by damped Gauss-Newton (see the module docstring).
 
     x0: any shape (not modified). damping: initial Levenberg-Marquardt mu (0: plain Gauss-Newton,
     never raised). infeasible_halvings: halvings allowed while the cost is infinite (a step the
-    problem refuses, e.g. one that folds a map), when more than `max_halvings` (default: the same). line_search: a name in `LINE_SEARCHES`. callback: called after every
+    problem refuses, e.g. one that folds a map), when more than `max_halvings` (default: the same).
+    line_search: a name in `LINE_SEARCHES`. fatol: also stop (converged) once F <= fatol, an
+    absolute floor for problems that can fit their data exactly. callback: called after every
     iteration with a `GaussNewtonStep`. Returns a `GaussNewtonResult`.
     """
     accept = LINE_SEARCHES.lookup(line_search, "minimize_least_squares()")
@@ -152,7 +155,7 @@ def minimize_least_squares(
                     callback(GaussNewtonStep(it, x, f, state, False, 0, mu, 0.0, True))
                 break
             g0_norm = g_norm if g0_norm is None else g0_norm
-            if g_norm <= gtol:
+            if g_norm <= gtol or f <= fatol:
                 result.converged = True
                 break
             accepted, inner, t = False, 0, 0.0

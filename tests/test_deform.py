@@ -211,3 +211,24 @@ def test_resnet_pass_matches_its_blocks_one_by_one(activation):
     torch.testing.assert_close(e0, e1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "softplus", "silu"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_output_linearization_matches_autodiff(activation, dim):
+    """`ResNetFlow.linearize`: the kernel J J^T, J^T s and J dW against the Jacobian in W3 from
+    torch.func.jacrev, at a flow that is far from the identity."""
+    from torch.func import functional_call, jacrev
+
+    flow = ResNetFlow(dim, blocks=4, width=16, activation=activation, seed=1).double()
+    with torch.no_grad():
+        flow.W3.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(15, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    params = {k: v.detach() for k, v in flow.named_parameters()}
+    J = jacrev(lambda w: functional_call(flow, {**params, "W3": w}, (x,)).reshape(-1))(params["W3"]).reshape(15 * dim, -1)
+    lin = flow.linearize(x)
+    s, change = torch.randn(15, dim, dtype=torch.float64), torch.randn_like(flow.W3)
+    torch.testing.assert_close(lin.moved, flow(x).detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lin.kernel(), J @ J.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lin.pullback(s).reshape(-1), J.T @ s.reshape(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lin.push(change).reshape(-1), J @ change.reshape(-1), rtol=1e-10, atol=1e-12)

@@ -180,3 +180,28 @@ def test_infeasible_steps_get_their_own_halvings():
     moved = minimize_least_squares(Fenced(), x0, maxiter=1, damping=0.0, line_search="decrease", max_halvings=2,
                                    infeasible_halvings=8)
     assert float(moved.x) == 1 / 32
+
+
+def test_fatol_stops_once_the_cost_is_below_it():
+    """A zero-residual problem: without fatol the loop runs on while the relative decrease is large;
+    with it, it stops (converged) at the first iterate whose cost is below the floor."""
+    def residual(x):
+        return torch.stack([x[0] ** 3 - 1.0, x[1] - 2.0])
+
+    free = gauss_newton(residual, torch.tensor([3.0, 0.0], dtype=D), ftol=0.0, gtol=0.0, xtol=0.0)
+    floor = 1e-6
+
+    class Problem:
+        def cost(self, x):
+            r = residual(x)
+            return 0.5 * float(r.square().sum()), r
+
+        def linearize(self, x, r):
+            J = torch.func.jacfwd(residual)(x)
+            return Linearization(J.T @ r, lambda mu: (torch.linalg.solve(J.T @ J + mu * torch.eye(2, dtype=D), -J.T @ r), 0))
+
+    stopped = minimize_least_squares(Problem(), torch.tensor([3.0, 0.0], dtype=D), fatol=floor, ftol=0.0, gtol=0.0,
+                                     xtol=0.0)
+    assert stopped.converged and stopped.cost <= floor
+    assert stopped.history[-2] > floor             # the iterate before was above the floor
+    assert stopped.iterations < free.iterations

@@ -57,7 +57,10 @@ class OutputLinearization:
         s = self.sensitivities.reshape(blocks, n * d, d)
         rows = torch.bmm(s, s.transpose(1, 2)).view(blocks, n, d, n, d)
         points = torch.bmm(self.features, self.features.transpose(1, 2))          # (L, N, N)
-        return (rows * points[:, :, None, :, None]).sum(0).reshape(n * d, n * d)
+        kernel = rows[0] * points[0, :, None, :, None]
+        for block in range(1, blocks):      # accumulated in place: no (L, N, d, N, d) temporary
+            kernel.addcmul_(rows[block], points[block, :, None, :, None])
+        return kernel.reshape(n * d, n * d)
 
     def pullback(self, vectors: torch.Tensor) -> torch.Tensor:
         """`J^T vec(vectors)` for `vectors: (N, d)`, in the shape of W3 `(L, d, m)`."""

@@ -6,9 +6,9 @@ flow's fit is a nonlinear least-squares problem,
     F(W3) = 1/2 sum_i |phi(x_i) - y_i|^2 / n  +  1/2 w sum_k |phi(s_k) - t_k|^2 / K,
 
 half the Adam objective's data and landmark terms. Gauss-Newton solves it in a handful of
-iterations where Adam needs hundreds: on the fish (91 points) 5 iterations reach an RMSE of about
-0.03 % of the diagonal in about 20 ms, where 60 Adam steps stopped at 0.27 % in 0.12 s
-(`benchmarks/flow_gauss_newton.py`).
+iterations where Adam needs hundreds: on the fish (91 points) 7 iterations reach an RMSE of
+0.0001 % of the diagonal in 34 ms, where 60 Adam steps stopped at 0.27 % in 0.105 s
+(`benchmarks/results/flow_gauss_newton.md`).
 
 * The unknowns are the output weights `W3: (L, d, m)` of every block (`ResNetFlow.linearize`);
   the other weights keep their seeded random start, as random features. The map stays a flow of
@@ -23,8 +23,8 @@ iterations where Adam needs hundreds: on the fish (91 points) 5 iterations reach
   to Adam, send the fit to Adam, as does every loss without correspondences (`fallback`).
 * At most `GN_ROWS / d` farthest source points (with their partners) and the landmarks enter the
   fit; the fitted map then moves every point. The kernel is dense, so this bounds an iteration's
-  cost (about 5 ms at 256 points in 3D), and a smooth flow is fixed by a few hundred points: at
-  1k points the fit on 256 of them ends at 0.06 % RMSE on all of them.
+  cost (about 30 ms at 256 points in 3D, with its damping tries), and a smooth flow is fixed by a
+  few hundred points: at 1k points the fit on 256 of them ends at 0.057 % RMSE on all of them.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ class ShapeOptions(CommonOptions):
     """Keyword options of `register` for shapes (the model and the loss add their own:
     `ResNetFlow.Options`, `SinkhornLoss.Options`, ...); an unknown name is an error listing these."""
 
-    iterations: int | None = None       # Adam / closed-form (linear models) steps per stage (default 60); Gauss-Newton steps per stiffness stage (10)
+    iterations: int | None = None       # Adam / closed-form (linear models) steps per stage (default 60); Gauss-Newton steps per stiffness stage (10; 20 for resnet with loss l2)
     lr: float | None = None             # Adam step size (default: the model's `default_lr`)
     lbfgs_iterations: int | None = None  # L-BFGS evaluations after Adam (default: 60 linear models on varifold/currents, 0 flows)
     regularization: float | None = None  # weight of the model's energy (default: the model's `default_regularization`)

@@ -1,0 +1,128 @@
+"""Benchmark: shapeflow's default against pycpd when source and target are *different* samplings.
+
+`shapes_vs_cpd.py` deforms the source's own points, so target[i] is source[i] moved: a pair where
+exact matching is possible. Real pairs are two samplings of one surface. Here the source is a
+random subset of a shape's points, the target the known smooth deformation
+(`smooth_deformation`, amplitude 5 % of the RMS radius) of *another* random subset, and each tool
+is scored by the RMSE of its warped source against the deformation applied to the source's own
+points (as % of the target's bounding-box diagonal).
+
+Shapes: the fish stand-in (`linear_vs_cpd.fish`, 91 2D points; 70 on each side), and the
+fsaverage5 left pial surface (10,242 vertices, unit RMS radius; 200 and 1,000 on each side).
+Three seeds each (the subsets and the deformation). shapeflow: `register(src, tgt)` (defaults,
+one torch thread); pycpd: `DeformableRegistration(X=target, Y=source)` with its defaults, on the
+same normalised arrays.
+
+    python benchmarks/shapes_resampled.py [--quick]
+
+Writes benchmarks/results/shapes_resampled.json and .md (`--quick`: one seed, `.quick.*`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import shapeflow as sf
+from shapeflow.synthetic import smooth_deformation
+
+sys.path.insert(0, str(Path(__file__).parent))
+from linear_vs_cpd import fish  # noqa: E402
+from shapes_vs_cpd import fsaverage_mesh, machine_info  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+NAME = "shapes_resampled"
+AMPLITUDE = 0.05
+
+
+def normalised(points: np.ndarray) -> np.ndarray:
+    centred = points - points.mean(0)
+    return centred / np.sqrt((centred ** 2).sum(1).mean())
+
+
+def cases(seeds: list[int]) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    shapes = {"fish": (normalised(fish()), 70), "fsaverage 200": (normalised(fsaverage_mesh()[0]), 200),
+              "fsaverage 1000": (normalised(fsaverage_mesh()[0]), 1000)}
+    out = []
+    for name, (points, count) in shapes.items():
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            out.append((name, points[rng.choice(len(points), count, replace=False)],
+                        points[rng.choice(len(points), count, replace=False)], seed))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from pycpd import DeformableRegistration
+
+    rows = []
+    for name, source, target_points, seed in cases([0] if args.quick else [0, 1, 2]):
+        deform = lambda p, seed=seed: smooth_deformation(torch.from_numpy(p), amplitude=AMPLITUDE, seed=seed).numpy()
+        target, truth = deform(target_points), deform(source)
+        diagonal = float(np.linalg.norm(target.max(0) - target.min(0)))
+        rmse = lambda warped: 100 * float(np.sqrt(((np.asarray(warped) - truth) ** 2).sum(1).mean())) / diagonal
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sf.ShapeflowWarning)
+            ours = sf.register(source, target, progress=False, seed=0)
+            ours_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            chamfer = sf.register(source, target, progress=False, seed=0, loss="chamfer")
+            chamfer_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs, _ = DeformableRegistration(X=target, Y=source).register()
+        theirs_seconds = time.perf_counter() - start
+        row = {"shape": name, "seed": seed, "before": rmse(source), "shapeflow": rmse(ours.warped),
+               "shapeflow_seconds": ours_seconds, "refit": ours.metrics["refit"] is not None,
+               "chamfer": rmse(chamfer.warped), "chamfer_seconds": chamfer_seconds, "pycpd": rmse(theirs), "pycpd_seconds": theirs_seconds}
+        rows.append(row)
+        print(f"{name:15s} seed {seed}: before {row['before']:.2f} %, shapeflow {row['shapeflow']:.2f} % "
+              f"({ours_seconds:.2f} s), chamfer {row['chamfer']:.2f} % ({chamfer_seconds:.2f} s), pycpd {row['pycpd']:.2f} % ({theirs_seconds:.3f} s)", flush=True)
+    stem = NAME + (".quick" if args.quick else "")
+    out = {"machine": machine_info(1), "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    lines = ["# Different samplings of one shape: shapeflow's default against pycpd", "",
+             f"Machine: {out['machine']}", "",
+             "RMSE of the warped source against the known deformation of its own points, % of the target's "
+             "bounding-box diagonal; one run each.", "",
+             "| shape | seed | before | shapeflow default | s | refitted | shapeflow chamfer | s | pycpd | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['seed']} | {r['before']:.2f} | {r['shapeflow']:.2f} | {r['shapeflow_seconds']:.2f} | "
+              f"{'yes' if r['refit'] else 'no'} | {r['chamfer']:.2f} | {r['chamfer_seconds']:.2f} | "
+              f"{r['pycpd']:.2f} | {r['pycpd_seconds']:.3f} |" for r in rows]
+    lines += ["", "## Medians", ""]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        group = [r for r in rows if r["shape"] == name]
+        med = {k: statistics.median(r[k] for r in group) for k in ("shapeflow", "pycpd", "shapeflow_seconds",
+                                                                     "pycpd_seconds", "chamfer", "chamfer_seconds")}
+        better = "shapeflow" if med["shapeflow"] < med["pycpd"] else "pycpd"
+        lines.append(f"* {name}: shapeflow's default {med['shapeflow']:.2f} % in {med['shapeflow_seconds']:.2f} s, "
+                     f"`loss=\"chamfer\"` {med['chamfer']:.2f} % in {med['chamfer_seconds']:.2f} s, pycpd "
+                     f"{med['pycpd']:.2f} % in {med['pycpd_seconds']:.3f} s: against the default **{better} is more "
+                     f"accurate**; pycpd takes {med['pycpd_seconds'] / med['shapeflow_seconds']:.2f}x the default's time")
+    lines += ["", "## Reading", "",
+              "* This is where we look worst against pycpd: on small pairs sampled differently it is more "
+              "accurate and far faster than our default. `shapes_vs_cpd.md` (the same points on both sides) "
+              "shows the opposite ranking on accuracy, which is why both are reported.",
+              "* On the 1,000-vertex cortex pairs the default (Sinkhorn, then the Chamfer refine) folds space, is "
+              "refitted (`metrics['refit']`, the `refitted` column) and still ends far from the truth, while "
+              "`loss=\"chamfer\"` alone ends below pycpd's error in a fifth of the time. The default's coarse "
+              "Sinkhorn stage on two different sparse samplings of a folded surface is the suspect (measured "
+              "2026-12-03: `refine=None` 2.7-4.2 %, `regularization=1e-2` 1.7-1.9 %); not yet changed.", ""]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -28,6 +30,22 @@ def test_jacobian_determinant_of_a_nonlinear_map_matches_the_closed_form():
 def test_folding_map_has_negative_minimum_determinant():
     phi = lambda p: torch.stack([p[:, 0] - 2 * p[:, 0] ** 3, p[:, 1]], 1)  # det = 1 - 6 x^2 < 0 for |x| > 0.41
     assert metrics.min_jacobian_determinant(phi, torch.rand(50, 2) * 2 - 1) < 0
+
+
+def test_a_fold_between_the_points_is_seen_by_the_grid_only():
+    """phi(x, y) = (x - 0.1 tanh(x / 0.05), y): det = 1 - 2 sech^2(x / 0.05), -1 at x = 0 and
+    1 - 2 sech^2(6) at x = +-0.3. Points on the lines x = +-0.3 do not fold; the grid over their
+    bounding box has nodes near x = 0, between them, where the map folds."""
+    phi = lambda p: torch.stack([p[:, 0] - 0.1 * torch.tanh(p[:, 0] / 0.05), p[:, 1]], 1)
+    y = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    line = torch.stack([torch.full_like(y, 0.3), y], 1)
+    points = torch.cat([line, line * torch.tensor([-1.0, 1.0], dtype=torch.float64)])
+    at_points = 1 - 2 / math.cosh(6.0) ** 2
+    assert metrics.min_jacobian_determinant(phi, points, per_axis=0) == pytest.approx(at_points)
+    nodes = torch.linspace(-0.33, 0.33, 12, dtype=torch.float64)      # the grid's x (box grown by 5 %)
+    nearest = float(nodes.abs().min())
+    assert metrics.min_jacobian_determinant(phi, points) == pytest.approx(1 - 2 / math.cosh(nearest / 0.05) ** 2)
+    assert metrics.min_jacobian_determinant(phi, points) < 0
 
 
 def test_flipped_triangles(ant):

@@ -227,3 +227,18 @@ def test_a_per_point_field_reports_no_ambient_jacobian(damaged):
         warnings.simplefilter("error", ShapeflowWarning)
         result = sf.register(source, targets["clean"], model="displacement", progress=False)
     assert result.metrics["min_jacobian_det"] is None
+
+
+def test_a_fold_between_sparse_samples_is_not_refitted(pial):
+    """1,000 vertices of the cortex onto a known smooth deformation of 1,000 *other* vertices: the
+    first fit folds only in the empty space between the samples (measured: min det J -0.03 on the
+    bounding-box grid, > 0 at every source point), which crushes nothing, so there is no refit with
+    the small reach (it used to refit here: RMSE 0.161, against 0.115 kept; the start is 0.266)."""
+    points = (pial - pial.mean(0)) / np.sqrt(((pial - pial.mean(0)) ** 2).sum(1).mean())
+    source, other = points[:1000], points[1000:]
+    deform = lambda p: smooth_deformation(torch.from_numpy(p), amplitude=0.05, seed=0).numpy()
+    truth = deform(source)
+    result = _register(source, deform(other))
+    assert result.metrics["refit"] is None
+    assert sf.metrics.min_jacobian_determinant(result.deformation, torch.from_numpy(source), per_axis=0) > 0
+    assert _rmse(result.warped, truth) < 0.5 * _rmse(source, truth)

@@ -76,13 +76,14 @@ MAX_JACOBIAN_POINTS = 20000
 
 
 def min_jacobian_determinant(phi, points: torch.Tensor, per_axis: int = 12) -> float:
-    """The smallest `det D phi` over a grid on the bounding box of `points` and the points
-    themselves (a seeded random `MAX_JACOBIAN_POINTS` of them when there are more)."""
+    """The smallest `det D phi` over a grid of `per_axis` nodes per axis on the bounding box of
+    `points: (N, d)` and the points themselves (a seeded random `MAX_JACOBIAN_POINTS` of them when
+    there are more); `per_axis=0`: the points only."""
     points = points.detach()
     if len(points) > MAX_JACOBIAN_POINTS:
         keep = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:MAX_JACOBIAN_POINTS]
         points = points[keep.to(points.device)]
-    grid = torch.cat([bounding_box_grid(points, per_axis), points])
+    grid = torch.cat([bounding_box_grid(points, per_axis), points]) if per_axis else points
     return float(jacobian_determinants(phi, grid).min())
 
 

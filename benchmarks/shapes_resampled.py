@@ -116,11 +116,20 @@ def main() -> None:
               "* This is where we look worst against pycpd: on small pairs sampled differently it is more "
               "accurate and far faster than our default. `shapes_vs_cpd.md` (the same points on both sides) "
               "shows the opposite ranking on accuracy, which is why both are reported.",
-              "* On the 1,000-vertex cortex pairs the default (Sinkhorn, then the Chamfer refine) folds space, is "
-              "refitted (`metrics['refit']`, the `refitted` column) and still ends far from the truth, while "
-              "`loss=\"chamfer\"` alone ends below pycpd's error in a fifth of the time. The default's coarse "
-              "Sinkhorn stage on two different sparse samplings of a folded surface is the suspect (measured "
-              "2026-12-03: `refine=None` 2.7-4.2 %, `regularization=1e-2` 1.7-1.9 %); not yet changed.", ""]
+              "* On the 1,000-vertex cortex pairs the default (Sinkhorn, then the Chamfer refine) used to end at "
+              "2.1-5.5 %: its first fit folds space in the empty bounding box between the sparse samples (min det J "
+              "-0.48 and -0.06 on the grid, > 0 at every source point), which triggered the refit with the reach / 3 "
+              "(0.05, far below the 256-point coarse subsample's spacing of ~0.23): 1.99 -> 5.49 % and 1.98 -> "
+              "3.40 %. Since 2026-12-03 only a fold at the source's own points triggers the refit "
+              "(`pipelines/shapes.py:_refit`; the cropped airplane folds at 4.6 % of its points and is still "
+              "refitted). The `refitted` column says where it still happens (the 200-point pair whose fit folds "
+              "at 1.5 % of its points: 5.43 -> 3.86 % by the refit).",
+              "* `loss=\"chamfer\"` alone is still better than the default on the 1,000-point pairs. Tried on "
+              "2026-12-03 and not kept, each mixed over these 9 pairs and the same-point pairs of "
+              "`shapes_vs_cpd.py`: a larger coarse blur (0.12-0.3, or 0.5-1.5x the coarse subsample's spacing: "
+              "1.4-1.9 % on the 1k pairs, but the fish to 2.8-7.4 %), Sinkhorn throughout (`refine=None`, blur "
+              "0.05 or 0.1: 1.8-3.7 % on 1k), and carrying Adam's moments (or a warm-up) into the refine stage "
+              "(more folds).", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
 
 

@@ -43,3 +43,49 @@ def test_presample_keeps_the_coverage_of_the_full_greedy(monkeypatch):
     random = rng.choice(len(x), 1000, replace=False)
     assert _coverage(x, fast) < 1.5 * _coverage(x, full) < _coverage(x, random), (
         _coverage(x, fast), _coverage(x, full), _coverage(x, random))
+
+
+def test_mean_neighbor_distances_match_a_brute_force_reference():
+    from shapeflow.kernels.neighbors import mean_neighbor_distances
+
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = torch.cdist(x, x).sort(1).values[:, 1:9].mean(1)      # column 0: the point itself
+    torch.testing.assert_close(mean_neighbor_distances(x, 8), reference)
+
+
+def _sphere_with_outliers(n: int = 2000, outliers: int = 100, seed: int = 0):
+    """`n` points on the unit sphere, then `outliers` uniform in the cube [-1.5, 1.5]^3 at least
+    0.3 from the sphere (so every one is far from the surface)."""
+    rng = np.random.default_rng(seed)
+    surface = rng.normal(size=(n, 3))
+    surface /= np.linalg.norm(surface, axis=1, keepdims=True)
+    box = rng.uniform(-1.5, 1.5, size=(20 * outliers, 3))
+    box = box[np.abs(np.linalg.norm(box, axis=1) - 1) > 0.3][:outliers]
+    return torch.from_numpy(np.concatenate([surface, box]))
+
+
+def test_isolated_points_are_the_far_outliers():
+    from shapeflow.sampling import isolated_points
+
+    points = _sphere_with_outliers()
+    flagged = isolated_points(points)
+    assert not flagged[:2000].any()                   # no point of a uniformly sampled sphere
+    assert flagged[2000:].float().mean() > 0.9        # nearly every outlier 0.3 or more off it
+    assert not isolated_points(points[:5]).any()      # too few points to tell
+
+
+def test_farthest_points_skip_the_isolated_ones(monkeypatch):
+    """The greedy picks the outliers first (5 % of the points, most of a 256-point subset);
+    with skip_isolated it picks only flagged-free points and still covers the sphere."""
+    from shapeflow.sampling import isolated_points
+
+    points = _sphere_with_outliers()
+    plain = farthest_point_sample(points, 256, seed=0)
+    assert (plain >= 2000).sum() > 80
+    robust = farthest_point_sample(points, 256, seed=0, skip_isolated=True)
+    assert len(robust.unique()) == 256 and not isolated_points(points)[robust].any()
+    gaps = torch.cdist(points[:2000], points[robust]).min(1).values
+    assert float(gaps.max()) < 0.35                   # every sphere point near a chosen one
+    # fewer than `count` not isolated: every point is a candidate again, as without skip_isolated
+    monkeypatch.setattr(sampling, "isolated_points", lambda p: torch.arange(len(p)) >= 10)
+    assert torch.equal(farthest_point_sample(points, 256, seed=0, skip_isolated=True), plain)

@@ -402,14 +402,15 @@ def _closest(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor, loss: An
 
 
 def _subsample(x: Tensor, y: Tensor, stage, seed: int) -> tuple[Tensor, Tensor]:
-    """The stage's farthest-point subsamples (every point, in order, for `points=None`), at most
-    `TRANSPORT_POINTS` for a dense transport plan."""
+    """The stage's farthest-point subsamples, isolated points skipped (every point, in order, for
+    `points=None`), at most `TRANSPORT_POINTS` for a dense transport plan."""
     count = stage.points
     if _pairing(stage.loss) == "transport":
         count = min(count or TRANSPORT_POINTS, TRANSPORT_POINTS)
     if count is None:
         return x, y
-    return x[farthest_point_sample(x, count, seed)], y[farthest_point_sample(y, count, seed)]
+    return (x[farthest_point_sample(x, count, seed, skip_isolated=True)],
+            y[farthest_point_sample(y, count, seed, skip_isolated=True)])
 
 
 def check_linear(model: str, model_cls, loss: str, loss_cls, given: set[str]) -> None:

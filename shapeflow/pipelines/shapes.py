@@ -233,10 +233,12 @@ def _refit(core: Deformation, problem: "ShapeFit", robust: tuple[Any, str], fold
 
 
 def _sample(points: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
-    """Indices of a farthest-point subsample of `count` points (every point, in order, for None)."""
+    """Indices of a farthest-point subsample of `count` points, isolated points (outliers) left to
+    the stages on every point (`farthest_point_sample(skip_isolated=True)`); every point, in
+    order, for None."""
     if count is None:
         return torch.arange(len(points), device=points.device)
-    return farthest_point_sample(points, count, seed)
+    return farthest_point_sample(points, count, seed, skip_isolated=True)
 
 
 @dataclass

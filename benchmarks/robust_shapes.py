@@ -201,12 +201,15 @@ READING = [
     "(`pipelines/shapes.py:_refit`), which is what the row shows (19.9, poor fit warned: the crop leaves "
     "the closest-point distance high). Since 2026-12-03 the refit is triggered by folds at the source's "
     "own points only, not on the bounding-box grid around them (`benchmarks/shapes_resampled.md`).",
-    "* Against the 2026-12-02 run of this script, on the same data: outliers 5 % 26.4 -> 1.1 (better); "
-    "worse: the ant to its bent copy 0.038 -> 0.113 (measured when the refine stage's step became half the "
-    "coarse stage's, `losses/points.py`, chosen over 42 fsaverage pairs where a third of the step fell "
-    "into a wrong basin) and the airplane at amplitude 0.08 2.56 -> 4.73 (0.3 % of its diagonal; from the "
-    "2026-12-03 changes to the stages, not attributed one by one). The refit rule did not change these "
-    "rows (checked: the airplane at 0.08 gives 4.73 with either rule, no refit).",
+    "* Against the 2026-12-02 run of this script, on the same data: outliers 5 % 26.4 -> 1.9 (the "
+    "subsamples now leave isolated points out, `sampling.isolated_points`: a farthest-point subsample "
+    "took 64-67 of the 67 outliers into the 256-point coarse stage, and over 14 draws of the outliers "
+    "the default ended in a wrong basin on 9, now on 1; `tests/test_robust_shapes.py`); the ant to its "
+    "bent copy 0.038 -> 0.043 (0.113 in between, with the refine stage's step at half the coarse "
+    "stage's and before the isolated points were left out: 8 of the ant's 486 points are flagged); "
+    "worse: the airplane at amplitude 0.08 2.56 -> 4.73 (0.3 % of its diagonal; from the 2026-12-03 "
+    "changes to the stages, not attributed one by one). The refit rule did not change these rows "
+    "(checked: the airplane at 0.08 gives 4.73 with either rule, no refit).",
 ]
 
 

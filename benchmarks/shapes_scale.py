@@ -175,8 +175,9 @@ def targets(rows: list[dict], meta: dict | None = None) -> list[str]:
 #: what the table does not say by itself (from the 2026-12-03 run; update with a rerun)
 READING = [
     "* `first call s`: the first `register` of each child process, a 100-point pair, after the "
-    "imports: the per-process cost beyond them (about 0.3 s). A whole `shapeflow register` "
-    "process on the 91-point fish takes about 2.0 s, of which importing torch is 0.9-1.3 s.",
+    "imports: the per-process cost beyond them (about 0.3 s). The whole-process row of the targets "
+    "(`--first-call`, 2026-12-03): `shapeflow register` on the 91-point fish, CSV in and out, 1.80-1.87 s, "
+    "of which a process that only imports torch takes 1.20 s.",
     "* N = 3000: the run before this one (same day, the refine stage at a third of the coarse "
     "stage's step) gave 3.14 % here, a wrong basin (min det J 0.03): the coarse stage ends at "
     "2.6-4.8 % on this pair and the Chamfer refine either recovers or locks a misassigned fold. "

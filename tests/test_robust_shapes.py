@@ -257,3 +257,19 @@ def test_a_fold_between_sparse_samples_is_not_refitted(pial):
     assert result.metrics["refit"] is None
     assert sf.metrics.min_jacobian_determinant(result.deformation, torch.from_numpy(source), per_axis=0) > 0
     assert _rmse(result.warped, truth) < 0.5 * _rmse(source, truth)
+
+
+def test_the_point_field_coarse_stage_skips_outliers(pial):
+    """`model="displacement"` starts large clouds on a farthest-point subsample (`coarse_points`):
+    with 5 % outliers around 2,000 cortex vertices the subsample used to take most of them, and
+    the fit ended at RMSE 0.13-0.20 (start 0.27, unit RMS radius) over three draws; with isolated
+    points skipped, 0.05-0.09."""
+    points = (pial - pial.mean(0)) / np.sqrt(((pial - pial.mean(0)) ** 2).sum(1).mean())
+    truth = smooth_deformation(torch.from_numpy(points), amplitude=0.05, seed=0).numpy()
+    lo, hi = truth.min(0), truth.max(0)
+    centre, half = (lo + hi) / 2, 0.75 * (hi - lo)
+    before = _rmse(points, truth)
+    for draw in range(3):
+        outliers = np.random.default_rng(draw).uniform(centre - half, centre + half, size=(100, 3))
+        result = _register(points, np.concatenate([truth, outliers]), model="displacement", coarse_points=500)
+        assert _rmse(result.warped, truth) < 0.45 * before, draw

@@ -348,9 +348,11 @@ def fit_point_displacement(x: Tensor, y: Tensor, source_faces: Tensor | None, ta
     u = torch.zeros_like(x)
     with progress_bar(progress, f"{prefix}displacement (Gauss-Newton)", total=len(lambdas) * per_stage) as advance:
         if coarse:
-            sampled = farthest_point_sample(x, options.coarse_points, seed)
+            # isolated points (outliers) are not sampled: a farthest-point subsample takes them first
+            sampled = farthest_point_sample(x, options.coarse_points, seed, skip_isolated=True)
             if pairs.pairing == "closest":
-                ys, t_index = y[farthest_point_sample(y, min(len(y), options.coarse_points), seed)], None
+                chosen = farthest_point_sample(y, min(len(y), options.coarse_points), seed, skip_isolated=True)
+                ys, t_index = y[chosen], None
             else:
                 ys, t_index = y[sampled], None
             u_coarse, stopped = _run_stages(x[sampled], ys, None, None, options, pairs, lambdas[:-2], per_stage,

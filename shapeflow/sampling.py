@@ -14,10 +14,11 @@ PRESAMPLE = 16
 #: `isolated_points`: a point whose mean distance to its ISOLATED_NEIGHBOURS nearest others is
 #: above ISOLATED_RATIO times the ISOLATED_QUANTILE of that distance over the points (statistical
 #: outlier removal, as PCL's filter, against a high quantile: a CAD mesh's sparse flat parts are
-#: legitimate). Measured: of 67 points uniform in a box 1.5x PyVista's airplane (5 %), 56-62 are
-#: flagged over 4 draws (the rest lie near the surface); of the shapes' own points none of the
-#: airplane's (whole or cropped by 30 %), fsaverage5's (whole, 4k, random 1,000 or 200), the fish's,
-#: or PyVista's globe, sphere, hexbeam, uniform and random hills, and 8 of the ant's 486 (leg tips).
+#: legitimate). Measured: of 67 points uniform in a box 1.5x PyVista's airplane (5 %), 52-63 are
+#: flagged over 14 draws (benchmarks/results/robust_shapes.md, section 4; the rest lie near the
+#: surface); of the shapes' own points none of the airplane's (whole or cropped by 30 %),
+#: fsaverage5's (whole, 4k, random 1,000 or 200), the fish's, or PyVista's globe, sphere, hexbeam,
+#: uniform and random hills, and 8 of the ant's 486 (leg tips).
 #: Against the median instead, 3x flagged 33 of the cropped airplane's points and 13 of the ant's;
 #: against the 90 % quantile, 3x left 14 outliers in, and one draw of four still ended at RMSE 25.6
 ISOLATED_NEIGHBOURS, ISOLATED_QUANTILE, ISOLATED_RATIO = 8, 0.9, 2.0

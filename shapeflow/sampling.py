@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ._optional import is_available
+from .errors import ShapeflowError
 from .kernels.neighbors import mean_neighbor_distances
 
 __all__ = ["farthest_point_sample", "isolated_points"]
@@ -80,10 +81,13 @@ def isolated_points(points: torch.Tensor, neighbours: int = ISOLATED_NEIGHBOURS,
     """Which of `points: (N, d)` are isolated -> `(N,)` bool on their device: the mean distance to
     their `neighbours` nearest others is above `ratio` times its `quantile` over the points. None
     when N <= `neighbours` (too few to tell)."""
+    if not (int(neighbours) >= 1 and 0 < quantile <= 1 and ratio > 0):
+        raise ShapeflowError(f"isolated_points(): needs neighbours >= 1, 0 < quantile <= 1 and ratio > 0; got "
+                             f"{neighbours}, {quantile}, {ratio}")
     if points.shape[0] <= neighbours:
         return torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
-    spread = mean_neighbor_distances(points, neighbours)
-    return (spread > ratio * torch.quantile(spread, quantile)).to(points.device)
+    spread = mean_neighbor_distances(points, neighbours)         # (N,) float64 on the CPU
+    return (spread > ratio * float(np.quantile(spread.numpy(), quantile))).to(points.device)
 
 
 def _presample(x: np.ndarray, pool: int, seed: int) -> np.ndarray:

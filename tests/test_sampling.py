@@ -1,9 +1,11 @@
 """Farthest-point sampling: the compiled greedy against a NumPy reference, and the presample that
 keeps large clouds cheap (issue: 28 of 50 s went to sampling 163k points) without losing coverage."""
 import numpy as np
+import pytest
 import torch
 
 from shapeflow import sampling
+from shapeflow.errors import ShapeflowError
 from shapeflow.sampling import farthest_point_sample
 
 
@@ -72,6 +74,8 @@ def test_isolated_points_are_the_far_outliers():
     assert not flagged[:2000].any()                   # no point of a uniformly sampled sphere
     assert flagged[2000:].float().mean() > 0.9        # nearly every outlier 0.3 or more off it
     assert not isolated_points(points[:5]).any()      # too few points to tell
+    with pytest.raises(ShapeflowError, match="quantile"):
+        isolated_points(points, quantile=1.5)
 
 
 def test_farthest_points_skip_the_isolated_ones(monkeypatch):

@@ -47,11 +47,13 @@ def test_presample_keeps_the_coverage_of_the_full_greedy(monkeypatch):
         _coverage(x, fast), _coverage(x, full), _coverage(x, random))
 
 
-def test_mean_neighbor_distances_match_a_brute_force_reference():
+@pytest.mark.parametrize("count", [100, 300])      # the dense path (up to DENSE_PAIRS pairs), the KD-tree
+def test_mean_neighbor_distances_match_a_brute_force_reference(count):
     from shapeflow.kernels.neighbors import mean_neighbor_distances
 
-    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    reference = torch.cdist(x, x).sort(1).values[:, 1:9].mean(1)      # column 0: the point itself
+    x = torch.randn(count, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[1] = x[0]                                                        # a duplicate counts, at distance 0
+    reference = torch.cdist(x, x).sort(1).values[:, 1:9].mean(1)      # column 0: the point itself (or its twin)
     torch.testing.assert_close(mean_neighbor_distances(x, 8), reference)
 
 

@@ -53,10 +53,16 @@ def nearest_distances(queries: Tensor, points: Tensor) -> Tensor:
 
 def mean_neighbor_distances(points: Tensor, k: int) -> Tensor:
     """The mean Euclidean distance from each of `points: (N, d)` to its `k` nearest others
-    -> `(N,)` float64 on the CPU (a KD-tree; no autograd). Duplicates count, at distance 0."""
+    -> `(N,)` float64 on the CPU (no autograd): dense distances up to `DENSE_PAIRS` pairs, else a
+    KD-tree. Duplicates count, at distance 0."""
     if points.ndim != 2 or points.shape[0] < 2:
         raise ShapeflowError(f"mean_neighbor_distances(): points {tuple(points.shape)} must be (N, d) with N >= 2")
     k = min(int(k), points.shape[0] - 1)
+    if points.shape[0] ** 2 <= DENSE_PAIRS:
+        p = points.detach().cpu().double()
+        distances = torch.cdist(p, p, compute_mode="donot_use_mm_for_euclid_dist")
+        distances.fill_diagonal_(-1.0)          # the point itself first, whatever its duplicates
+        return distances.topk(k + 1, dim=1, largest=False).values[:, 1:].mean(1)
     x = points.detach().cpu().double().numpy()
     distances, _ = _kdtree()(x).query(x, k=k + 1, workers=_workers(len(x)))     # the first is the point itself
     return torch.as_tensor(np.asarray(distances, dtype=np.float64)[:, 1:].mean(1))

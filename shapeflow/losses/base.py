@@ -45,8 +45,9 @@ class PointLoss(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     #: True when the term needs point-to-point correspondence (source and target in order, N == M)
     correspondence: ClassVar[bool] = False
-    #: how a Gauss-Newton fit (`model="displacement"`) pairs points for this term: "closest"
-    #: (both ways), "corresponding" (point i with point i), or None (not a sum over point pairs)
+    #: how a fit pairs points for this term: "closest" (both ways), "corresponding" (point i with
+    #: point i), "transport" (soft: barycentres of a transport plan; the linear models' closed-form
+    #: steps and a flow's EM), or None (not a sum over point pairs)
     pairing: ClassVar[str | None] = None
     #: True when the term needs the shapes' cells (a Mesh's faces, a Curve's edges), the same
     #: kind on both; `register()` refuses point clouds for it
@@ -72,6 +73,12 @@ class PointLoss(nn.Module, abc.ABC):
         on a subsample of `options.subsample` points per shape when the options have one."""
         points = None if cls.correspondence else getattr(options, "subsample", None)
         return [Stage("fine", cls.build(options), points, iterations)]
+
+    @classmethod
+    def soft_pairs(cls, options: Any, source_count: int, target_count: int) -> "PointLoss | None":
+        """The loss whose soft correspondences (its `pairing`) a flow's EM fit follows instead of
+        Adam's stages, for shapes of these sizes and these options, or None (the default): Adam."""
+        return None
 
     @classmethod
     def more_robust(cls, options: Any, given: set[str]) -> "tuple[Any, str] | None":

@@ -267,6 +267,7 @@ class SinkhornLoss(PointLoss):
         refine: str | None = "chamfer"   # the fine stage's loss ("chamfer"), or None: Sinkhorn throughout
         trim: float = 0.0                # the Chamfer refine's trim (`ChamferLoss`), [0, 0.5)
         warm_start: bool = False         # each step starts from the last step's potentials (dense backend)
+        em: bool | None = None           # model="resnet": EM on the transport plan; None: both shapes <= EM_POINTS
 
     def __init__(self, *, blur: float = 0.02, reach: float | None = None, scaling: float = 0.5,
                  backend: str = "auto", warm_start: bool = False):
@@ -278,6 +279,29 @@ class SinkhornLoss(PointLoss):
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sinkhorn_loss(source, target, self.blur, self.reach, self.scaling, self.backend, state=self.state)
+
+    #: `em=None` fits a flow by EM when both shapes have at most this many points (the plan is dense)
+    EM_POINTS = 256
+    #: the pairing of the EM fit (`soft_pairs`): barycentres of the transport plan
+    pairing = "transport"
+
+    @classmethod
+    def soft_pairs(cls, options: "SinkhornLoss.Options", source_count: int, target_count: int) -> "SinkhornLoss | None":
+        """EM on the transport plan (`pipelines/shape_flow_gn.py`) for a flow when `em=True`, or when
+        `em=None` and both shapes have at most `EM_POINTS` points and the Adam stages' options keep
+        their defaults; None (Adam's stages) otherwise."""
+        if options.em is False:
+            return None
+        staged = [name for name, value, default in (
+            ("subsample", options.subsample, None), ("coarse_to_fine", options.coarse_to_fine, True),
+            ("refine", options.refine, "chamfer"), ("trim", options.trim, 0.0),
+            ("warm_start", options.warm_start, False)) if value != default]
+        if options.em is True and staged:
+            raise ShapeflowError(f"register(): {', '.join(staged)} {'shapes' if len(staged) == 1 else 'shape'} "
+                                 f"the Adam stages, which em=True replaces by EM on the transport plan")
+        if options.em is None and (staged or max(source_count, target_count) > cls.EM_POINTS):
+            return None
+        return cls(blur=options.blur, reach=options.reach)
 
     #: a fit that folds space is refitted with the default reach divided by this (0.15 -> 0.05)
     REFIT_REACH_DIVISOR = 3.0
@@ -291,7 +315,7 @@ class SinkhornLoss(PointLoss):
         if "reach" in given or options.reach is None:
             return None
         reach = options.reach / cls.REFIT_REACH_DIVISOR
-        return dataclasses.replace(options, reach=reach), f"reach={reach:.3g}"
+        return dataclasses.replace(options, reach=reach, em=False), f"reach={reach:.3g}"
 
     @classmethod
     def build(cls, options: "SinkhornLoss.Options", blur_scale: float = 1.0) -> "SinkhornLoss":

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.exp import fast_logsumexp
+from ..kernels.exp import fast_exp, fast_logsumexp
 
-__all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient"]
+__all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient", "TransportPlan",
+           "transport_plan"]
 
 #: a warm call stops when no potential moved by more than TOL * epsilon in a sweep
 TOL = 0.1
@@ -201,3 +202,71 @@ def with_unbalanced_gradient(value: torch.Tensor, blur: float, reach: float) -> 
     eps, rho = blur ** 2, reach ** 2
     scale = (rho + eps) / (rho + eps / 2)
     return scale * value - (scale - 1) * value.detach()
+
+
+@dataclass
+class TransportPlan:
+    """What `transport_plan` returns for `x: (N, d)`, `y: (M, d)`: each source point's
+    `barycentres: (N, d)` `sum_j P_ij y_j / sum_j P_ij` and `mass: (N,)` `sum_j P_ij / a_i` (1 in
+    balanced transport; below 1 where an unbalanced plan lets mass go), the transport `cost`
+    `sum_ij P_ij |x_i - y_j|^2 / 2`, the `potentials` `f: (N,)`, `g: (M,)` (a warm start for the next
+    call, with the blur: `(f, g, blur)`), the number of `sweeps` run, and each source point's
+    `spread: (N,)` `sum_j P_ij |y_j - barycentre_i|^2 / sum_j P_ij` (the plan's own variance)."""
+
+    barycentres: torch.Tensor
+    mass: torch.Tensor
+    cost: float
+    potentials: tuple[torch.Tensor, torch.Tensor, float]
+    sweeps: int
+    spread: torch.Tensor
+
+
+def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float | None = None,
+                   start: tuple[torch.Tensor, torch.Tensor, float] | None = None, tol: float = 1e-3,
+                   max_sweeps: int = 200, scaling: float = 0.5) -> TransportPlan:
+    """The entropic transport plan `P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)` between the
+    uniform measures on `x: (N, d)` and `y: (M, d)` (cost `|x - y|^2 / 2`, `eps = blur^2`;
+    unbalanced with `reach`, as `sinkhorn_divergence`'s cross term), summarised per source point
+    (`TransportPlan`). Alternating log-domain Sinkhorn updates run until no potential moves by more
+    than `tol * eps` in a sweep (at most `max_sweeps`), after geomloss's epsilon-scaling schedule
+    down to `blur`: from `start = (f, g, its blur)` (a previous plan's potentials, on points of the
+    same sizes) or else from the pair's diameter. No autograd."""
+    eps, rho = blur ** 2, None if reach is None else reach ** 2
+    damping = _damping(eps, rho)
+    with torch.no_grad():
+        log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
+        log_b = torch.full((y.shape[0],), -math.log(y.shape[0]), dtype=y.dtype, device=y.device)
+        c_xy = _cost(x, y)
+        c_yx = c_xy.T
+        if start is not None and start[1].shape == log_b.shape:
+            # the target's potential g carries over (the target does not move); the source's is made
+            # afresh from it, then from the start's blur down to this one, as the schedule does
+            schedule = epsilon_schedule(max(start[2], blur), blur, scaling)[1:]
+            g = start[1]
+            e = schedule[0] if schedule else eps
+            f = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
+        else:
+            both = torch.cat([x, y])
+            schedule = epsilon_schedule(float((both.max(0).values - both.min(0).values).norm()), blur, scaling)
+            e = schedule[0]
+            f, g = _softmin(e, c_xy, log_b, _damping(e, rho)), _softmin(e, c_yx, log_a, _damping(e, rho))
+        for e in schedule:
+            f_new = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
+            g_new = _softmin(e, c_yx, log_a + f / e, _damping(e, rho))
+            f, g = torch.lerp(f, f_new, 0.5), torch.lerp(g, g_new, 0.5)
+        sweeps = 0
+        for sweeps in range(1, max_sweeps + 1):
+            f_new = _softmin(eps, c_xy, log_b + g / eps, damping)
+            g_new = _softmin(eps, c_yx, log_a + f_new / eps, damping)
+            change = max(float((f_new - f).abs().max()), float((g_new - g).abs().max()))
+            f, g = f_new, g_new
+            if change < tol * eps:
+                break
+        # P_ij / a_i = b_j exp((f_i + g_j - C_ij) / eps)
+        relative = fast_exp(torch.add(f[:, None] + g[None, :], c_xy, alpha=-1.0) / eps + log_b[None, :])
+        mass = relative.sum(1)
+        barycentres = (relative @ y) / mass.clamp_min(1e-300)[:, None]
+        cost = float((relative * c_xy).sum() / x.shape[0])
+        # sum_j P_ij |y_j - barycentre_i|^2 / sum_j P_ij
+        spread = ((relative @ y.square().sum(1)) / mass.clamp_min(1e-300) - barycentres.square().sum(1)).clamp_min(0)
+    return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread)

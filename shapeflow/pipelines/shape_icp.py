@@ -46,7 +46,7 @@ from ..sampling import farthest_point_sample
 from ..solvers import Linearization, conjugate_gradient, minimize_least_squares, sparse_normal_operator
 from ..solvers.normal.sparse import assemble_sparse_normal_matrix
 
-__all__ = ["IcpProblem", "PairTerm", "LandmarkTerm", "fit_point_displacement", "PRECONDITIONERS"]
+__all__ = ["IcpProblem", "PairTerm", "LandmarkTerm", "fit_point_displacement", "PRECONDITIONERS", "PAIRINGS"]
 
 #: the preconditioners of the inner CG
 PRECONDITIONERS = Registry("preconditioner", {"auto": "auto", "factor": "factor", "jacobi": "jacobi", "amg": "amg"})
@@ -61,6 +61,10 @@ REFACTOR_AFTER = 10
 STAGE_ITERATIONS = 10
 #: the preconditioner's ridge, relative to its largest entry (keeps its LU regular)
 RIDGE = 1e-10
+
+
+#: the pairings (`PointLoss.pairing`) the point field's Gauss-Newton fit takes
+PAIRINGS = ("closest", "corresponding")
 
 
 @dataclass

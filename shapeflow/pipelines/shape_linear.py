@@ -53,7 +53,7 @@ from torch import Tensor
 from .._registry import Registry
 from ..errors import ShapeflowError
 from ..kernels import PointIndex, fast_exp
-from ..losses import LOSSES, ChamferLoss, SinkhornLoss, chamfer_loss
+from ..losses import LOSSES, ChamferLoss, chamfer_loss
 from ..losses.points import PairWeights, bounding_volume
 from ..progress import progress_bar
 from ..sampling import farthest_point_sample
@@ -297,7 +297,7 @@ MULTISTART = ("transport", "closest")
 def _pairing(loss: Any) -> str | None:
     """The `PAIRINGS` name for a loss (class or instance), or None when it is not over point pairs."""
     loss_cls = loss if isinstance(loss, type) else type(loss)
-    return "transport" if issubclass(loss_cls, SinkhornLoss) else getattr(loss_cls, "pairing", None)
+    return getattr(loss_cls, "pairing", None)
 
 
 def starts(x: Tensor, y: Tensor, matrix: Tensor, translation: Tensor, kind: str) -> tuple[Tensor, Tensor]:

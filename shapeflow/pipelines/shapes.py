@@ -39,7 +39,7 @@ from ..shapes import Landmarks, Mesh, PointCloud
 from ..io.landmarks import landmark_pair
 from ..solvers import fit
 from .shape_flow_gn import fit_output_gauss_newton
-from .shape_icp import PairTerm, fit_point_displacement
+from .shape_icp import PAIRINGS as ICP_PAIRINGS, PairTerm, fit_point_displacement
 from .shape_linear import check_linear, fit_linear
 
 __all__ = ["ShapeOptions", "register_shapes"]
@@ -111,6 +111,10 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     model_cls, loss_cls = MODELS[model], LOSSES[loss]
     fitter = FITTERS.lookup(model_cls.fitted_by)
     fitter.check(model, model_cls, loss, loss_cls, set(options))
+    if "em" in options and not fitter.soft_pairs:
+        takers = ", ".join(k for k, v in MODELS.items() if FITTERS.lookup(v.fitted_by).soft_pairs)
+        raise ShapeflowError(f"register(): em chooses how a flow follows soft correspondences (models {takers}); "
+                             f"model {model!r} is fitted by {model_cls.fitted_by}")
     if opts.prealign is not None:
         if model_cls.linear:
             raise ShapeflowError(f"register(): prealign applies before a non-linear model; model {model!r} is "
@@ -156,7 +160,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     fitted: list[Deformation] = []
     interrupted = False
     problem = ShapeFit(x, y, src.cells, tgt.cells, stages, loss_cls,
-                       landmarks, opts, parts["model"])
+                       landmarks, opts, parts["model"], parts["loss"])
     if opts.prealign is not None:
         pre = MODELS[opts.prealign].build(src.dim, seed=opts.seed).to(device, dtype)
         interrupted = FITTERS.lookup(pre.fitted_by)(pre, problem, history, prefix="prealign-")
@@ -222,7 +226,8 @@ def _refit(core: Deformation, problem: "ShapeFit", robust: tuple[Any, str], fold
     options, change = robust
     second = copy.deepcopy(core)
     second.load_state_dict(identity)
-    retry = dataclasses.replace(problem, stages=problem.loss_cls.stages(options, iterations, src, tgt))
+    retry = dataclasses.replace(problem, stages=problem.loss_cls.stages(options, iterations, src, tgt),
+                                loss_options=options)
     interrupted = fitter(second, retry, history, prefix="refit-")
     again = metrics.min_jacobian_determinant(second, problem.x, per_axis=0)
     if again < folds:       # the refit is no better: keep the first fit, and say so
@@ -256,6 +261,7 @@ class ShapeFit:
     landmarks: tuple[torch.Tensor, torch.Tensor, float] | None
     opts: ShapeOptions
     model_options: Any = None
+    loss_options: Any = None
 
     def moved_by(self, deformation: Deformation) -> "ShapeFit":
         """The same problem with the source (and its landmarks) moved by `deformation`."""
@@ -326,8 +332,8 @@ def _triangles(cells: torch.Tensor | None) -> torch.Tensor | None:
 def _check_gauss_newton(model: str, model_cls, loss: str, loss_cls, given: set[str]) -> None:
     """Gauss-Newton fits point pairs: chamfer (closest points) or l2 (corresponding points); the
     Adam options do not apply."""
-    if getattr(loss_cls, "pairing", None) is None:
-        paired = ", ".join(k for k, v in LOSSES.items() if getattr(v, "pairing", None) is not None)
+    if loss_cls.pairing not in ICP_PAIRINGS:
+        paired = ", ".join(k for k, v in LOSSES.items() if v.pairing in ICP_PAIRINGS)
         raise ShapeflowError(f"register(): model {model!r} is fitted by Gauss-Newton on point pairs; use loss "
                              f"{paired}, not {loss!r}")
     unused = sorted(given & {"lr", "lbfgs_iterations", "tol", "patience"})
@@ -339,10 +345,12 @@ def _check_gauss_newton(model: str, model_cls, loss: str, loss_cls, given: set[s
 @dataclass(frozen=True)
 class Fitter:
     """How a model is fitted (`Deformation.fitted_by` names one): `fit(model, problem, history,
-    prefix) -> interrupted` and `check(model, model_cls, loss, loss_cls, given options)`."""
+    prefix) -> interrupted` and `check(model, model_cls, loss, loss_cls, given options)`;
+    `soft_pairs`: it follows a loss's soft correspondences (`PointLoss.soft_pairs`) by EM."""
 
     fit: Any
     check: Any
+    soft_pairs: bool = False
 
     def __call__(self, model: Deformation, problem: ShapeFit, history: list[dict], prefix: str) -> bool:
         return self.fit(model, problem, history, prefix)
@@ -353,7 +361,7 @@ FITTERS: Registry[Fitter] = Registry("fitter", {"adam": Fitter(_fit_adam, _check
                                                 "gauss-newton": Fitter(_fit_gauss_newton, _check_gauss_newton),
                                                 "output-gauss-newton": Fitter(
                                                     functools.partial(fit_output_gauss_newton, fallback=_fit_adam),
-                                                    _check_adam),
+                                                    _check_adam, soft_pairs=True),
                                                 "procrustes": Fitter(functools.partial(fit_linear, fallback=_fit_adam),
                                                                      check_linear)})
 

@@ -1,0 +1,198 @@
+"""EM on soft correspondences for flows (`model="resnet"`, `loss="sinkhorn"` on small shapes) and
+the transport plan it follows (`losses.sinkhorn.transport_plan`)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import shapeflow as sf
+from shapeflow.deform import ResNetFlow
+from shapeflow.errors import ShapeflowError
+from shapeflow.losses import SinkhornLoss
+from shapeflow.losses.sinkhorn import transport_plan
+from shapeflow.pipelines import shape_flow_gn
+from shapeflow.synthetic import smooth_deformation
+
+
+def _curve(n=90, seed=0):
+    """A closed 2D curve with five pointed arms, its points in order, and a smooth deformation of it.
+    (On a curve without features, an ellipse with bumps, a fit by any distance between the point
+    sets can slide along it: the EM and Adam then end at 0.03-0.07 of a 0.12-0.2 start.)"""
+    t = torch.linspace(0, 2 * math.pi, n + 1, dtype=torch.float64)[:-1]
+    wave = torch.cos(5 * t)
+    r = 1 + 0.35 * wave.sign() * wave.abs().sqrt() + 0.1 * torch.sin(2 * t)
+    source = torch.stack([r * torch.cos(t), 0.7 * r * torch.sin(t)], 1)
+    return source, smooth_deformation(source, amplitude=0.05, seed=seed)
+
+
+def _rmse(a, b):
+    return float(np.sqrt(((np.asarray(a) - np.asarray(b)) ** 2).sum(1).mean()))
+
+
+# --- the transport plan against a plain Sinkhorn in NumPy -------------------------------------
+
+def _numpy_plan(x, y, blur, reach=None, iterations=20000):
+    """Scaling Sinkhorn on the kernel `K = exp(-|x - y|^2 / 2 eps)`, float64, run long: the plan
+    `(N, M)` `diag(u) K diag(v)`. Unbalanced (entropy relative to a (x) b, KL marginal penalties
+    of weight rho = reach^2, as geomloss): `u = a (K v)^-lambda`, lambda = rho / (rho + eps)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    eps = blur ** 2
+    power = 1.0 if reach is None else reach ** 2 / (reach ** 2 + eps)
+    kernel = np.exp(-((x[:, None] - y[None]) ** 2).sum(-1) / (2 * eps))
+    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    u, v = np.ones(len(x)), np.ones(len(y))
+    for _ in range(iterations):
+        u = a * (kernel @ v) ** -power
+        v = b * (kernel.T @ u) ** -power
+    return u[:, None] * kernel * v[None]
+
+
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_the_transport_plan_matches_a_plain_sinkhorn(reach):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, dtype=torch.float64, generator=g)
+    y = torch.randn(55, 2, dtype=torch.float64, generator=g) * 0.8 + 0.3
+    blur = 0.5
+    reference = _numpy_plan(x, y, blur, reach)
+    plan = transport_plan(x, y, blur, reach, tol=1e-12, max_sweeps=5000)
+    mass = reference.sum(1) * len(x)                                  # sum_j P_ij / a_i
+    barycentres = reference @ y.numpy() / reference.sum(1)[:, None]
+    np.testing.assert_allclose(plan.mass.numpy(), mass, rtol=1e-7)
+    np.testing.assert_allclose(plan.barycentres.numpy(), barycentres, rtol=1e-7, atol=1e-9)
+    spread = (reference * ((y.numpy()[None] - barycentres[:, None]) ** 2).sum(-1)).sum(1) / reference.sum(1)
+    np.testing.assert_allclose(plan.spread.numpy(), spread, rtol=1e-6, atol=1e-10)
+    cost = (reference * ((x.numpy()[:, None] - y.numpy()[None]) ** 2).sum(-1) / 2).sum()
+    assert plan.cost == pytest.approx(cost, rel=1e-7)
+    if reach is None:
+        np.testing.assert_allclose(plan.mass.numpy(), 1.0, rtol=1e-8)  # balanced: every source point's mass
+    else:
+        assert float(plan.mass.max()) < 1.0                              # unbalanced: some is let go
+
+
+def test_a_warm_start_ends_at_the_cold_plan():
+    """The target potential of a plan at another blur, on moved source points, is only a start: the
+    plan converges to the same one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 3, dtype=torch.float64, generator=g)
+    y = x + 0.1 * torch.randn(50, 3, dtype=torch.float64, generator=g)
+    first = transport_plan(x + 0.2, y, 0.6, 0.8)
+    cold = transport_plan(x, y, 0.3, 0.8, tol=1e-12, max_sweeps=5000)
+    warm = transport_plan(x, y, 0.3, 0.8, start=first.potentials, tol=1e-12, max_sweeps=5000)
+    torch.testing.assert_close(warm.barycentres, cold.barycentres, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(warm.mass, cold.mass, rtol=1e-9, atol=1e-9)
+
+
+# --- the EM fit ------------------------------------------------------------------------------
+
+def test_the_default_fits_a_small_curve_by_em_more_closely_than_adam():
+    source, target = _curve()
+    em = sf.register(source.numpy(), target.numpy(), progress=False, seed=0)
+    adam = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, em=False)
+    assert {row["phase"] for row in em.history} == {"em"}
+    assert {row["phase"] for row in adam.history} == {"adam"}
+    before = _rmse(source, target)
+    assert _rmse(em.warped, target) < 0.02 * before
+    assert _rmse(em.warped, target) < _rmse(adam.warped, target)
+    assert len(em.history) < len(adam.history)
+    temperatures = [row["temperature"] for row in em.history]
+    assert all(b <= a for a, b in zip(temperatures, temperatures[1:]))     # never rising
+    assert temperatures[-1] == pytest.approx(0.02 ** 2)                      # cooled to the blur
+
+
+def test_a_flow_of_the_same_model_is_recovered_from_unordered_points():
+    """The target is the source moved by a ResNetFlow with the seed register uses (so some output
+    weights map it exactly) and shuffled: the soft pairs find the permutation, and the fit the map,
+    up to the entropic blur."""
+    source, _ = _curve(80)
+    truth = ResNetFlow(2, seed=0).double()
+    with torch.no_grad():
+        truth.W3.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        target = truth(source)
+    order = torch.randperm(len(target), generator=torch.Generator().manual_seed(2))
+    assert _rmse(source, target) > 0.05
+    res = sf.register(source.numpy(), target[order].numpy(), progress=False, dtype="float64", seed=0,
+                      normalize=False, blur=0.003, tol=1e-6)
+    assert _rmse(res.warped, target) < 0.01 * _rmse(source, target)
+
+
+def test_em_is_the_default_up_to_em_points_and_chosen_by_name_above(monkeypatch):
+    monkeypatch.setattr(SinkhornLoss, "EM_POINTS", 50)
+    source, target = _curve(60)
+    default = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3)
+    assert {row["phase"] for row in default.history} == {"adam"}
+    chosen = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3, em=True)
+    assert {row["phase"] for row in chosen.history} == {"em"}
+
+
+@pytest.mark.parametrize("option", [{"subsample": 100}, {"refine": None}, {"trim": 0.1}])
+def test_the_adam_stage_options_keep_the_adam_stages(option):
+    source, target = _curve(60)
+    res = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3, **option)
+    assert {row["phase"] for row in res.history} == {"adam"}
+    with pytest.raises(ShapeflowError, match="em=True"):
+        sf.register(source.numpy(), target.numpy(), progress=False, em=True, **option)
+
+
+def test_em_for_another_model_or_with_adam_options_is_an_error():
+    source, target = _curve(40)
+    with pytest.raises(ShapeflowError, match="model 'lddmm'"):
+        sf.register(source.numpy(), target.numpy(), model="lddmm", em=True, progress=False)
+    with pytest.raises(ShapeflowError, match="lr applies to Adam"):
+        sf.register(source.numpy(), target.numpy(), em=True, lr=0.01, progress=False)
+    res = sf.register(source.numpy(), target.numpy(), lr=0.01, iterations=3, progress=False)
+    assert {row["phase"] for row in res.history} == {"adam"}         # Adam's options: Adam, as before
+
+
+def test_outliers_stay_out_of_the_hot_plan():
+    """5 % outliers spread around the curve: with them in the plan while it is hot the map is pulled
+    towards them; left out (isolated points), the fit stays close."""
+    source, target = _curve(120)
+    outliers = (torch.rand(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) - 0.5) * 4
+    noisy = torch.cat([target, outliers]).numpy()
+    res = sf.register(source.numpy(), noisy, progress=False, seed=0)
+    assert {row["phase"] for row in res.history} == {"em"}
+    assert _rmse(res.warped, target) < 0.1 * _rmse(source, target)
+
+
+def test_landmarks_join_the_em_fit():
+    """Landmarks are rows of each M-step: a heavy weight pulls them onto targets off the curve's fit."""
+    source, target = _curve(60)
+    marks = (source[:4].numpy(), (target[:4] + 0.05).numpy())
+    heavy = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, landmarks=marks, landmark_weight=100.0)
+    light = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, landmarks=marks, landmark_weight=1e-3)
+    assert {row["phase"] for row in heavy.history} == {"em"}
+    assert heavy.metrics["landmark_error"]["mean"] < 0.5 * light.metrics["landmark_error"]["mean"]
+
+
+def test_ctrl_c_keeps_the_last_step(monkeypatch):
+    import shapeflow.pipelines.shape_flow_gn as gn
+    calls = []
+    original = gn.transport_plan
+
+    def interrupt(*args, **kwargs):       # two plans a step: the target's and the source's own
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gn, "transport_plan", interrupt)
+    source, target = _curve(60)
+    res = sf.register(source.numpy(), target.numpy(), progress=False, seed=0)
+    assert res.metrics["interrupted"]
+    assert len(res.history) == 3
+    assert _rmse(res.warped, target) < _rmse(source, target)
+
+
+def test_a_folding_em_fit_is_refitted_by_adam():
+    """A cropped target: the EM fit crushes the missing part (a fold at the source's points) and the
+    refit runs with the smaller reach on Adam's stages (`SinkhornLoss.more_robust` sets em=False)."""
+    options, change = SinkhornLoss.more_robust(SinkhornLoss.Options(), set())
+    assert options.em is False and change.startswith("reach=")
+    assert SinkhornLoss.soft_pairs(options, 10, 10) is None
+
+
+def test_the_em_constants_are_documented_values():
+    """The fit reads its constants from the module (tests and benchmarks patch them)."""
+    assert shape_flow_gn.EM_RELINEARIZE >= 1 and shape_flow_gn.EM_SWEEPS >= 1
+    assert SinkhornLoss.EM_POINTS == 256

@@ -227,10 +227,13 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
     """The entropic transport plan `P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)` between the
     uniform measures on `x: (N, d)` and `y: (M, d)` (cost `|x - y|^2 / 2`, `eps = blur^2`;
     unbalanced with `reach`, as `sinkhorn_divergence`'s cross term), summarised per source point
-    (`TransportPlan`). Alternating log-domain Sinkhorn updates run until no potential moves by more
-    than `tol * eps` in a sweep (at most `max_sweeps`), after geomloss's epsilon-scaling schedule
-    down to `blur`: from `start = (f, g, its blur)` (a previous plan's potentials, on points of the
-    same sizes) or else from the pair's diameter. No autograd."""
+    (`TransportPlan`). Start: `start = (f, g, its blur)`, a previous plan's potentials on the same
+    target (its `g` carries over; `f` is made afresh, the source having moved), with geomloss's
+    epsilon-scaling from its blur when that is more than one scaling step above `blur`; else the
+    schedule from the pair's diameter. Then Sinkhorn sweeps at `blur` until no potential moves by
+    more than `tol * eps` (at most `max_sweeps`), as scalings of the kernel with the potentials
+    absorbed (stabilised Sinkhorn: two matrix-vector products a sweep instead of two log-sum-exps;
+    the scalings' logarithms stay small, as the potentials are near their fixed point). No autograd."""
     eps, rho = blur ** 2, None if reach is None else reach ** 2
     damping = _damping(eps, rho)
     with torch.no_grad():
@@ -239,34 +242,46 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
         c_xy = _cost(x, y)
         c_yx = c_xy.T
         if start is not None and start[1].shape == log_b.shape:
-            # the target's potential g carries over (the target does not move); the source's is made
-            # afresh from it, then from the start's blur down to this one, as the schedule does
-            schedule = epsilon_schedule(max(start[2], blur), blur, scaling)[1:]
             g = start[1]
-            e = schedule[0] if schedule else eps
-            f = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
+            schedule = epsilon_schedule(start[2], blur, scaling)[1:-1] if start[2] > blur / scaling else []
         else:
             both = torch.cat([x, y])
-            schedule = epsilon_schedule(float((both.max(0).values - both.min(0).values).norm()), blur, scaling)
+            schedule = epsilon_schedule(float((both.max(0).values - both.min(0).values).norm()), blur, scaling)[:-1]
             e = schedule[0]
-            f, g = _softmin(e, c_xy, log_b, _damping(e, rho)), _softmin(e, c_yx, log_a, _damping(e, rho))
-        for e in schedule:
-            f_new = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
-            g_new = _softmin(e, c_yx, log_a + f / e, _damping(e, rho))
-            f, g = torch.lerp(f, f_new, 0.5), torch.lerp(g, g_new, 0.5)
+            g = _softmin(e, c_yx, log_a, _damping(e, rho))
+        if schedule:
+            e = schedule[0]
+            f = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
+            for e in schedule:
+                f_new = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
+                g_new = _softmin(e, c_yx, log_a + f / e, _damping(e, rho))
+                f, g = torch.lerp(f, f_new, 0.5), torch.lerp(g, g_new, 0.5)
+        f = _softmin(eps, c_xy, log_b + g / eps, damping)
+        # the kernel with the potentials absorbed, times b: P_ij / a_i = alpha_i relative_ij beta_j
+        relative = fast_exp(torch.add(f[:, None] + g[None, :], c_xy, alpha=-1.0) / eps + log_b[None, :])
+        f_abs, g_abs = f, g                                          # the potentials absorbed in `relative`
+        log_u = torch.zeros_like(f)                                  # f = f_abs + eps log_u
+        log_v = torch.zeros_like(g)                                  # g = g_abs + eps log_v
+        a = log_a.exp()
+        tiny = torch.finfo(x.dtype).tiny        # a row or column with no mass left: log(tiny), not -inf
         sweeps = 0
         for sweeps in range(1, max_sweeps + 1):
-            f_new = _softmin(eps, c_xy, log_b + g / eps, damping)
-            g_new = _softmin(eps, c_yx, log_a + f_new / eps, damping)
-            change = max(float((f_new - f).abs().max()), float((g_new - g).abs().max()))
-            f, g = f_new, g_new
+            # f <- -lambda eps log sum_j b_j exp((g_j - C_ij) / eps), g likewise from the new f; in the
+            # scalings: log u = -lambda log((relative v)_i) + (lambda - 1) f_abs / eps, and for log v
+            # the kernel's transpose weighted by a u (relative = K b, so K^T (a u) = relative^T (a u) / b)
+            new_u = -damping * torch.log((relative @ log_v.exp()).clamp_min(tiny)) + (damping - 1) * f_abs / eps
+            new_v = (-damping * (torch.log((relative.T @ (a * new_u.exp())).clamp_min(tiny)) - log_b)
+                     + (damping - 1) * g_abs / eps)
+            change = eps * max(float((new_u - log_u).abs().max()), float((new_v - log_v).abs().max()))
+            log_u, log_v = new_u, new_v
             if change < tol * eps:
                 break
-        # P_ij / a_i = b_j exp((f_i + g_j - C_ij) / eps)
-        relative = fast_exp(torch.add(f[:, None] + g[None, :], c_xy, alpha=-1.0) / eps + log_b[None, :])
+        f, g = f_abs + eps * log_u, g_abs + eps * log_v
+        relative = relative * log_u.exp()[:, None] * log_v.exp()[None, :]
+        relative = torch.nan_to_num(relative, nan=0.0, posinf=0.0)   # a row with no mass: none
         mass = relative.sum(1)
-        barycentres = (relative @ y) / mass.clamp_min(1e-300)[:, None]
+        barycentres = (relative @ y) / mass.clamp_min(tiny)[:, None]
         cost = float((relative * c_xy).sum() / x.shape[0])
         # sum_j P_ij |y_j - barycentre_i|^2 / sum_j P_ij
-        spread = ((relative @ y.square().sum(1)) / mass.clamp_min(1e-300) - barycentres.square().sum(1)).clamp_min(0)
+        spread = ((relative @ y.square().sum(1)) / mass.clamp_min(tiny) - barycentres.square().sum(1)).clamp_min(0)
     return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread)

@@ -210,42 +210,43 @@ def _rows(x: Tensor, d: int, seed: int):
 
 class _SoftStep:
     """The M-step of the EM fit: one damped Gauss-Newton step of the output weights `W3` that moves
-    the rows `points: (n, d)` (the source's rows, then the landmarks) towards `targets: (n, d)`,
-    row i weighted by `weights[i]`, with the ridge `mu` times the kernel's mean diagonal. The
-    linearisation (`ResNetFlow.linearize`) is reused for `EM_RELINEARIZE` steps (a chord step:
-    the flow moves little between them), and is redone at once when a step did not lower the
-    weighted residual, which the step then halves."""
+    the rows (the source's rows, then the landmarks) towards `targets: (n, d)`, row i weighted by
+    `weights[i]`, with the ridge `mu` times the kernel's mean diagonal. The linearisation
+    (`ResNetFlow.linearize` at `points: (n, d)`) is reused for `EM_RELINEARIZE` steps (a chord
+    step: the flow moves little between them), and is redone at once when a step did not lower
+    the weighted residual, which the step then halves. `forward() -> (all moved points, rows)`
+    evaluates the map after a step: the E-step reuses it."""
 
-    def __init__(self, model, points: Tensor):
-        self.model, self.points = model, points
+    def __init__(self, model, points: Tensor, forward: Callable[[], tuple[Tensor, Tensor]]):
+        self.model, self.points, self.forward = model, points, forward
         self.lin, self.kernel, self.age = None, None, 0
 
-    def __call__(self, moved: Tensor, targets: Tensor, weights: Tensor, mu: float) -> float:
-        """`moved: (n, d)` the rows at the current map; returns whether a step was taken."""
+    def __call__(self, rows: Tensor, targets: Tensor, weights: Tensor, mu: float) -> tuple[bool, Tensor, Tensor]:
+        """`rows: (n, d)` at the current map -> (whether a step was taken, `forward()` after it)."""
         if self.lin is None or self.age >= EM_RELINEARIZE:
             self.lin = self.model.linearize(self.points)
             self.kernel, self.age = self.lin.kernel().double(), 0
         self.age += 1
         root = weights.double().sqrt()
-        rows = root.repeat_interleave(moved.shape[1])
-        kernel = self.kernel * rows[:, None] * rows[None, :]
+        scale = root.repeat_interleave(rows.shape[1])
+        kernel = self.kernel * scale[:, None] * scale[None, :]
         kappa = float(kernel.diagonal().mean())
-        residual = (moved.double() - targets.double()) * root[:, None]
+        residual = (rows.double() - targets.double()) * root[:, None]
         before = float(residual.square().sum())
         factor = torch.linalg.cholesky(kernel + max(mu, 1e-12) * max(kappa, 1e-30)
                                        * torch.eye(len(kernel), dtype=kernel.dtype, device=kernel.device))
         dual = torch.cholesky_solve(residual.reshape(-1, 1), factor).view_as(residual) * root[:, None]
-        step = -self.lin.pullback(dual.to(moved.dtype))
+        step = -self.lin.pullback(dual.to(rows.dtype))
         with torch.no_grad():
             for _ in range(GN_HALVINGS + 1):
                 self.model.W3.add_(step)
-                after = float(((self.model(self.points).double() - targets.double()).square().sum(1) * weights.double()).sum())
-                if after <= before:
-                    return True
+                moved, after = self.forward()
+                if float(((after.double() - targets.double()).square().sum(1) * weights.double()).sum()) <= before:
+                    return True, moved, after
                 self.model.W3.sub_(step)
                 step = step / 2
                 self.age = EM_RELINEARIZE        # a stale linearisation: redo it next time
-        return False
+            return (False, *self.forward())
 
 
 def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> bool:
@@ -257,7 +258,14 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
     keep = _rows(x, d, opts.seed)
     marks = problem.landmarks
     weighted_marks = marks is not None and marks[2] > 0
-    m_step = _SoftStep(model, torch.cat([x[keep], marks[0].detach()]) if weighted_marks else x[keep])
+
+    def forward() -> tuple[Tensor, Tensor]:
+        """Every source point moved by the map, and the rows of the M-step (with the landmarks)."""
+        with torch.no_grad():
+            moved = model(x)
+            return moved, torch.cat([moved[keep], model(marks[0])]) if weighted_marks else moved[keep]
+
+    m_step = _SoftStep(model, torch.cat([x[keep], marks[0].detach()]) if weighted_marks else x[keep], forward)
     iterations = opts.iterations if opts.iterations is not None else EM_ITERATIONS
     label = f"{prefix}transport ({problem.loss_cls.name})"
     floor = float(loss.blur) ** 2
@@ -268,8 +276,7 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
     interrupted, last = False, model.W3.detach().clone()
     with progress_bar(opts.progress, label, iterations) as advance:
         try:
-            with torch.no_grad():
-                moved = model(x)
+            moved, rows = forward()
             # CPD's first variance: the mean squared distance of all pairs, per dimension
             eps = max(float(torch.cdist(moved, y).square().mean()) / d, floor)
             start = own_start = None
@@ -284,16 +291,11 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                 own_start = own.potentials      # debiased: less the shrinkage of the source onto itself
                 targets = targets - own.barycentres[keep] + moved[keep]
                 weights = weights / weights.sum().clamp_min(1e-30)
-                rows = moved[keep]
                 if weighted_marks:
-                    with torch.no_grad():
-                        rows = torch.cat([rows, model(marks[0])])
                     targets = torch.cat([targets, marks[1].detach()])
                     weights = torch.cat([weights, weights.new_full((len(marks[0]),), marks[2] / len(marks[0]))])
-                stepped = m_step(rows, targets, weights, EM_RIDGE * eps)
+                stepped, new, rows = m_step(rows, targets, weights, EM_RIDGE * eps)
                 last = model.W3.detach().clone()
-                with torch.no_grad():
-                    new = model(x)
                 change = float((new - moved).abs().max())
                 moved = new
                 # CPD's variance update: the plan's spread about the new map, never rising

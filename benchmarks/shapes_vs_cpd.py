@@ -101,11 +101,15 @@ NOTES = """\
   fish's refine stage gives up after 20 steps without a better total), a dense argmin for small
   nearest-neighbour queries, and the refine stage at half the coarse stage's step instead of a
   third (a third fell into a wrong basin on 1 of 42 surface pairs; `losses/points.py`).
-* The fish is where we look worst: 91 points in ~0.3 s against pycpd's 10 ms. The time is ~80 Adam
-  steps of a 10-block flow (each a forward and backward through torch's per-op overhead, 3-4 ms);
-  parity would need a different fitter for tiny problems.
-* 1k is where we are least accurate: 0.16-0.21 % of the diagonal against pycpd's 0.05 %. This is
-  a floor of our losses and flow, not of the step count: Sinkhorn throughout (`refine=None`) gave
+* Since the 2026-12-03 afternoon run (fish 0.26 s at 0.12 %): on shapes of at most 256 points the
+  default flow is fitted by EM on the debiased transport plan with Gauss-Newton M-steps
+  (`pipelines/shape_flow_gn.py`; ~19 steps instead of ~80 Adam steps): the fish in 0.06 s at
+  0.05 %, 5x closer than pycpd but still 6x slower than its 10 ms. `benchmarks/flow_em.py` has
+  it over 8 deformations and the small cases where it looks worse (5 % outliers at 120 points, a
+  curve without features). The larger sizes are unchanged (Adam's stages; `em=True` at 1k:
+  0.062 % in 1.07 s, against the default's 0.16 % in 1.07-1.18 s).
+* 1k is where the default is least accurate: 0.16-0.21 % of the diagonal against pycpd's 0.05 %
+  (`em=True`: 0.062 %). For the Adam stages this is a floor of the losses and flow, not of the step count: Sinkhorn throughout (`refine=None`) gave
   0.19 %, with 300 steps per stage 0.16 %, `model="lddmm"` 0.50 % (measured before the refine
   step changed from a third to half). CPD's Gaussian-kernel
   likelihood with every point of the same surface recovers this smooth deformation closely.

@@ -40,37 +40,39 @@ most `SinkhornLoss.EM_POINTS` = 256 points, or `em=True`), as CPD fits its Gauss
   the debiased Sinkhorn divergence's pull as `loss="sinkhorn"` has it (geomloss's debiasing):
   the blur's shrinkage towards the target's local means is taken out (`s_i - x_i` is that
   shrinkage), and a fit that stops is at a stationary point of the divergence at the final blur.
-  Without it, on a bumpy ellipse (12 deformations; a curve without features lets any point-set
-  distance slide along it) 3 of 12 fits ended near exact, with it 6 of 12 (Adam: 3). The temperature `eps = blur^2` (the plan's
-  kernel is `exp(-|x - y|^2 / 2 eps)`) starts at CPD's first variance (the mean squared distance
-  of all pairs, per dimension) and follows CPD's update, the plan's spread about the new map
-  (never rising), down to the loss's `blur^2`; the reach is `max(reach, EM_REACH_BLURS * blur)`:
+  (Measured before the M-step took its ridge on the whole map: on a bumpy ellipse, 12
+  deformations, 3 fits of 12 ended near exact without it, 6 with it.) The temperature
+  `eps = blur^2` (the plan's kernel is `exp(-|x - y|^2 / 2 eps)`) starts at CPD's first variance
+  (the mean squared distance of all pairs, per dimension) and follows CPD's update, the plan's
+  spread about the new map (never rising), down to the loss's `blur^2`; the reach is `max(reach, EM_REACH_BLURS * blur)`:
   balanced while hot, letting mass go once cooled. While hot, isolated target points (outliers,
   `sampling.isolated_points`) stay out of the plan, as out of the Adam stages' subsamples.
-* M-step: one Gauss-Newton step of the output weights towards the barycentres (the rows as
-  above), with the ridge `EM_RIDGE * eps` relative to the kernel's mean diagonal (CPD's
-  `lambda sigma^2`: large steps are damped while the pairs are vague), on a linearisation
-  reused for `EM_RELINEARIZE` steps; a step that does not lower the weighted residual is halved.
+* M-step, CPD's: the output weights minimising the weighted squared distance of the rows to their
+  pairs plus `lambda |W3|^2`, to first order (`_SoftStep`), with `lambda = EM_RIDGE sigma^2`
+  relative to the kernel's mean diagonal: a ridge on the whole map, so two different samplings
+  of one shape, whose pairs stay noisy, give a smooth map rather than one chasing the noise.
+  `sigma^2` is CPD's variance (the plan's spread about the map, never rising, not floored), so
+  the ridge fades as a pair of the same points is matched exactly.
 * It stops once cooled when no point moved by more than `EM_TOL` (or the option `tol`).
+* The fit is declined when it compresses the source by more than 2x at one of its points
+  (`EM_SQUEEZE`: min det J < 0.5), as when a part missing from the target was crushed into it
+  (a smooth crush that no fold reveals): the Adam stages then fit from the start, and the fold
+  refit of `register` follows as for them. This also declines some good fits that compress
+  between sparse samples (the ant bent by 2 rad at 120 and 250 points ends at Adam's result).
 
-Measured (`benchmarks/results/shapes_vs_cpd.md`, one thread): the fish (91 points) 0.26 -> 0.07 s
-at RMSE 0.12 -> 0.05 % of the diagonal (pycpd 0.29 %); the airplane and the ant at 120 and 250
-points (`benchmarks/flow_em.py`) 2-4x faster and 3-4x closer on clean pairs, as close on a
-cropped target (a fold sends it to the Adam refit, `SinkhornLoss.more_robust`), a little
-further with 5 % outliers (1.3-3.1 against Adam's 1.2-1.7 airplane units; 54.6 before).
-Why not above 256 points by default: the M-step then fits a subsample of rows, and the flow
-between them follows less closely than Adam's Chamfer refine on every point (the airplane at
-1335 points: RMSE 27 against 1.4; every point as a row: 3.1, but a (3N)^2 solve per step), and
-on the 1k surface it is more accurate (0.08 % against 0.16 %) but slower (1.5 s against 1.1 s).
+Measured (`benchmarks/results/flow_em.md`, `shapes_resampled.md`; one thread): the README's
+paragraph "Small shapes, soft correspondences: EM" has the numbers, and where it looks worse.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from .. import metrics
 from ..errors import ShapeflowError
 from ..progress import progress_bar
 from ..sampling import farthest_point_sample, isolated_points
@@ -93,9 +95,16 @@ GN_HALVINGS = 4
 ADAM_OPTIONS = ("lr", "lbfgs_iterations", "regularization")
 #: EM iterations at most when `register` gets no `iterations`
 EM_ITERATIONS = 40
-#: the M-step's ridge, relative to the kernel's mean diagonal, per unit of the plan's temperature
-#: (CPD's `lambda sigma^2`): 3 and 30 gave the fish 0.06-0.2 % RMSE, 10 0.05 %
-EM_RIDGE = 10.0
+#: the M-step's ridge on W3, relative to the kernel's mean diagonal, per unit of CPD's variance
+#: (`lambda sigma^2`, `_SoftStep`). Medians over the fish (8 deformations, same points) and two
+#: samplings of the fish / of 200 cortex points (3 seeds, `benchmarks/shapes_resampled.py`), % of
+#: the diagonal: 3: 0.016 / 2.00 / 5.05; 10: 0.024 / 1.58 / 4.67; 30: 0.036 / 1.68 / 3.94 (the
+#: Adam stages: 0.114 / 1.76 / 5.05; pycpd 0.26 / 1.52 / 4.14). A ridge on the step instead (the
+#: Levenberg-Marquardt damping) let the map chase the noise of two samplings: 3.4 / 6.3.
+EM_RIDGE = 30.0
+#: the EM fit is declined (the Adam stages fit instead) when it compresses the source by more than
+#: this factor somewhere (min det J at its points): a part missing from the target crushed into it
+EM_SQUEEZE = 0.5
 #: the plan's reach is at least this many times its current blur: balanced while hot, letting mass
 #: go once cooled (a fixed reach of 0.15 from the start left the fish at 6.7 %, 3 blurs at 1.0 %;
 #: 4 and 6 0.05 %, 4 the better on outliers)
@@ -165,7 +174,18 @@ def fit_output_gauss_newton(model, problem, history: list[dict], prefix: str, *,
         soft = problem.loss_cls.soft_pairs(problem.loss_options, len(problem.x), len(problem.y))
         if soft is None:
             return fallback(model, problem, history, prefix)
-        return _fit_soft_pairs(model, problem, soft, history, prefix)
+        start = copy.deepcopy(model.state_dict())
+        if _fit_soft_pairs(model, problem, soft, history, prefix):
+            return True
+        squeezed = metrics.min_jacobian_determinant(model, problem.x, per_axis=0)
+        if squeezed >= EM_SQUEEZE:
+            return False
+        # a part of the source crushed into the target, as when the target lacks it: the Adam
+        # stages fit instead, from the start (and the fold refit of `register` follows, as for them)
+        history.append({"stage": f"{prefix}transport ({problem.loss_cls.name})", "phase": "em", "declined": True,
+                        "min_jacobian_det": squeezed})
+        model.load_state_dict(start)
+        return fallback(model, problem, history, prefix)
     x, y, d = problem.x.detach(), problem.y.detach(), problem.x.shape[1]
     keep = farthest_point_sample(x, GN_ROWS // d, opts.seed) if len(x) * d > GN_ROWS else slice(None)
     points, targets = x[keep], y[keep]
@@ -209,19 +229,21 @@ def _rows(x: Tensor, d: int, seed: int):
 
 
 class _SoftStep:
-    """The M-step of the EM fit: one damped Gauss-Newton step of the output weights `W3` that moves
-    the rows (the source's rows, then the landmarks) towards `targets: (n, d)`, row i weighted by
-    `weights[i]`, with the ridge `mu` times the kernel's mean diagonal. The linearisation
-    (`ResNetFlow.linearize` at `points: (n, d)`) is reused for `EM_RELINEARIZE` steps (a chord
-    step: the flow moves little between them), and is redone at once when a step did not lower
-    the weighted residual, which the step then halves. `forward() -> (all moved points, rows)`
-    evaluates the map after a step: the E-step reuses it."""
+    """The M-step of the EM fit, CPD's: the output weights `W3` minimising
+    `sum_i w_i |phi(p_i) - t_i|^2 + lambda |W3|^2` over the rows `p` (the source's rows, then the
+    landmarks; `points: (n, d)`), to first order: `W3 <- J^T (K_w + lambda I)^-1 (t - phi + J W3)`
+    with the weighted kernel `K_w = R J J^T R`, `R = diag(sqrt(w))`, and `lambda` = `ridge` times
+    its mean diagonal. The ridge is on the whole map, not on the step, so the fit stays smooth when
+    the pairs are noisy (two samplings of one shape). The linearisation (`ResNetFlow.linearize`)
+    is reused for `EM_RELINEARIZE` steps (a chord step: the flow moves little between them), and
+    is redone at once when a step did not lower the objective, which the step then halves.
+    `forward() -> (all moved points, rows)` evaluates the map after a step; the E-step reuses it."""
 
     def __init__(self, model, points: Tensor, forward: Callable[[], tuple[Tensor, Tensor]]):
         self.model, self.points, self.forward = model, points, forward
         self.lin, self.kernel, self.age = None, None, 0
 
-    def __call__(self, rows: Tensor, targets: Tensor, weights: Tensor, mu: float) -> tuple[bool, Tensor, Tensor]:
+    def __call__(self, rows: Tensor, targets: Tensor, weights: Tensor, ridge: float) -> tuple[bool, Tensor, Tensor]:
         """`rows: (n, d)` at the current map -> (whether a step was taken, `forward()` after it)."""
         if self.lin is None or self.age >= EM_RELINEARIZE:
             self.lin = self.model.linearize(self.points)
@@ -230,18 +252,20 @@ class _SoftStep:
         root = weights.double().sqrt()
         scale = root.repeat_interleave(rows.shape[1])
         kernel = self.kernel * scale[:, None] * scale[None, :]
-        kappa = float(kernel.diagonal().mean())
+        lam = max(ridge, 1e-12) * max(float(kernel.diagonal().mean()), 1e-30)
+        w3 = self.model.W3.detach()
         residual = (rows.double() - targets.double()) * root[:, None]
-        before = float(residual.square().sum())
-        factor = torch.linalg.cholesky(kernel + max(mu, 1e-12) * max(kappa, 1e-30)
-                                       * torch.eye(len(kernel), dtype=kernel.dtype, device=kernel.device))
-        dual = torch.cholesky_solve(residual.reshape(-1, 1), factor).view_as(residual) * root[:, None]
-        step = -self.lin.pullback(dual.to(rows.dtype))
+        before = float(residual.square().sum()) + lam * float(w3.double().square().sum())
+        factor = torch.linalg.cholesky(kernel + lam * torch.eye(len(kernel), dtype=kernel.dtype, device=kernel.device))
+        offset = residual - self.lin.push(w3).double() * root[:, None]            # R (phi - t - J W3)
+        dual = torch.cholesky_solve(offset.reshape(-1, 1), factor).view_as(residual) * root[:, None]
+        step = -self.lin.pullback(dual.to(rows.dtype)) - w3                      # to the minimiser, from W3
         with torch.no_grad():
             for _ in range(GN_HALVINGS + 1):
                 self.model.W3.add_(step)
                 moved, after = self.forward()
-                if float(((after.double() - targets.double()).square().sum(1) * weights.double()).sum()) <= before:
+                value = float(((after.double() - targets.double()).square().sum(1) * weights.double()).sum())
+                if value + lam * float(self.model.W3.double().square().sum()) <= before:
                     return True, moved, after
                 self.model.W3.sub_(step)
                 step = step / 2
@@ -278,7 +302,8 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
         try:
             moved, rows = forward()
             # CPD's first variance: the mean squared distance of all pairs, per dimension
-            eps = max(float(torch.cdist(moved, y).square().mean()) / d, floor)
+            sigma2 = float(torch.cdist(moved, y).square().mean()) / d
+            eps = max(sigma2, floor)
             start = own_start = None
             for iteration in range(iterations):
                 blur = math.sqrt(eps)
@@ -294,14 +319,15 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                 if weighted_marks:
                     targets = torch.cat([targets, marks[1].detach()])
                     weights = torch.cat([weights, weights.new_full((len(marks[0]),), marks[2] / len(marks[0]))])
-                stepped, new, rows = m_step(rows, targets, weights, EM_RIDGE * eps)
+                stepped, new, rows = m_step(rows, targets, weights, EM_RIDGE * sigma2)
                 last = model.W3.detach().clone()
                 change = float((new - moved).abs().max())
                 moved = new
                 # CPD's variance update: the plan's spread about the new map, never rising
                 spread = float((plan.mass * ((moved - plan.barycentres).square().sum(1) + plan.spread)).sum()
                                / (d * plan.mass.sum().clamp_min(1e-30)))
-                previous, eps = eps, max(min(spread, eps), floor)
+                sigma2 = min(spread, sigma2)
+                previous, eps = eps, max(sigma2, floor)
                 cooled = eps <= floor or eps > EM_PLATEAU * previous
                 row = {"stage": label, "phase": "em", "iteration": iteration, "total": plan.cost, "data": plan.cost,
                        "temperature": previous, "sweeps": plan.sweeps, "change": change}

@@ -216,20 +216,21 @@ def markdown(out: dict) -> str:
 
 
 READING = [
-    "The fish: EM is 3.9x faster than the Adam stages and 2.4x closer (medians), on all 8 deformations; it meets "
-    "issue 12's 0.1 s but is still 7x slower than pycpd (0.010 s), at 0.18x pycpd's RMSE. Its time: ~19 EM "
-    "steps, each two transport plans (onto the target, onto itself) and a Gauss-Newton step on a "
+    "The fish: EM is 3.6x faster than the Adam stages and 3x closer (medians), on all 8 deformations; it meets "
+    "issue 12's 0.1 s but is still 8x slower than pycpd (0.009 s), at 0.14x pycpd's RMSE. Its time: ~20 EM "
+    "steps, each two transport plans (onto the target, onto itself) and a Gauss-Newton M-step on a "
     "linearisation reused for 4 steps.",
-    "Curves: with features (the star) EM ends 4-5x closer than Adam on every fit. Without (the bumpy ellipse) "
-    "any distance between point sets can slide along the curve, and both end at 0.2-0.4 of the start on "
-    "most fits; this is the case where EM looks worst (median 0.36 against 0.24 at 90 points).",
-    "Robustness at 120 and 250 points: clean pairs and large deformations 3-5x closer; a cropped target folds "
-    "and is refitted on Adam's stages (the same result as Adam); 5 % outliers on the 120-point airplane end "
-    "at 3.1 and 4.3 against Adam's 1.5 and 1.7 (58.8 before). With outliers the 250-point airplane has 263 "
-    "target points, above the EM's 256: Adam fits both columns.",
-    "Above 256 points (section 4) EM is more accurate (the whole airplane 0.012 % against 0.072 %, 1k cortex "
-    "0.062 % against 0.160 %) but not faster (1.8 s against 1.25 s at 1k: two dense 1k x 1k plans per step), "
-    "so it is not the default there; `em=True` chooses it.",
+    "Curves: with features (the star) EM ends 2-4x closer than Adam on every fit. Without (the bumpy ellipse) "
+    "any distance between point sets can slide along the curve, and both end at 0.15-0.45 of the start on "
+    "most fits; this is where EM looks worst (median 0.31 against Adam's 0.24 at 90 points).",
+    "Robustness at 120 and 250 points: clean pairs 20-25x closer and large deformations 7x closer; 5 % outliers "
+    "about as close as Adam (1.71 and 1.70 against 1.50 and 1.68 at 120 points; at 250 points the target has "
+    "263 points, above the EM's 256, so Adam fits both columns); a cropped target and the ant bent by 2 rad "
+    "end at Adam's result: the EM fit squeezes the source there (min det J < 0.5 at its points) and gives way "
+    "to the Adam stages, which costs the EM's time on top (0.5-1.7 s against 0.3-1.2 s).",
+    "Above 256 points (section 4) `em=True` is 2.3-3x more accurate at about the same time on these clean pairs; "
+    "it is not the default there because with 5 % outliers on the 1,335-point airplane it ended at RMSE 3.7-6.5 "
+    "where the Adam stages end at 0.8-1.9 on 3 draws of 4, and on the ant to its bent copy at 0.078 against 0.043.",
 ]
 
 

@@ -113,9 +113,17 @@ def main() -> None:
                      f"{med['pycpd']:.2f} % in {med['pycpd_seconds']:.3f} s: against the default **{better} is more "
                      f"accurate**; pycpd takes {med['pycpd_seconds'] / med['shapeflow_seconds']:.2f}x the default's time")
     lines += ["", "## Reading", "",
-              "* This is where we look worst against pycpd: on small pairs sampled differently it is more "
+              "* This is where we look worst against pycpd: on small pairs sampled differently it is as or more "
               "accurate and far faster than our default. `shapes_vs_cpd.md` (the same points on both sides) "
               "shows the opposite ranking on accuracy, which is why both are reported.",
+              "* Since 2026-12-03 (afternoon) the fish and 200-point pairs (at most 256 points) are fitted by EM on "
+              "the transport plan (`pipelines/shape_flow_gn.py`). Its first version, with a Levenberg-Marquardt "
+              "ridge on each step, chased the noise of two samplings: fish 3.41 %, 200 points 6.26 % (worse than "
+              "the start on two pairs). With CPD's ridge on the whole map, scaled by CPD's variance: fish 1.76 -> "
+              "1.68 % (pycpd 1.52 %) in 0.08 s instead of 0.24 s, 200 points 5.05 -> 3.94 % (pycpd 4.14 %). "
+              "`em=True` on the 1,000-point pairs: 1.49-1.72 % (median 1.56 %, pycpd 1.57 %) but in 1.8-2.2 s "
+              "(the default 1.0-1.4 s); with 5 % outliers on the 1,335-point airplane it ended at RMSE 3.7-6.5 "
+              "where the default's Adam stages end at 0.8-1.9 on 3 draws of 4, so EM stays below 256 points.",
               "* On the 1,000-vertex cortex pairs the default (Sinkhorn, then the Chamfer refine) used to end at "
               "2.1-5.5 %: its first fit folds space in the empty bounding box between the sparse samples (min det J "
               "-0.48 and -0.06 on the grid, > 0 at every source point), which triggered the refit with the reach / 3 "

@@ -97,26 +97,29 @@ def _damping(eps: float, rho: float | None) -> float:
 
 
 def _annealed(schedule: list[float], rho: float | None, costs: list[torch.Tensor],
-              log_weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """geomloss's symmetric epsilon-scaling loop: the potentials `[f_ba, g_ab, f_aa, g_bb]` of the
-    costs `[C_xy, C_yx, C_xx, C_yy]`, each updated from the previous sweep's values, averaged.
+              log_weights: list[torch.Tensor], feeds: tuple[int, ...] = (1, 0, 2, 3),
+              start: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """geomloss's symmetric epsilon-scaling loop: the potentials of the `costs` (by default
+    `[C_xy, C_yx, C_xx, C_yy]` -> `[f_ba, g_ab, f_aa, g_bb]`), each updated from the previous
+    sweep's values of the potential `feeds` names, averaged; from `start` (potentials) or from the
+    first epsilon's softmins of the weights alone.
 
     `log_weights`: the log-weights each softmin sums over: `[log b, log a, log a, log b]`. When the
-    four costs have one shape (N = M) and at most `STACK_ENTRIES` entries, they are stacked, so a
-    sweep is one reduction over `(4, N, N)`: on small clouds the time is torch's per-operation
-    overhead, a quarter of it this way."""
-    # which potential feeds each softmin: f_ba from g_ab, g_ab from f_ba, f_aa and g_bb from themselves
-    feeds = [1, 0, 2, 3]
+    costs have one shape and at most `STACK_ENTRIES` entries each, they are stacked, so a sweep is
+    one reduction over `(K, N, N)`: on small clouds the time is torch's per-operation overhead, a
+    quarter of it this way."""
+    feeds = list(feeds)
     if all(c.shape == costs[0].shape for c in costs) and costs[0].numel() <= STACK_ENTRIES:
-        cost, log_w = torch.stack(costs), torch.stack(log_weights)                      # (4, N, N), (4, N)
+        cost, log_w = torch.stack(costs), torch.stack(log_weights)                      # (K, N, N), (K, N)
         e = schedule[0]
-        potentials = _softmin(e, cost, log_w, _damping(e, rho))                         # (4, N)
+        potentials = _softmin(e, cost, log_w, _damping(e, rho)) if start is None else torch.stack(start)
         for e in schedule:
             update = _softmin(e, cost, torch.add(log_w, potentials[feeds], alpha=1 / e), _damping(e, rho))
             potentials = torch.lerp(potentials, update, 0.5)
         return list(potentials.unbind())
     e = schedule[0]
-    potentials = [_softmin(e, c, w, _damping(e, rho)) for c, w in zip(costs, log_weights)]
+    potentials = ([_softmin(e, c, w, _damping(e, rho)) for c, w in zip(costs, log_weights)] if start is None
+                  else list(start))
     for e in schedule:
         updates = [_softmin(e, c, torch.add(w, potentials[k], alpha=1 / e), _damping(e, rho))
                    for c, w, k in zip(costs, log_weights, feeds)]
@@ -244,18 +247,13 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
         if start is not None and start[1].shape == log_b.shape:
             g = start[1]
             schedule = epsilon_schedule(start[2], blur, scaling)[1:-1] if start[2] > blur / scaling else []
+            if schedule:        # the source's potential made afresh from the target's, then the scaling
+                f = _softmin(schedule[0], c_xy, log_b + g / schedule[0], _damping(schedule[0], rho))
+                f, g = _annealed(schedule, rho, [c_xy, c_yx], [log_b, log_a], feeds=(1, 0), start=[f, g])
         else:
             both = torch.cat([x, y])
             schedule = epsilon_schedule(float((both.max(0).values - both.min(0).values).norm()), blur, scaling)[:-1]
-            e = schedule[0]
-            g = _softmin(e, c_yx, log_a, _damping(e, rho))
-        if schedule:
-            e = schedule[0]
-            f = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
-            for e in schedule:
-                f_new = _softmin(e, c_xy, log_b + g / e, _damping(e, rho))
-                g_new = _softmin(e, c_yx, log_a + f / e, _damping(e, rho))
-                f, g = torch.lerp(f, f_new, 0.5), torch.lerp(g, g_new, 0.5)
+            f, g = _annealed(schedule, rho, [c_xy, c_yx], [log_b, log_a], feeds=(1, 0))
         f = _softmin(eps, c_xy, log_b + g / eps, damping)
         # the kernel with the potentials absorbed, times b: P_ij / a_i = alpha_i relative_ij beta_j
         relative = fast_exp(torch.add(f[:, None] + g[None, :], c_xy, alpha=-1.0) / eps + log_b[None, :])
@@ -272,9 +270,10 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
             new_u = -damping * torch.log((relative @ log_v.exp()).clamp_min(tiny)) + (damping - 1) * f_abs / eps
             new_v = (-damping * (torch.log((relative.T @ (a * new_u.exp())).clamp_min(tiny)) - log_b)
                      + (damping - 1) * g_abs / eps)
-            change = eps * max(float((new_u - log_u).abs().max()), float((new_v - log_v).abs().max()))
+            # a potential moves by eps times its log-scaling's change
+            change = max(float((new_u - log_u).abs().max()), float((new_v - log_v).abs().max()))
             log_u, log_v = new_u, new_v
-            if change < tol * eps:
+            if change < tol:
                 break
         f, g = f_abs + eps * log_u, g_abs + eps * log_v
         relative = relative * log_u.exp()[:, None] * log_v.exp()[None, :]

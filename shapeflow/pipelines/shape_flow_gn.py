@@ -159,10 +159,10 @@ class _OutputProblem:
 
 def fit_output_gauss_newton(model, problem, history: list[dict], prefix: str, *, fallback: Callable) -> bool:
     """Fit the flow `model` (with `linearize`, output weights `W3`) to `problem` (a `ShapeFit`)
-    by Gauss-Newton on corresponding points (see the module docstring), or by
-    `fallback(model, problem, history, prefix)` (Adam) for a loss without correspondences or
-    when Adam's options were given. Returns True if Ctrl-C stopped it (the model then holds the
-    best iterate)."""
+    by Gauss-Newton on corresponding points, or by EM on the soft pairs its loss offers
+    (`PointLoss.soft_pairs`; see the module docstring), or by `fallback(model, problem, history,
+    prefix)` (Adam) for any other loss, when Adam's options were given, or when the EM fit is
+    declined. Returns True if Ctrl-C stopped it (the model then holds the best iterate)."""
     opts = problem.opts
     adam = [name for name in ADAM_OPTIONS if getattr(opts, name) is not None]
     if adam and getattr(problem.loss_options, "em", None) is True:
@@ -187,14 +187,14 @@ def fit_output_gauss_newton(model, problem, history: list[dict], prefix: str, *,
         model.load_state_dict(start)
         return fallback(model, problem, history, prefix)
     x, y, d = problem.x.detach(), problem.y.detach(), problem.x.shape[1]
-    keep = farthest_point_sample(x, GN_ROWS // d, opts.seed) if len(x) * d > GN_ROWS else slice(None)
+    keep = _rows(x, d, opts.seed)
     points, targets = x[keep], y[keep]
     count = len(points)
     weights = points.new_full((count,), 1.0 / count)
     marks = problem.landmarks
     if marks is not None and marks[2] > 0:
-        points, targets = torch.cat([points, marks[0].detach()]), torch.cat([targets, marks[1].detach()])
-        weights = torch.cat([weights, weights.new_full((len(marks[0]),), marks[2] / len(marks[0]))])
+        points = torch.cat([points, marks[0].detach()])
+        targets, weights = _with_landmarks(targets, weights, marks)
     least_squares = _OutputProblem(model, points, targets, weights)
     iterations = opts.iterations if opts.iterations is not None else GN_ITERATIONS
     label = f"{prefix}{problem.stages[-1].label}"
@@ -221,6 +221,14 @@ def fit_output_gauss_newton(model, problem, history: list[dict], prefix: str, *,
                                         max_damping_tries=GN_HALVINGS, callback=report)
     least_squares._set(result.x)
     return result.interrupted
+
+
+def _with_landmarks(targets: Tensor, weights: Tensor, marks) -> tuple[Tensor, Tensor]:
+    """`targets: (n, d)` and `weights: (n,)` with the K landmark rows after them: their targets
+    `marks[1]`, each of weight `marks[2] / K` (the landmark term of the Adam objective, halved)."""
+    count = len(marks[0])
+    return (torch.cat([targets, marks[1].detach()]),
+            torch.cat([weights, weights.new_full((count,), marks[2] / count)]))
 
 
 def _rows(x: Tensor, d: int, seed: int):
@@ -317,8 +325,7 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                 targets = targets - own.barycentres[keep] + moved[keep]
                 weights = weights / weights.sum().clamp_min(1e-30)
                 if weighted_marks:
-                    targets = torch.cat([targets, marks[1].detach()])
-                    weights = torch.cat([weights, weights.new_full((len(marks[0]),), marks[2] / len(marks[0]))])
+                    targets, weights = _with_landmarks(targets, weights, marks)
                 stepped, new, rows = m_step(rows, targets, weights, EM_RIDGE * sigma2)
                 last = model.W3.detach().clone()
                 change = float((new - moved).abs().max())

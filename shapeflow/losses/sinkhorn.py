@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.exp import fast_exp, fast_logsumexp
+from ..kernels.exp import exp_floor, fast_logsumexp
 
 __all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient", "TransportPlan",
-           "transport_plan"]
+           "transport_plan", "target_potential"]
 
 #: a warm call stops when no potential moved by more than TOL * epsilon in a sweep
 TOL = 0.1
@@ -224,6 +224,18 @@ class TransportPlan:
     spread: torch.Tensor
 
 
+def target_potential(x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, blur: float,
+                     reach: float | None = None) -> torch.Tensor:
+    """The target potential `g: (M,)` on `y: (M, d)` that a source potential `f: (N,)` on the
+    uniform measure on `x: (N, d)` gives at `blur` (one Sinkhorn half-sweep, the c-transform
+    `g_j = -lambda eps log sum_i a_i exp((f_i - C_ij) / eps)`): a warm start for `transport_plan`
+    onto new target points, `start=(f, g, blur)`. No autograd."""
+    eps, rho = blur ** 2, None if reach is None else reach ** 2
+    with torch.no_grad():
+        log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
+        return _softmin(eps, _cost(y, x), log_a + f / eps, _damping(eps, rho))
+
+
 def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float | None = None,
                    start: tuple[torch.Tensor, torch.Tensor, float] | None = None, tol: float = 1e-3,
                    max_sweeps: int = 200, scaling: float = 0.5) -> TransportPlan:
@@ -242,31 +254,38 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
     with torch.no_grad():
         log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
         log_b = torch.full((y.shape[0],), -math.log(y.shape[0]), dtype=y.dtype, device=y.device)
-        c_xy = _cost(x, y)
-        c_yx = c_xy.T
+        schedule = []
         if start is not None and start[1].shape == log_b.shape:
             g = start[1]
             schedule = epsilon_schedule(start[2], blur, scaling)[1:-1] if start[2] > blur / scaling else []
             if schedule:        # the source's potential made afresh from the target's, then the scaling
+                c_xy = _cost(x, y)
                 f = _softmin(schedule[0], c_xy, log_b + g / schedule[0], _damping(schedule[0], rho))
-                f, g = _annealed(schedule, rho, [c_xy, c_yx], [log_b, log_a], feeds=(1, 0), start=[f, g])
+                f, g = _annealed(schedule, rho, [c_xy, c_xy.T], [log_b, log_a], feeds=(1, 0), start=[f, g])
         else:
             both = torch.cat([x, y])
             schedule = epsilon_schedule(float((both.max(0).values - both.min(0).values).norm()), blur, scaling)[:-1]
-            f, g = _annealed(schedule, rho, [c_xy, c_yx], [log_b, log_a], feeds=(1, 0))
-        f = _softmin(eps, c_xy, log_b + g / eps, damping)
-        # the kernel with the potentials absorbed, times b: P_ij / a_i = alpha_i relative_ij beta_j
-        relative = fast_exp(torch.add(f[:, None] + g[None, :], c_xy, alpha=-1.0) / eps + log_b[None, :])
-        f_abs, g_abs = f, g                                          # the potentials absorbed in `relative`
-        log_u = torch.zeros_like(f)                                  # f = f_abs + eps log_u
-        log_v = torch.zeros_like(g)                                  # g = g_abs + eps log_v
-        a = log_a.exp()
+            c_xy = _cost(x, y)
+            f, g = _annealed(schedule, rho, [c_xy, c_xy.T], [log_b, log_a], feeds=(1, 0))
+        # the kernel with g and a row shift absorbed, times b: relative_ij = exp(z_ij - top_i) with
+        # z_ij = (g_j - C_ij) / eps + log b_j, C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j (one matrix
+        # product, then in place: five passes over the (N, M) matrix in all)
+        z = torch.addmm(((g - y.square().sum(1) / 2) / eps + log_b)[None, :], x, y.T, alpha=1.0 / eps)
+        z.sub_((x.square().sum(1) / (2 * eps))[:, None])
+        top = z.amax(1)
+        relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype)).exp_()
+        torch.nn.functional.threshold_(relative, 5 * torch.finfo(z.dtype).tiny, 0.0)   # no subnormals
+        f_abs, g_abs = -eps * top, g                                 # the potentials absorbed in `relative`
         tiny = torch.finfo(x.dtype).tiny        # a row or column with no mass left: log(tiny), not -inf
+        a = log_a.exp()
+        log_v = torch.zeros_like(g)                                  # g = g_abs + eps log_v
+        # f <- -lambda eps log sum_j b_j exp((g_j - C_ij) / eps), g likewise from the new f; in the
+        # scalings: log u = -lambda log((relative v)_i) + (lambda - 1) f_abs / eps, and for log v
+        # the kernel's transpose weighted by a u (relative = K b, so K^T (a u) = relative^T (a u) / b).
+        # The first update of u is the softmin of the warm g (f = f_abs + eps log_u).
+        log_u = -damping * torch.log((relative.sum(1)).clamp_min(tiny)) + (damping - 1) * f_abs / eps
         sweeps = 0
         for sweeps in range(1, max_sweeps + 1):
-            # f <- -lambda eps log sum_j b_j exp((g_j - C_ij) / eps), g likewise from the new f; in the
-            # scalings: log u = -lambda log((relative v)_i) + (lambda - 1) f_abs / eps, and for log v
-            # the kernel's transpose weighted by a u (relative = K b, so K^T (a u) = relative^T (a u) / b)
             new_u = -damping * torch.log((relative @ log_v.exp()).clamp_min(tiny)) + (damping - 1) * f_abs / eps
             new_v = (-damping * (torch.log((relative.T @ (a * new_u.exp())).clamp_min(tiny)) - log_b)
                      + (damping - 1) * g_abs / eps)
@@ -276,11 +295,15 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
             if change < tol:
                 break
         f, g = f_abs + eps * log_u, g_abs + eps * log_v
-        relative = relative * log_u.exp()[:, None] * log_v.exp()[None, :]
-        relative = torch.nan_to_num(relative, nan=0.0, posinf=0.0)   # a row with no mass: none
-        mass = relative.sum(1)
-        barycentres = (relative @ y) / mass.clamp_min(tiny)[:, None]
-        cost = float((relative * c_xy).sum() / x.shape[0])
-        # sum_j P_ij |y_j - barycentre_i|^2 / sum_j P_ij
-        spread = ((relative @ y.square().sum(1)) / mass.clamp_min(tiny) - barycentres.square().sum(1)).clamp_min(0)
+        # per source point, sums over the plan's row of 1, y and |y|^2 (P_ij / a_i = u_i relative_ij v_j)
+        y2 = y.square().sum(1)
+        sums = relative @ (log_v.exp()[:, None] * torch.cat([y, y2[:, None], torch.ones_like(y2)[:, None]], 1))
+        u = log_u.exp()
+        mass = torch.nan_to_num(u * sums[:, -1], nan=0.0, posinf=0.0)            # a row with no mass: none
+        total = sums[:, -1].clamp_min(tiny)
+        barycentres = sums[:, :-2] / total[:, None]
+        spread = (sums[:, -2] / total - barycentres.square().sum(1)).clamp_min(0)  # sum_j P_ij |y_j - b_i|^2 / sum_j P_ij
+        # sum_ij P_ij C_ij with C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j, from the same sums
+        cost = float((mass * (x.square().sum(1) / 2 + sums[:, -2] / (2 * total) - (x * barycentres).sum(1))).sum()
+                     / x.shape[0])
     return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread)

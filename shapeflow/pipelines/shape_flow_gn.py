@@ -77,7 +77,7 @@ from ..errors import ShapeflowError
 from ..progress import progress_bar
 from ..sampling import farthest_point_sample, isolated_points
 from ..solvers import Linearization, minimize_least_squares
-from ..losses.sinkhorn import transport_plan
+from ..losses.sinkhorn import target_potential, transport_plan
 
 __all__ = ["fit_output_gauss_newton", "GN_ROWS", "GN_ITERATIONS", "GN_DAMPING", "EM_ITERATIONS", "EM_RIDGE"]
 
@@ -119,6 +119,8 @@ EM_TOL = 1e-3
 #: M-steps per linearisation of the flow (a chord step in between): 1, 3, 6 took the fish 0.106,
 #: 0.069, 0.060 s at 0.053-0.060 % RMSE
 EM_RELINEARIZE = 4
+EM_COARSE = 0.5
+EM_LEVELS = (128, 256)
 
 
 class _OutputProblem:
@@ -259,14 +261,15 @@ class _SoftStep:
         self.age += 1
         root = weights.double().sqrt()
         scale = root.repeat_interleave(rows.shape[1])
-        kernel = self.kernel * scale[:, None] * scale[None, :]
-        lam = max(ridge, 1e-12) * max(float(kernel.diagonal().mean()), 1e-30)
+        lam = max(ridge, 1e-12) * max(float((self.kernel.diagonal() * scale.square()).mean()), 1e-30)
         w3 = self.model.W3.detach()
         residual = (rows.double() - targets.double()) * root[:, None]
         before = float(residual.square().sum()) + lam * float(w3.double().square().sum())
+        offset = (residual - self.lin.push(w3).double() * root[:, None]).reshape(-1)   # R (phi - t - J W3)
+        kernel = self.kernel * scale[:, None] * scale[None, :]
         factor = torch.linalg.cholesky(kernel + lam * torch.eye(len(kernel), dtype=kernel.dtype, device=kernel.device))
-        offset = residual - self.lin.push(w3).double() * root[:, None]            # R (phi - t - J W3)
-        dual = torch.cholesky_solve(offset.reshape(-1, 1), factor).view_as(residual) * root[:, None]
+        dual = torch.cholesky_solve(offset[:, None], factor)[:, 0]
+        dual = dual.view_as(residual) * root[:, None]
         step = -self.lin.pullback(dual.to(rows.dtype)) - w3                      # to the minimiser, from W3
         with torch.no_grad():
             for _ in range(GN_HALVINGS + 1):
@@ -281,6 +284,46 @@ class _SoftStep:
             return (False, *self.forward())
 
 
+class _Level:
+    """One resolution of the EM fit: the M-step's rows `x[rows]` (with the landmarks), the plans'
+    source points `x[source]` and target points (`hot` while the plan is hot, `cold` once cooled),
+    used while the blur is at least `min_blur`."""
+
+    def __init__(self, model, x: Tensor, rows, source, hot: Tensor, cold: Tensor, min_blur: float, marks):
+        self.rows, self.source, self.hot, self.cold, self.min_blur = rows, source, hot, cold, min_blur
+        self.model, self.x, self.marks = model, x, marks
+        points = x[rows] if marks is None else torch.cat([x[rows], marks])
+        self.m_step = _SoftStep(model, points, self.forward)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """The plans' source points moved by the map, and the rows of the M-step (with the landmarks)."""
+        with torch.no_grad():
+            moved = self.model(self.x[self.source])
+            rows = moved if self.rows is self.source else moved[self.rows]
+            return moved, rows if self.marks is None else torch.cat([rows, self.model(self.marks)])
+
+
+def _levels(model, x: Tensor, y_hot: Tensor, y: Tensor, keep, marks, seed: int) -> list[_Level]:
+    """The EM fit's resolutions, coarsest first: the finest has the rows `keep` and every point in
+    its plans; below it, for each count of `EM_LEVELS` under the rows' number, the first `count` of
+    them (farthest points first) in both the M-step and the plans, with as many farthest target
+    points, in use while the blur is at least `EM_COARSE` times their mean spacing."""
+    finest = _Level(model, x, keep, slice(None), y_hot, y, 0.0, marks)
+    if isinstance(keep, slice):
+        return [finest]
+    from ..kernels.neighbors import mean_neighbor_distances
+    levels = []
+    for count in EM_LEVELS:
+        if count > len(keep):
+            continue
+        rows = keep[:count]
+        targets = y_hot[farthest_point_sample(y_hot, min(len(y_hot), count), seed)]
+        spacing = float(mean_neighbor_distances(x[rows], 1).mean())
+        levels.append(_Level(model, x, rows, rows, targets, targets, EM_COARSE * spacing, marks))
+    # a level whose blur a coarser one already covers is never used
+    return [level for k, level in enumerate(levels) if all(level.min_blur < c.min_blur for c in levels[:k])] + [finest]
+
+
 def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> bool:
     """EM on soft correspondences with Gauss-Newton M-steps (see the module docstring). `loss`:
     what `PointLoss.soft_pairs` returned (its `blur` and `reach`). Returns True if Ctrl-C stopped
@@ -288,16 +331,10 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
     opts = problem.opts
     x, y, d = problem.x.detach(), problem.y.detach(), problem.x.shape[1]
     keep = _rows(x, d, opts.seed)
+    if not isinstance(keep, slice):
+        keep = torch.as_tensor(keep)
     marks = problem.landmarks
     weighted_marks = marks is not None and marks[2] > 0
-
-    def forward() -> tuple[Tensor, Tensor]:
-        """Every source point moved by the map, and the rows of the M-step (with the landmarks)."""
-        with torch.no_grad():
-            moved = model(x)
-            return moved, torch.cat([moved[keep], model(marks[0])]) if weighted_marks else moved[keep]
-
-    m_step = _SoftStep(model, torch.cat([x[keep], marks[0].detach()]) if weighted_marks else x[keep], forward)
     iterations = opts.iterations if opts.iterations is not None else EM_ITERATIONS
     label = f"{prefix}transport ({problem.loss_cls.name})"
     floor = float(loss.blur) ** 2
@@ -305,28 +342,41 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
     # stages' subsamples; once cooled, every point is in, and the reach lets far ones go
     lonely = isolated_points(y)
     y_hot = y[~lonely] if int((~lonely).sum()) >= max(d + 1, len(y) // 2) else y
+    levels = _levels(model, x, y_hot, y, keep, marks[0].detach() if weighted_marks else None, opts.seed)
     interrupted, last = False, model.W3.detach().clone()
     with progress_bar(opts.progress, label, iterations) as advance:
         try:
-            moved, rows = forward()
             # CPD's first variance: the mean squared distance of all pairs, per dimension
-            sigma2 = float(torch.cdist(moved, y).square().mean()) / d
+            with torch.no_grad():
+                sigma2 = float(torch.cdist(model(x), y).square().mean()) / d
             eps = max(sigma2, floor)
-            start = own_start = None
+            level, start, own_start, old, plateau = None, None, None, None, False
             for iteration in range(iterations):
                 blur = math.sqrt(eps)
                 reach = None if loss.reach is None else max(float(loss.reach), EM_REACH_BLURS * blur)
-                plan = transport_plan(moved, y if eps <= floor else y_hot, blur, reach, start=start,
+                # the next finer level once the blur is below this one's, or the plan stopped cooling on it
+                index = 0 if level is None else levels.index(level) + (plateau and level is not levels[-1])
+                now = next(lv for lv in levels[index:] if blur >= lv.min_blur)
+                if now is not level:
+                    moved, rows = now.forward()
+                    if level is not None:        # the potentials carried over to the new points
+                        start = (None, target_potential(old, start[0], now.cold if eps <= floor else now.hot,
+                                                        start[2], reach), start[2])
+                        own_start = (None, target_potential(old, own_start[0], moved, own_start[2], reach),
+                                     own_start[2])
+                    level = now
+                plan = transport_plan(moved, level.cold if eps <= floor else level.hot, blur, reach, start=start,
                                       max_sweeps=EM_SWEEPS)
-                start = plan.potentials
-                targets, weights = plan.barycentres[keep], plan.mass[keep]
                 own = transport_plan(moved, moved, blur, reach, start=own_start, max_sweeps=EM_SWEEPS)
-                own_start = own.potentials      # debiased: less the shrinkage of the source onto itself
-                targets = targets - own.barycentres[keep] + moved[keep]
+                start, own_start, old = plan.potentials, own.potentials, moved
+                # debiased: less the shrinkage of the source onto itself
+                pick = (lambda t: t) if level.rows is level.source else (lambda t: t[level.rows])
+                targets = pick(plan.barycentres) - pick(own.barycentres) + pick(moved)
+                weights = pick(plan.mass)
                 weights = weights / weights.sum().clamp_min(1e-30)
                 if weighted_marks:
                     targets, weights = _with_landmarks(targets, weights, marks)
-                stepped, new, rows = m_step(rows, targets, weights, EM_RIDGE * sigma2)
+                stepped, new, rows = level.m_step(rows, targets, weights, EM_RIDGE * sigma2)
                 last = model.W3.detach().clone()
                 change = float((new - moved).abs().max())
                 moved = new
@@ -335,12 +385,13 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                                / (d * plan.mass.sum().clamp_min(1e-30)))
                 sigma2 = min(spread, sigma2)
                 previous, eps = eps, max(sigma2, floor)
-                cooled = eps <= floor or eps > EM_PLATEAU * previous
+                plateau = eps > EM_PLATEAU * previous
+                cooled = eps <= floor or plateau
                 row = {"stage": label, "phase": "em", "iteration": iteration, "total": plan.cost, "data": plan.cost,
-                       "temperature": previous, "sweeps": plan.sweeps, "change": change}
+                       "temperature": previous, "sweeps": plan.sweeps, "change": change, "points": len(moved)}
                 history.append(row)
                 advance(row)
-                if cooled and stepped and change <= max(opts.tol, EM_TOL):
+                if cooled and stepped and change <= max(opts.tol, EM_TOL) and level is levels[-1]:
                     break
         except KeyboardInterrupt:
             interrupted = True

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ShapeflowError
 from ..kernels.exp import exp_floor, fast_logsumexp
 
 __all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient", "TransportPlan",
@@ -224,23 +225,35 @@ class TransportPlan:
     spread: torch.Tensor
 
 
+def _log_weights(weights: torch.Tensor | None, points: torch.Tensor, name: str) -> torch.Tensor:
+    """log of `weights: (N,)` (positive, summing to 1) for `points: (N, d)`; None: uniform."""
+    if weights is None:
+        return torch.full((points.shape[0],), -math.log(points.shape[0]), dtype=points.dtype, device=points.device)
+    if weights.shape != (points.shape[0],):
+        raise ShapeflowError(f"transport_plan(): {name} has shape {tuple(weights.shape)}, expected "
+                             f"({points.shape[0]},)")
+    return weights.to(points.dtype).log()
+
+
 def target_potential(x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, blur: float,
-                     reach: float | None = None) -> torch.Tensor:
+                     reach: float | None = None, a: torch.Tensor | None = None) -> torch.Tensor:
     """The target potential `g: (M,)` on `y: (M, d)` that a source potential `f: (N,)` on the
-    uniform measure on `x: (N, d)` gives at `blur` (one Sinkhorn half-sweep, the c-transform
+    measure on `x: (N, d)` (weights `a: (N,)`, uniform if None) gives at `blur` (one Sinkhorn half-sweep, the c-transform
     `g_j = -lambda eps log sum_i a_i exp((f_i - C_ij) / eps)`): a warm start for `transport_plan`
     onto new target points, `start=(f, g, blur)`. No autograd."""
     eps, rho = blur ** 2, None if reach is None else reach ** 2
     with torch.no_grad():
-        log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
+        log_a = _log_weights(a, x, "a")
         return _softmin(eps, _cost(y, x), log_a + f / eps, _damping(eps, rho))
 
 
 def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float | None = None,
                    start: tuple[torch.Tensor, torch.Tensor, float] | None = None, tol: float = 1e-3,
-                   max_sweeps: int = 200, scaling: float = 0.5) -> TransportPlan:
+                   max_sweeps: int = 200, scaling: float = 0.5, a: torch.Tensor | None = None,
+                   b: torch.Tensor | None = None) -> TransportPlan:
     """The entropic transport plan `P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)` between the
-    uniform measures on `x: (N, d)` and `y: (M, d)` (cost `|x - y|^2 / 2`, `eps = blur^2`;
+    measures on `x: (N, d)` and `y: (M, d)` with weights `a: (N,)` and `b: (M,)` (each positive,
+    summing to 1; None: uniform) (cost `|x - y|^2 / 2`, `eps = blur^2`;
     unbalanced with `reach`, as `sinkhorn_divergence`'s cross term), summarised per source point
     (`TransportPlan`). Start: `start = (f, g, its blur)`, a previous plan's potentials on the same
     target (its `g` carries over; `f` is made afresh, the source having moved), with geomloss's
@@ -252,8 +265,7 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
     eps, rho = blur ** 2, None if reach is None else reach ** 2
     damping = _damping(eps, rho)
     with torch.no_grad():
-        log_a = torch.full((x.shape[0],), -math.log(x.shape[0]), dtype=x.dtype, device=x.device)
-        log_b = torch.full((y.shape[0],), -math.log(y.shape[0]), dtype=y.dtype, device=y.device)
+        log_a, log_b = _log_weights(a, x, "a"), _log_weights(b, y, "b")
         schedule = []
         if start is not None and start[1].shape == log_b.shape:
             g = start[1]
@@ -304,6 +316,5 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
         barycentres = sums[:, :-2] / total[:, None]
         spread = (sums[:, -2] / total - barycentres.square().sum(1)).clamp_min(0)  # sum_j P_ij |y_j - b_i|^2 / sum_j P_ij
         # sum_ij P_ij C_ij with C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j, from the same sums
-        cost = float((mass * (x.square().sum(1) / 2 + sums[:, -2] / (2 * total) - (x * barycentres).sum(1))).sum()
-                     / x.shape[0])
+        cost = float((a * mass * (x.square().sum(1) / 2 + sums[:, -2] / (2 * total) - (x * barycentres).sum(1))).sum())
     return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread)

@@ -75,6 +75,7 @@ from torch import Tensor
 from .. import metrics
 from ..errors import ShapeflowError
 from ..progress import progress_bar
+from ..kernels.neighbors import nearest_neighbors
 from ..sampling import farthest_point_sample, isolated_points
 from ..solvers import Linearization, minimize_least_squares
 from ..losses.sinkhorn import target_potential, transport_plan
@@ -121,6 +122,9 @@ EM_TOL = 1e-3
 EM_RELINEARIZE = 4
 EM_COARSE = 0.5
 EM_LEVELS = (128, 256)
+EM_SINGLE = True
+EM_FAR = 3.0
+EM_REFINE = 1
 
 
 class _OutputProblem:
@@ -259,23 +263,33 @@ class _SoftStep:
             self.lin = self.model.linearize(self.points)
             self.kernel, self.age = self.lin.kernel().double(), 0
         self.age += 1
-        root = weights.double().sqrt()
-        scale = root.repeat_interleave(rows.shape[1])
-        lam = max(ridge, 1e-12) * max(float((self.kernel.diagonal() * scale.square()).mean()), 1e-30)
+        weights = weights.double()
+        d = rows.shape[1]
+        per_row = weights.repeat_interleave(d)                                   # (n d,)
+        lam = max(ridge, 1e-12) * max(float((self.kernel.diagonal() * per_row).mean()), 1e-30)
         w3 = self.model.W3.detach()
-        residual = (rows.double() - targets.double()) * root[:, None]
-        before = float(residual.square().sum()) + lam * float(w3.double().square().sum())
-        offset = (residual - self.lin.push(w3).double() * root[:, None]).reshape(-1)   # R (phi - t - J W3)
-        kernel = self.kernel * scale[:, None] * scale[None, :]
-        factor = torch.linalg.cholesky(kernel + lam * torch.eye(len(kernel), dtype=kernel.dtype, device=kernel.device))
-        dual = torch.cholesky_solve(offset[:, None], factor)[:, 0]
-        dual = dual.view_as(residual) * root[:, None]
+        residual = rows.double() - targets.double()                               # (n, d)
+        before = float((residual.square().sum(1) * weights).sum()) + lam * float(w3.double().square().sum())
+        # (R K R + lam I) R^-1 z = R offset with R = diag(sqrt(w)) is (K + lam W^-1) z = offset:
+        # the weights only on the diagonal (a row of weight 0 drops out: its z is 0)
+        offset = (residual - self.lin.push(w3).double()).reshape(-1)              # phi - t - J W3
+        system = self.kernel.clone()
+        system.diagonal().add_(lam / per_row.clamp_min(1e-30))
+        if EM_SINGLE:
+            factor = torch.linalg.cholesky(system.float())
+            dual = torch.cholesky_solve(offset.float()[:, None], factor)[:, 0].double()
+            for _ in range(EM_REFINE):
+                dual = dual + torch.cholesky_solve((offset - system @ dual).float()[:, None], factor)[:, 0].double()
+        else:
+            factor = torch.linalg.cholesky(system)
+            dual = torch.cholesky_solve(offset[:, None], factor)[:, 0]
+        dual = dual.view_as(residual)
         step = -self.lin.pullback(dual.to(rows.dtype)) - w3                      # to the minimiser, from W3
         with torch.no_grad():
             for _ in range(GN_HALVINGS + 1):
                 self.model.W3.add_(step)
                 moved, after = self.forward()
-                value = float(((after.double() - targets.double()).square().sum(1) * weights.double()).sum())
+                value = float(((after.double() - targets.double()).square().sum(1) * weights).sum())
                 if value + lam * float(self.model.W3.double().square().sum()) <= before:
                     return True, moved, after
                 self.model.W3.sub_(step)
@@ -289,8 +303,10 @@ class _Level:
     source points `x[source]` and target points (`hot` while the plan is hot, `cold` once cooled),
     used while the blur is at least `min_blur`."""
 
-    def __init__(self, model, x: Tensor, rows, source, hot: Tensor, cold: Tensor, min_blur: float, marks):
+    def __init__(self, model, x: Tensor, rows, source, hot: Tensor, cold: Tensor, min_blur: float, marks,
+                 a: Tensor | None = None, b: Tensor | None = None):
         self.rows, self.source, self.hot, self.cold, self.min_blur = rows, source, hot, cold, min_blur
+        self.a, self.b = a, b
         self.model, self.x, self.marks = model, x, marks
         points = x[rows] if marks is None else torch.cat([x[rows], marks])
         self.m_step = _SoftStep(model, points, self.forward)
@@ -301,6 +317,13 @@ class _Level:
             moved = self.model(self.x[self.source])
             rows = moved if self.rows is self.source else moved[self.rows]
             return moved, rows if self.marks is None else torch.cat([rows, self.model(self.marks)])
+
+
+def _cell_weights(points: Tensor, sample: Tensor) -> Tensor:
+    """The share of `points: (N, d)` nearest to each of `sample: (K, d)` -> `(K,)`, summing to 1: the
+    sample as a quantisation of the points' measure (an outlier drawn into it keeps its own 1/N)."""
+    counts = torch.bincount(nearest_neighbors(points, sample), minlength=len(sample)).to(points.dtype)
+    return counts / counts.sum()
 
 
 def _levels(model, x: Tensor, y_hot: Tensor, y: Tensor, keep, marks, seed: int) -> list[_Level]:
@@ -319,7 +342,8 @@ def _levels(model, x: Tensor, y_hot: Tensor, y: Tensor, keep, marks, seed: int) 
         rows = keep[:count]
         targets = y_hot[farthest_point_sample(y_hot, min(len(y_hot), count), seed)]
         spacing = float(mean_neighbor_distances(x[rows], 1).mean())
-        levels.append(_Level(model, x, rows, rows, targets, targets, EM_COARSE * spacing, marks))
+        levels.append(_Level(model, x, rows, rows, targets, targets, EM_COARSE * spacing, marks,
+                             _cell_weights(x, x[rows]), _cell_weights(y_hot, targets)))
     # a level whose blur a coarser one already covers is never used
     return [level for k, level in enumerate(levels) if all(level.min_blur < c.min_blur for c in levels[:k])] + [finest]
 
@@ -351,6 +375,7 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                 sigma2 = float(torch.cdist(model(x), y).square().mean()) / d
             eps = max(sigma2, floor)
             level, start, own_start, old, plateau = None, None, None, None, False
+            cold_target = None
             for iteration in range(iterations):
                 blur = math.sqrt(eps)
                 reach = None if loss.reach is None else max(float(loss.reach), EM_REACH_BLURS * blur)
@@ -361,18 +386,30 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                     moved, rows = now.forward()
                     if level is not None:        # the potentials carried over to the new points
                         start = (None, target_potential(old, start[0], now.cold if eps <= floor else now.hot,
-                                                        start[2], reach), start[2])
-                        own_start = (None, target_potential(old, own_start[0], moved, own_start[2], reach),
+                                                        start[2], reach, level.a), start[2])
+                        own_start = (None, target_potential(old, own_start[0], moved, own_start[2], reach, level.a),
                                      own_start[2])
                     level = now
-                plan = transport_plan(moved, level.cold if eps <= floor else level.hot, blur, reach, start=start,
-                                      max_sweeps=EM_SWEEPS)
-                own = transport_plan(moved, moved, blur, reach, start=own_start, max_sweeps=EM_SWEEPS)
+                target = level.cold if eps <= floor else level.hot
+                if EM_FAR and eps <= floor and level is levels[-1] and bool(lonely.any()):
+                    if cold_target is None:
+                        from ..kernels.neighbors import mean_neighbor_distances
+                        spacing = float(mean_neighbor_distances(x, 1).mean())
+                        near = torch.cdist(y[lonely], moved).min(1).values <= EM_FAR * spacing
+                        keep_y = ~lonely
+                        keep_y[lonely.nonzero()[:, 0][near]] = True
+                        cold_target = y[keep_y]
+                    target = cold_target
+                plan = transport_plan(moved, target, blur, reach, start=start, max_sweeps=EM_SWEEPS, a=level.a,
+                                      b=level.b)
+                own = transport_plan(moved, moved, blur, reach, start=own_start, max_sweeps=EM_SWEEPS, a=level.a,
+                                     b=level.a)
                 start, own_start, old = plan.potentials, own.potentials, moved
                 # debiased: less the shrinkage of the source onto itself
                 pick = (lambda t: t) if level.rows is level.source else (lambda t: t[level.rows])
                 targets = pick(plan.barycentres) - pick(own.barycentres) + pick(moved)
-                weights = pick(plan.mass)
+                mass = plan.mass if level.a is None else plan.mass * level.a      # each row's share of the mass
+                weights = pick(mass)
                 weights = weights / weights.sum().clamp_min(1e-30)
                 if weighted_marks:
                     targets, weights = _with_landmarks(targets, weights, marks)
@@ -381,8 +418,8 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> b
                 change = float((new - moved).abs().max())
                 moved = new
                 # CPD's variance update: the plan's spread about the new map, never rising
-                spread = float((plan.mass * ((moved - plan.barycentres).square().sum(1) + plan.spread)).sum()
-                               / (d * plan.mass.sum().clamp_min(1e-30)))
+                spread = float((mass * ((moved - plan.barycentres).square().sum(1) + plan.spread)).sum()
+                               / (d * mass.sum().clamp_min(1e-30)))
                 sigma2 = min(spread, sigma2)
                 previous, eps = eps, max(sigma2, floor)
                 plateau = eps > EM_PLATEAU * previous

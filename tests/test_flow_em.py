@@ -10,7 +10,8 @@ import shapeflow as sf
 from shapeflow.deform import ResNetFlow
 from shapeflow.errors import ShapeflowError
 from shapeflow.losses import SinkhornLoss
-from shapeflow.losses.sinkhorn import transport_plan
+from shapeflow.losses.sinkhorn import target_potential, transport_plan
+from shapeflow.pipelines.shape_flow_gn import _cell_weights, _rejoining
 from shapeflow.pipelines import shape_flow_gn
 from shapeflow.synthetic import smooth_deformation
 
@@ -32,15 +33,17 @@ def _rmse(a, b):
 
 # --- the transport plan against a plain Sinkhorn in NumPy -------------------------------------
 
-def _numpy_plan(x, y, blur, reach=None, iterations=20000):
+def _numpy_plan(x, y, blur, reach=None, iterations=20000, a=None, b=None):
     """Scaling Sinkhorn on the kernel `K = exp(-|x - y|^2 / 2 eps)`, float64, run long: the plan
     `(N, M)` `diag(u) K diag(v)`. Unbalanced (entropy relative to a (x) b, KL marginal penalties
-    of weight rho = reach^2, as geomloss): `u = a (K v)^-lambda`, lambda = rho / (rho + eps)."""
+    of weight rho = reach^2, as geomloss): `u = a (K v)^-lambda`, lambda = rho / (rho + eps).
+    Weights `a`, `b`: uniform unless given."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     eps = blur ** 2
     power = 1.0 if reach is None else reach ** 2 / (reach ** 2 + eps)
     kernel = np.exp(-((x[:, None] - y[None]) ** 2).sum(-1) / (2 * eps))
-    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    a = np.full(len(x), 1 / len(x)) if a is None else np.asarray(a, dtype=np.float64)
+    b = np.full(len(y), 1 / len(y)) if b is None else np.asarray(b, dtype=np.float64)
     u, v = np.ones(len(x)), np.ones(len(y))
     for _ in range(iterations):
         u = a * (kernel @ v) ** -power
@@ -68,6 +71,63 @@ def test_the_transport_plan_matches_a_plain_sinkhorn(reach):
         np.testing.assert_allclose(plan.mass.numpy(), 1.0, rtol=1e-8)  # balanced: every source point's mass
     else:
         assert float(plan.mass.max()) < 1.0                              # unbalanced: some is let go
+
+
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_a_weighted_plan_matches_a_plain_sinkhorn(reach):
+    """Weights on both measures (the coarse levels' Voronoi shares): mass is still per unit of a_i,
+    and the cost is the plan's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 2, dtype=torch.float64, generator=g)
+    y = torch.randn(45, 2, dtype=torch.float64, generator=g) * 0.7 - 0.2
+    a = torch.rand(30, dtype=torch.float64, generator=g) + 0.1
+    b = torch.rand(45, dtype=torch.float64, generator=g) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    reference = _numpy_plan(x, y, 0.5, reach, a=a.numpy(), b=b.numpy())
+    plan = transport_plan(x, y, 0.5, reach, tol=1e-12, max_sweeps=5000, a=a, b=b)
+    np.testing.assert_allclose(plan.mass.numpy(), reference.sum(1) / a.numpy(), rtol=1e-7)
+    np.testing.assert_allclose(plan.barycentres.numpy(), reference @ y.numpy() / reference.sum(1)[:, None],
+                               rtol=1e-7, atol=1e-9)
+    cost = (reference * ((x.numpy()[:, None] - y.numpy()[None]) ** 2).sum(-1) / 2).sum()
+    assert plan.cost == pytest.approx(cost, rel=1e-7)
+    with pytest.raises(ShapeflowError, match="a has shape"):
+        transport_plan(x, y, 0.5, reach, a=a[:-1])
+
+
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_the_target_potential_is_the_c_transform(reach):
+    """g_j = -lambda eps log sum_i a_i exp((f_i - |x_i - y_j|^2 / 2) / eps), in NumPy."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(20, 3, dtype=torch.float64, generator=g), torch.randn(25, 3, dtype=torch.float64, generator=g)
+    f = torch.randn(20, dtype=torch.float64, generator=g) * 0.1
+    a = torch.rand(20, dtype=torch.float64, generator=g) + 0.5
+    a = a / a.sum()
+    blur = 0.7
+    eps = blur ** 2
+    power = 1.0 if reach is None else reach ** 2 / (reach ** 2 + eps)
+    cost = ((x.numpy()[:, None] - y.numpy()[None]) ** 2).sum(-1) / 2                 # (20, 25)
+    expected = -power * eps * np.log((a.numpy()[:, None] * np.exp((f.numpy()[:, None] - cost) / eps)).sum(0))
+    np.testing.assert_allclose(target_potential(x, f, y, blur, reach, a).numpy(), expected, rtol=1e-10)
+
+
+def test_cell_weights_are_the_shares_of_the_nearest_points():
+    g = torch.Generator().manual_seed(6)
+    points = torch.randn(200, 3, dtype=torch.float64, generator=g)
+    sample = points[:17]
+    nearest = torch.cdist(points, sample).argmin(1)
+    expected = torch.bincount(nearest, minlength=17).double() / 200
+    torch.testing.assert_close(_cell_weights(points, sample), expected)
+
+
+def test_isolated_target_points_near_the_fitted_source_rejoin_once_cooled():
+    """An isolated target point within EM_FAR source spacings of a moved source point is taken; one
+    farther from all of them is not; the others always are."""
+    x = torch.stack([torch.linspace(0, 1, 11, dtype=torch.float64), torch.zeros(11, dtype=torch.float64)], 1)
+    y = torch.cat([x, torch.tensor([[1.2, 0.0], [0.5, 3.0]], dtype=torch.float64)])   # a tip, an outlier
+    lonely = torch.zeros(13, dtype=torch.bool)
+    lonely[11:] = True
+    taken = _rejoining(y, lonely, x, x)                                     # spacing 0.1: 3 spacings = 0.3
+    assert taken[:11].all() and bool(taken[11]) and not bool(taken[12])
 
 
 def test_a_warm_start_ends_at_the_cold_plan():
@@ -118,11 +178,43 @@ def test_a_flow_of_the_same_model_is_recovered_from_unordered_points():
 
 def test_em_is_the_default_up_to_em_points_and_chosen_by_name_above(monkeypatch):
     monkeypatch.setattr(SinkhornLoss, "EM_POINTS", 50)
+    monkeypatch.setattr(SinkhornLoss, "EM_CLEAN_POINTS", 50)
     source, target = _curve(60)
     default = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3)
     assert {row["phase"] for row in default.history} == {"adam"}
     chosen = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3, em=True)
     assert {row["phase"] for row in chosen.history} == {"em"}
+
+
+def test_em_is_the_default_on_clean_shapes_up_to_em_clean_points(monkeypatch):
+    """Between EM_POINTS and EM_CLEAN_POINTS the default is EM only when neither shape has isolated
+    points (outliers, sparse tips): the Adam stages are more robust there."""
+    monkeypatch.setattr(SinkhornLoss, "EM_POINTS", 30)
+    monkeypatch.setattr(SinkhornLoss, "EM_CLEAN_POINTS", 100)
+    source, target = _curve(60)
+    clean = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3)
+    assert {row["phase"] for row in clean.history} == {"em"}
+    outliers = torch.tensor([[3.0, 3.0], [-3.0, 2.5]], dtype=torch.float64)
+    noisy = sf.register(source.numpy(), torch.cat([target, outliers]).numpy(), progress=False, seed=0, iterations=3)
+    assert {row["phase"] for row in noisy.history} == {"adam"}
+    larger, larger_target = _curve(120)
+    above = sf.register(larger.numpy(), larger_target.numpy(), progress=False, seed=0, iterations=3)
+    assert {row["phase"] for row in above.history} == {"adam"}
+
+
+def test_coarse_levels_reach_the_single_level_fit(monkeypatch):
+    """Above the M-step's rows the EM fit starts on 128 and 256 farthest points with subsampled plans
+    and ends on every point; it ends about as close as the fit on every point from the start."""
+    import shapeflow.pipelines.shape_flow_gn as gn
+    source, target = _curve(600)
+    levels = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, em=True)
+    sizes = [row["points"] for row in levels.history if row["phase"] == "em"]
+    assert sizes[0] == 128 and 256 in sizes and sizes[-1] == 600 and sizes == sorted(sizes)
+    monkeypatch.setattr(gn, "EM_LEVELS", ())
+    single = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, em=True)
+    assert {row["points"] for row in single.history if row["phase"] == "em"} == {600}
+    assert _rmse(levels.warped, target) < 0.03 * _rmse(source, target)
+    assert _rmse(levels.warped, target) < 1.5 * _rmse(single.warped, target)
 
 
 @pytest.mark.parametrize("option", [{"subsample": 100}, {"refine": None}, {"trim": 0.1}])
@@ -189,7 +281,7 @@ def test_the_fold_refit_runs_on_adams_stages():
     by the Adam stages, as before the EM fit existed."""
     options, change = SinkhornLoss.more_robust(SinkhornLoss.Options(), set())
     assert options.em is False and change.startswith("reach=")
-    assert SinkhornLoss.soft_pairs(options, 10, 10) is None
+    assert SinkhornLoss.soft_pairs(options, torch.zeros(10, 2), torch.zeros(10, 2)) is None
 
 
 def test_an_em_fit_that_squeezes_the_source_is_declined(monkeypatch):

@@ -75,9 +75,10 @@ class PointLoss(nn.Module, abc.ABC):
         return [Stage("fine", cls.build(options), points, iterations)]
 
     @classmethod
-    def soft_pairs(cls, options: Any, source_count: int, target_count: int) -> "PointLoss | None":
+    def soft_pairs(cls, options: Any, source: torch.Tensor, target: torch.Tensor) -> "PointLoss | None":
         """The loss whose soft correspondences (its `pairing`) a flow's EM fit follows instead of
-        Adam's stages, for shapes of these sizes and these options, or None (the default): Adam."""
+        Adam's stages, for these shapes (`source: (N, d)`, `target: (M, d)`, normalised) and these
+        options, or None (the default): Adam."""
         return None
 
     @classmethod

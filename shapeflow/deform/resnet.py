@@ -53,13 +53,13 @@ class OutputLinearization:
         """`J J^T: (N d, N d)`, rows in the order of `moved.reshape(-1)`:
         `sum_l (dt S_l,i dt S_l,j^T) (h_l,i . h_l,j)` for points i, j."""
         n, d = self.moved.shape
-        blocks = len(self.features)
-        s = self.sensitivities.reshape(blocks, n * d, d)
-        rows = torch.bmm(s, s.transpose(1, 2)).view(blocks, n, d, n, d)
-        points = torch.bmm(self.features, self.features.transpose(1, 2))          # (L, N, N)
-        kernel = rows[0] * points[0, :, None, :, None]
-        for block in range(1, blocks):      # accumulated in place: no (L, N, d, N, d) temporary
-            kernel.addcmul_(rows[block], points[block, :, None, :, None])
+        kernel = None
+        # block by block: one (N d, N d) product at a time stays in the cache (all L at once: 2x slower)
+        for block in range(len(self.features)):
+            s = self.sensitivities[block].reshape(n * d, d)
+            rows = (s @ s.T).view(n, d, n, d)
+            points = (self.features[block] @ self.features[block].T)[:, None, :, None]      # (N, 1, N, 1)
+            kernel = rows.mul_(points) if kernel is None else kernel.addcmul_(rows, points)
         return kernel.reshape(n * d, n * d)
 
     def pullback(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -207,6 +207,8 @@ def fit_output_gauss_newton(model, problem, history: list[dict], prefix: str, *,
                 return True
         squeezed = metrics.min_jacobian_determinant(model, problem.x, per_axis=0)
         if squeezed >= EM_SQUEEZE:
+            if history:     # the fitted map's min det J at the source's points (`register`'s fold check reads it)
+                history[-1]["min_jacobian_det"] = squeezed
             return False
         # a part of the source crushed into the target, as when the target lacks it: the Adam
         # stages fit instead, from the start (and the fold refit of `register` follows, as for them)
@@ -283,12 +285,12 @@ class _SoftStep:
         """`rows: (n, d)` at the current map -> (whether a step was taken, `forward()` after it)."""
         if self.lin is None or self.age >= EM_RELINEARIZE:
             self.lin = self.model.linearize(self.points)
-            self.kernel, self.age = self.lin.kernel().double(), 0
+            self.kernel, self.age = self.lin.kernel().float(), 0
         self.age += 1
         weights = weights.double()
         d = rows.shape[1]
         per_row = weights.repeat_interleave(d)                                   # (n d,)
-        lam = max(ridge, 1e-12) * max(float((self.kernel.diagonal() * per_row).mean()), 1e-30)
+        lam = max(ridge, 1e-12) * max(float((self.kernel.diagonal().double() * per_row).mean()), 1e-30)
         w3 = self.model.W3.detach()
         residual = rows.double() - targets.double()                               # (n, d)
         before = float((residual.square().sum(1) * weights).sum()) + lam * float(w3.double().square().sum())
@@ -296,12 +298,12 @@ class _SoftStep:
         # the weights only on the diagonal (a row of weight 0 drops out: its z is 0)
         offset = (residual - self.lin.push(w3).double()).reshape(-1)              # phi - t - J W3
         system = self.kernel.clone()
-        system.diagonal().add_(lam / per_row.clamp_min(1e-30))
-        # factorised in float32 (half the time of float64 at 768 rows), then one refinement step in float64
-        factor = torch.linalg.cholesky(system.float())
-        dual = torch.cholesky_solve(offset.float()[:, None], factor)[:, 0].double()
-        dual = dual + torch.cholesky_solve((offset - system @ dual).float()[:, None], factor)[:, 0].double()
-        dual = dual.view_as(residual)
+        system.diagonal().add_((lam / per_row.clamp_min(1e-30)).float())
+        # in float32 (the kernel's precision; half the time of float64 at 768 rows), one refinement step
+        factor = torch.linalg.cholesky(system)
+        offset = offset.float()
+        dual = torch.cholesky_solve(offset[:, None], factor)[:, 0]
+        dual = (dual + torch.cholesky_solve((offset - system @ dual)[:, None], factor)[:, 0]).view_as(residual)
         step = -self.lin.pullback(dual.to(rows.dtype)) - w3                      # to the minimiser, from W3
         with torch.no_grad():
             for _ in range(GN_HALVINGS + 1):

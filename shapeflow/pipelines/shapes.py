@@ -177,7 +177,11 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
         robust = loss_cls.more_robust(parts["loss"], set(options))
         # at the source's points, where a crushed part is; a fold in the empty space between sparse
         # samples crushes nothing (see `_refit`)
-        folds = metrics.min_jacobian_determinant(core, problem.x, per_axis=0) if robust is not None else 1.0
+        # a fitter may report it in its last history row (the EM fit, which checked it already)
+        last = history[-1] if history else {}
+        reported = last.get("min_jacobian_det") if last.get("phase") == "em" and not last.get("declined") else None
+        folds = (1.0 if robust is None else reported if reported is not None
+                 else metrics.min_jacobian_determinant(core, problem.x, per_axis=0))
         if folds <= 0:      # see `_refit`
             core, problem, interrupted, refit = _refit(core, problem, robust, folds, identity, history, fitter, src, tgt,
                                                        iterations)

@@ -257,11 +257,13 @@ READING = [
     "263 points and isolated ones, so Adam fits both columns); a cropped target and the ant bent by 2 rad end at "
     "Adam's result: the EM fit squeezes the source there (min det J < 0.5 at its points) and gives way to the "
     "Adam stages, which costs the EM's time on top (0.6-1.9 s against 0.4-1.4 s).",
-    "Above 256 points (section 4) the default is EM on shapes without isolated points: on the clean pairs 1.9-2.8x "
-    "closer and 2-4x faster than the Adam stages (1,000 cortex vertices 0.057 % in 0.52 s against 0.160 % in "
-    "1.09 s). `em=True` on the airplane with 5 % outliers ends 1.2-3.2x farther than the Adam stages, and on the "
-    "486-point ant bent by 0.5-1 rad 5x farther (its leg tips are isolated points, left out of the hot plan, "
+    "Above 256 points (section 4) the default is EM on shapes without isolated points: on the clean pairs 1.4-3.3x "
+    "closer and 2.7-3.3x faster than the Adam stages (1,000 cortex vertices 0.049 % in 0.40 s against 0.160 % in "
+    "1.32 s). `em=True` on the airplane with 5 % outliers ends 1.1-2.8x farther than the Adam stages, and on the "
+    "486-point ant bent by 0.5-1 rad 6x farther (its leg tips are isolated points, left out of the hot plan, "
     "and the map squeezes the legs); there the isolated points send the default to the Adam stages.",
+    "This run's machine was slower than the 2026-12-03 evening run's (the Adam stages on the fish 0.365 s "
+    "against 0.285 s, the EM 0.094 s against 0.080 s): the fish's 0.1 s holds with 6 % to spare.",
 ]
 
 

@@ -109,15 +109,16 @@ NOTES = """\
   curve without features). The larger sizes are unchanged (Adam's stages; `em=True` at 1k:
   0.062 % in 1.07 s, against the default's 0.16 % in 1.07-1.18 s).
 * Since the 2026-12-03 evening run (1k 1.00 s at 0.16 %, 2k 1.46 s at 0.12 %): the EM fit is the
-  default up to 2048 points on shapes without isolated points (`SinkhornLoss.EM_CLEAN_POINTS`),
-  and its hot steps run on 128- and 256-point subsamples weighted by their Voronoi cells, its
-  transport plans in five passes over the matrix instead of about twenty-five (1k: 17 -> 4 ms a
-  plan): 1k 0.49 s at 0.057 % (pycpd 3.29 s at 0.053 %: 6.8x its speed at 1.07x its RMSE, so
-  issue 12's 10x at <= its RMSE is still not met), 2k 0.85 s at 0.057 % (25x pycpd, 0.3x its
-  RMSE). 4k (above 2048) keeps the Adam stages: `em=True` there took 3.3-3.5 s at 0.06-0.07 %
-  against the stages' 2.6-2.8 s at 0.12 % (its two dense 4k x 4k plans a step). On shapes with
-  isolated points (outliers, the ant's leg tips) the default stays with the Adam stages, which
-  ended closer there (`flow_em.md`, section 4).
+  default up to 2048 points on shapes without isolated points (`SinkhornLoss.EM_CLEAN_POINTS`);
+  its hot steps run on 128- and 256-point subsamples weighted by their Voronoi cells, its M-step
+  on 288 rows, its temperature drops by 0.3 on reaching every point, and its transport plans are
+  five passes over the matrix instead of about twenty-five (1k: 17 -> 4 ms a plan). 1k: 0.40 s at
+  0.049 % (pycpd 3.58 s at 0.053 %: 8.9x its speed at 0.92x its RMSE; back to back on a quieter
+  machine the EM took 0.33 s); issue 12's 10x at <= its RMSE is met on RMSE, not on speed. 2k
+  0.66 s at 0.053 % (pycpd 24.5 s at 0.18 %). 4k (above 2048) keeps the Adam stages: `em=True`
+  there took 3.3-3.5 s at 0.06-0.07 % against the stages' 2.6-2.8 s at 0.12 % (two dense
+  4k x 4k plans a step). On shapes with isolated points (outliers, the ant's leg tips) the default
+  stays with the Adam stages, which ended closer there (`flow_em.md`, section 4).
 * 1k with the Adam stages (`em=False`) is 0.16-0.21 % of the diagonal: a floor of the losses and
   flow, not of the step count: Sinkhorn throughout (`refine=None`) gave 0.19 %, with 300 steps per
   stage 0.16 %, `model="lddmm"` 0.50 % (measured before the refine step changed from a third to

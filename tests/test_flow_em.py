@@ -186,17 +186,21 @@ def test_em_is_the_default_up_to_em_points_and_chosen_by_name_above(monkeypatch)
     assert {row["phase"] for row in chosen.history} == {"em"}
 
 
-def test_em_is_the_default_on_clean_shapes_up_to_em_clean_points(monkeypatch):
-    """Between EM_POINTS and EM_CLEAN_POINTS the default is EM only when neither shape has isolated
-    points (outliers, sparse tips): the Adam stages are more robust there."""
+def test_em_is_the_default_up_to_em_clean_points_unless_one_shape_has_more_isolated_points(monkeypatch):
+    """Between EM_POINTS and EM_CLEAN_POINTS the default is EM when the shapes have about as many
+    isolated points (none, or sparse tips on both); isolated points in one shape only (outliers)
+    keep the Adam stages, which are more robust to them."""
     monkeypatch.setattr(SinkhornLoss, "EM_POINTS", 30)
     monkeypatch.setattr(SinkhornLoss, "EM_CLEAN_POINTS", 100)
     source, target = _curve(60)
     clean = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, iterations=3)
     assert {row["phase"] for row in clean.history} == {"em"}
-    outliers = torch.tensor([[3.0, 3.0], [-3.0, 2.5]], dtype=torch.float64)
-    noisy = sf.register(source.numpy(), torch.cat([target, outliers]).numpy(), progress=False, seed=0, iterations=3)
+    far = torch.tensor([[3.0, 3.0], [-3.0, 2.5], [0.5, -3.5], [-2.5, -3.0]], dtype=torch.float64)
+    noisy = sf.register(source.numpy(), torch.cat([target, far]).numpy(), progress=False, seed=0, iterations=3)
     assert {row["phase"] for row in noisy.history} == {"adam"}
+    both = sf.register(torch.cat([source, far]).numpy(), torch.cat([target, far * 1.02]).numpy(), progress=False,
+                       seed=0, iterations=3)
+    assert {row["phase"] for row in both.history} == {"em"}
     larger, larger_target = _curve(120)
     above = sf.register(larger.numpy(), larger_target.numpy(), progress=False, seed=0, iterations=3)
     assert {row["phase"] for row in above.history} == {"adam"}
@@ -297,6 +301,21 @@ def test_an_em_fit_that_squeezes_the_source_is_declined(monkeypatch):
     assert {row["phase"] for row in res.history} == {"em", "adam"}
     adam = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, em=False)
     np.testing.assert_allclose(res.warped, adam.warped, rtol=0, atol=1e-6)
+
+
+def test_a_long_fit_that_squeezes_is_declined_early(monkeypatch):
+    """After EM_CHECK_AFTER steps on every point the fit checks its min det J (at its rows) every
+    EM_CHECK_EVERY steps and stops as soon as it is below EM_SQUEEZE, instead of running on."""
+    monkeypatch.setattr(shape_flow_gn, "EM_SQUEEZE", 10.0)
+    monkeypatch.setattr(shape_flow_gn, "EM_CHECK_AFTER", 3)
+    source, target = _curve(80)
+    res = sf.register(source.numpy(), target.numpy(), progress=False, seed=0)
+    steps = [row for row in res.history if row.get("phase") == "em" and not row.get("declined")]
+    assert len(steps) == 3 and any(row.get("declined") for row in res.history)
+    monkeypatch.setattr(shape_flow_gn, "EM_SQUEEZE", 0.5)
+    normal = sf.register(source.numpy(), target.numpy(), progress=False, seed=0)
+    assert not any(row.get("declined") for row in normal.history)
+    assert len([row for row in normal.history if row.get("phase") == "em"]) > 3
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -31,8 +31,8 @@ iterations where Adam needs hundreds: on the fish (91 points) 7 iterations reach
   few hundred points: at 1k points the fit on 256 of them ends at 0.057 % RMSE on all of them.
 
 EM on soft correspondences (`PointLoss.soft_pairs`: `loss="sinkhorn"` when both shapes have at
-most `SinkhornLoss.EM_POINTS` = 256 points, or at most `EM_CLEAN_POINTS` = 2048 and neither has
-isolated points, or `em=True`), as CPD fits its Gaussian mixture:
+most `SinkhornLoss.EM_POINTS` = 256 points, or at most `EM_CLEAN_POINTS` = 2048 and about as many
+isolated points each, or `em=True`), as CPD fits its Gaussian mixture:
 
 * E-step: every moved source point `x_i` is paired with `x_i + b_i - s_i`, where `b_i` is the
   barycentre of where its mass goes in the entropic transport plan onto the target
@@ -66,6 +66,8 @@ isolated points, or `em=True`), as CPD fits its Gaussian mixture:
   faster plan. `iterations` (default `EM_ITERATIONS`) bounds each level.
 * Once cooled, isolated target points within `EM_FAR` source spacings of the fitted source rejoin
   the plan (a sparse tip the map has reached), the others stay out (`_rejoining`).
+* A fit still running `EM_CHECK_AFTER` steps after cooling on every point checks its min det J at its rows
+  every `EM_CHECK_EVERY` steps and is declined at once below `EM_SQUEEZE` (below).
 * The fit is declined when it compresses the source by more than 2x at one of its points
   (`EM_SQUEEZE`: min det J < 0.5), as when a part missing from the target was crushed into it
   (a smooth crush that no fold reveals): the Adam stages then fit from the start, and the fold
@@ -154,11 +156,11 @@ EM_ROWS = 864
 #: its square root): the coarse levels' map is already close there. 1k points: 28 -> 24 steps,
 #: 0.49 -> 0.39 s at the same RMSE (0.25: alike; 0: straight to the final blur, no faster)
 EM_JUMP = 0.3
-#: a fit still running after this many steps on every point checks its min det J at its rows (and
-#: then every `EM_CHECK_EVERY` steps): below `EM_SQUEEZE` it is declined at once. Fits that converge
-#: take about 13 such steps; a crushed missing part never settles (the 1,335-point airplane with 30 %
-#: of its target cropped ran 40 steps there: 4.8 s in all, the Adam stages alone 3.0 s; 4.0 s
-#: checking all points after 16 steps)
+#: a fit still running after this many cooled steps on every point checks its min det J at its rows
+#: (and then every `EM_CHECK_EVERY` steps): below `EM_SQUEEZE` it is declined at once. Fits that
+#: converge stop within about 5 cooled steps; a crushed missing part never settles (the 1,335-point
+#: airplane with 30 % of its target cropped ran 40 steps there: 4.8 s in all, the Adam stages alone
+#: 3.0 s; 4.0 s checking all points after 16 steps)
 EM_CHECK_AFTER = 8
 EM_CHECK_EVERY = 8
 
@@ -427,7 +429,7 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> t
                 sigma2 = float(torch.cdist(model(x), y).square().mean()) / d
             eps = max(sigma2, floor)
             level, start, own_start, old, plateau, steps = None, None, None, None, False, 0
-            cold_target = None
+            cold_target, settled = None, 0          # settled: the steps on every point once cooled
             for iteration in itertools.count():        # at most `iterations` on each level
                 if steps >= iterations and level is levels[-1]:
                     break
@@ -486,7 +488,8 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> t
                 advance(row)
                 if cooled and stepped and change <= max(opts.tol, EM_TOL) and level is levels[-1]:
                     break
-                if level is levels[-1] and steps >= EM_CHECK_AFTER and (steps - EM_CHECK_AFTER) % EM_CHECK_EVERY == 0:
+                settled += bool(cooled and level is levels[-1])
+                if settled >= EM_CHECK_AFTER and (settled - EM_CHECK_AFTER) % EM_CHECK_EVERY == 0:
                     # a fit this long may be crushing a part the target lacks: decline it now, not at the end
                     squeezed = metrics.min_jacobian_determinant(model, x[keep], per_axis=0)    # the rows: 3x cheaper
                     if squeezed < EM_SQUEEZE:

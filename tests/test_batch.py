@@ -175,6 +175,20 @@ def test_a_worker_killed_mid_batch(tmp_path, client):
     assert running, "no task was running on the killed worker"
 
 
+def test_a_killed_attempts_leftovers_are_cleaned(tmp_path):
+    """A worker killed while `Result.save` wrote inside its staging folder leaves two hidden folders:
+    the staging one and the save's own temporary inside the output folder's parent. Both go, for
+    this batch's pairs only; a complete pair folder stays."""
+    from shapeflow.pipelines.batch import _clean_partials
+
+    for name in ["pair0", ".pair0.1234abcd.partial", "..pair0.1234abcd.partial.x_y7z", ".pair0.89abcdef.old",
+                 ".other.1234abcd.partial", "..other.1234abcd.partial.q1"]:
+        (tmp_path / name).mkdir()
+    _clean_partials(str(tmp_path), {"pair0"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["..other.1234abcd.partial.q1", ".other.1234abcd.partial",
+                                                          "pair0"]
+
+
 def test_fsspec_urls_for_inputs_and_outputs(tmp_path):
     """Inputs read from and outputs written to an fsspec filesystem (memory://, shared by a
     threaded cluster), the marker last; a re-run keeps the complete pair."""

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -368,14 +369,20 @@ def _read_marker(fs, root: str, name: str) -> dict | None:
     return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
 
 
+#: what a killed attempt leaves beside the pairs' folders (`_clean_partials`)
+_LEFTOVER = re.compile(r"^(?:\.(?P<staged>.+)\.[0-9a-f]{8}\.(?:partial|old)|\.\.(?P<saving>.+)\.[0-9a-f]{8}\.partial\.[^.]+)$")
+
+
 def _clean_partials(output: str, names: set[str]) -> None:
     """Remove staging folders a killed attempt left (local outputs; only this batch's pairs)."""
     root = Path(_fetch(output, Path(tempfile.gettempdir())))
     if not root.is_dir():
         return
     for entry in root.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith((".partial", ".old")) \
-                and entry.name[1:].rsplit(".", 2)[0] in names:
+        # `.{name}.{hex}.partial` / `.old` (`_publish_local`), and `..{name}.{hex}.partial.{random}`, the
+        # temporary folder `Result.save` was writing inside the staging one when the attempt was killed
+        match = _LEFTOVER.match(entry.name)
+        if match and (match.group("staged") or match.group("saving")) in names:
             shutil.rmtree(entry, ignore_errors=True)
 
 

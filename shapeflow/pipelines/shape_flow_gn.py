@@ -387,6 +387,11 @@ def _rejoining(y: Tensor, lonely: Tensor, moved: Tensor, x: Tensor) -> Tensor:
     return taken
 
 
+def _reach(loss, blur: float) -> float | None:
+    """The plan's reach at `blur`: the loss's, or `EM_REACH_BLURS` blurs if larger (None: balanced)."""
+    return None if loss.reach is None else max(float(loss.reach), EM_REACH_BLURS * blur)
+
+
 def _levels(model, x: Tensor, y_hot: Tensor, y: Tensor, keep, marks, seed: int) -> list[_Level]:
     """The EM fit's resolutions, coarsest first: the finest has the rows `keep` and every point in
     its plans; below it, for each count of `EM_LEVELS` under the rows' number, the first `count` of
@@ -441,25 +446,24 @@ def _fit_soft_pairs(model, problem, loss, history: list[dict], prefix: str) -> t
             for iteration in itertools.count():        # at most `iterations` on each level
                 if steps >= iterations and level is levels[-1]:
                     break
-                blur = math.sqrt(eps)
-                reach = None if loss.reach is None else max(float(loss.reach), EM_REACH_BLURS * blur)
                 # the next finer level once the blur is below this one's, or the plan stopped cooling on it
                 index = 0 if level is None else levels.index(level) + (
                     (plateau or steps >= iterations) and level is not levels[-1])
-                now = next(lv for lv in levels[index:] if blur >= lv.min_blur)
+                now = next(lv for lv in levels[index:] if math.sqrt(eps) >= lv.min_blur)
                 if now is not level:
                     moved, rows = now.forward()
-                    if level is not None:        # the potentials carried over to the new points
+                    if level is not None:        # the potentials carried over to the new points (at their blur)
+                        reach = _reach(loss, start[2])
                         start = (None, target_potential(old, start[0], now.cold if eps <= floor else now.hot,
                                                         start[2], reach, level.a), start[2])
                         own_start = (None, target_potential(old, own_start[0], moved, own_start[2], reach, level.a),
                                      own_start[2])
-                    if level is not None and now is levels[-1]:
-                        eps = max(floor, EM_JUMP * eps)
-                        sigma2 = min(sigma2, eps)
-                        blur = math.sqrt(eps)
-                        reach = None if loss.reach is None else max(float(loss.reach), EM_REACH_BLURS * blur)
+                        if now is levels[-1]:
+                            eps = max(floor, EM_JUMP * eps)
+                            sigma2 = min(sigma2, eps)
                     level, steps = now, 0
+                blur = math.sqrt(eps)
+                reach = _reach(loss, blur)
                 steps += 1
                 target = level.cold if eps <= floor else level.hot
                 if eps <= floor and level is levels[-1] and bool(lonely.any()):

@@ -225,6 +225,10 @@ class TransportPlan:
     spread: torch.Tensor
 
 
+#: log2(e): a kernel `exp(z)` computed as `exp2(z log2 e)`
+LOG2E = 1.0 / math.log(2.0)
+
+
 def _log_weights(weights: torch.Tensor | None, points: torch.Tensor, name: str) -> torch.Tensor:
     """log of `weights: (N,)` (positive, summing to 1) for `points: (N, d)`; None: uniform."""
     if weights is None:
@@ -281,13 +285,14 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
             f, g = _annealed(schedule, rho, [c_xy, c_xy.T], [log_b, log_a], feeds=(1, 0))
         # the kernel with g and a row shift absorbed, times b: relative_ij = exp(z_ij - top_i) with
         # z_ij = (g_j - C_ij) / eps + log b_j, C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j (one matrix
-        # product, then in place: five passes over the (N, M) matrix in all)
-        z = torch.addmm(((g - y.square().sum(1) / 2) / eps + log_b)[None, :], x, y.T, alpha=1.0 / eps)
-        z.sub_((x.square().sum(1) / (2 * eps))[:, None])
+        # product, then in place: six passes over the (N, M) matrix in all), in base 2 (torch's exp2 is
+        # 1.2-1.7x faster than exp); a plain product then adding the row (addmm's broadcast bias: 2-4x slower)
+        z = torch.mm(x * (LOG2E / eps), y.T).add_((((g - y.square().sum(1) / 2) / eps + log_b) * LOG2E)[None, :])
+        z.sub_((x.square().sum(1) * (LOG2E / (2 * eps)))[:, None])
         top = z.amax(1)
-        relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype)).exp_()
+        relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
         torch.nn.functional.threshold_(relative, 5 * torch.finfo(z.dtype).tiny, 0.0)   # no subnormals
-        f_abs, g_abs = -eps * top, g                                 # the potentials absorbed in `relative`
+        f_abs, g_abs = -eps * top / LOG2E, g                         # the potentials absorbed in `relative`
         tiny = torch.finfo(x.dtype).tiny        # a row or column with no mass left: log(tiny), not -inf
         a = log_a.exp()
         log_v = torch.zeros_like(g)                                  # g = g_abs + eps log_v
@@ -309,7 +314,9 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
         f, g = f_abs + eps * log_u, g_abs + eps * log_v
         # per source point, sums over the plan's row of 1, y and |y|^2 (P_ij / a_i = u_i relative_ij v_j)
         y2 = y.square().sum(1)
-        sums = relative @ (log_v.exp()[:, None] * torch.cat([y, y2[:, None], torch.ones_like(y2)[:, None]], 1))
+        # (as B^T K^T: torch's product with a few columns on the right is 3-5x slower than on the left)
+        columns = log_v.exp()[:, None] * torch.cat([y, y2[:, None], torch.ones_like(y2)[:, None]], 1)
+        sums = (columns.T @ relative.T).T
         u = log_u.exp()
         mass = torch.nan_to_num(u * sums[:, -1], nan=0.0, posinf=0.0)            # a row with no mass: none
         total = sums[:, -1].clamp_min(tiny)

@@ -56,8 +56,9 @@ isolated points each, or `em=True`), as CPD fits its Gaussian mixture:
   the ridge fades as a pair of the same points is matched exactly.
 * It stops once cooled when no point moved by more than `EM_TOL` (or the option `tol`).
 * Levels (`_levels`), when the source has more points than the M-step's rows (`EM_ROWS / d`, 288 in
-  3D): the hot steps run on the first 128, then 256, farthest source points (the M-step's rows and
-  the plans' sources) and as many farthest target points, each subsample weighted by its Voronoi
+  3D): the hot steps run on the first 128, then 256, farthest source points (the plans' sources;
+  the M-step's rows are the first `EM_COARSE_ROWS` of them) and as many farthest target points,
+  each subsample weighted by its Voronoi
   cell's share of its shape (`_cell_weights`: an outlier drawn into it keeps its own 1/N), while
   the blur is at least `EM_COARSE` times the level's spacing and the plan keeps cooling on it; then
   every point enters the plans, the rows become all `EM_ROWS / d`, and the temperature drops by
@@ -144,6 +145,10 @@ EM_COARSE = 0.5
 EM_LEVEL_PLATEAU = 0.95
 #: the coarse levels' sizes (farthest points first, both shapes): below the M-step's rows
 EM_LEVELS = (128, 256)
+#: the coarse levels' M-step rows: at most this many of their points (the 256-point level's step on
+#: its first 128: the same steps and RMSE on the benchmark pairs, 1k points 50 ms faster: a kernel and
+#: Cholesky factor of 384 rows, not 768; the map's detail comes at the finest level)
+EM_COARSE_ROWS = 128
 #: once cooled, isolated target points within this many source spacings of the fitted source rejoin
 #: the plan: 5 % outliers around 120 airplane points, RMSE 1.71 / 1.70 (none) -> 1.58 / 1.62 (3) ->
 #: 1.58 / 1.70 (6); the 486-point ant bent by 0.5 / 1 rad (its leg tips are isolated, out of the hot
@@ -348,16 +353,17 @@ class _SoftStep:
 
 
 class _Level:
-    """One resolution of the EM fit: the M-step's rows `x[rows]` (with the landmarks), the plans'
-    source points `x[source]` and target points (`hot` while the plan is hot, `cold` once cooled),
-    used while the blur is at least `min_blur`."""
+    """One resolution of the EM fit: the plans' source points `x[source]`, the M-step's rows
+    `x[source][rows]` (`rows is source`: all of them; with the landmarks), the plans' target points
+    (`hot` while the plan is hot, `cold` once cooled), used while the blur is at least `min_blur`."""
 
     def __init__(self, model, x: Tensor, rows, source, hot: Tensor, cold: Tensor, min_blur: float, marks,
                  a: Tensor | None = None, b: Tensor | None = None):
         self.rows, self.source, self.hot, self.cold, self.min_blur = rows, source, hot, cold, min_blur
         self.a, self.b = a, b
         self.model, self.x, self.marks = model, x, marks
-        points = x[rows] if marks is None else torch.cat([x[rows], marks])
+        points = x[source] if rows is source else x[source][rows]
+        points = points if marks is None else torch.cat([points, marks])
         self.m_step = _SoftStep(model, points, self.forward)
 
     def forward(self) -> tuple[Tensor, Tensor]:
@@ -395,8 +401,9 @@ def _reach(loss, blur: float) -> float | None:
 def _levels(model, x: Tensor, y_hot: Tensor, y: Tensor, keep, marks, seed: int) -> list[_Level]:
     """The EM fit's resolutions, coarsest first: the finest has the rows `keep` and every point in
     its plans; below it, for each count of `EM_LEVELS` under the rows' number, the first `count` of
-    them (farthest points first) in both the M-step and the plans, with as many farthest target
-    points, in use while the blur is at least `EM_COARSE` times their mean spacing."""
+    them (farthest points first) in the plans and the first `EM_COARSE_ROWS` of those in the M-step,
+    with as many farthest target points, in use while the blur is at least `EM_COARSE` times their
+    mean spacing."""
     finest = _Level(model, x, keep, slice(None), y_hot, y, 0.0, marks)
     if isinstance(keep, slice):
         return [finest]
@@ -404,11 +411,12 @@ def _levels(model, x: Tensor, y_hot: Tensor, y: Tensor, keep, marks, seed: int) 
     for count in EM_LEVELS:
         if count > len(keep):
             continue
-        rows = keep[:count]
+        source = keep[:count]
+        rows = source if count <= EM_COARSE_ROWS else slice(0, EM_COARSE_ROWS)     # of `source`
         targets = y_hot[farthest_point_sample(y_hot, min(len(y_hot), count), seed)]
-        spacing = float(mean_neighbor_distances(x[rows], 1).mean())
-        levels.append(_Level(model, x, rows, rows, targets, targets, EM_COARSE * spacing, marks,
-                             _cell_weights(x, x[rows]), _cell_weights(y_hot, targets)))
+        spacing = float(mean_neighbor_distances(x[source], 1).mean())
+        levels.append(_Level(model, x, rows, source, targets, targets, EM_COARSE * spacing, marks,
+                             _cell_weights(x, x[source]), _cell_weights(y_hot, targets)))
     # a level whose blur a coarser one already covers is never used
     return [level for k, level in enumerate(levels) if all(level.min_blur < c.min_blur for c in levels[:k])] + [finest]
 

@@ -244,29 +244,32 @@ def markdown(out: dict) -> str:
 
 
 READING = [
-    "The fish: EM is 3.6x faster than the Adam stages and 3x closer (medians), on all 8 deformations; it meets "
-    "issue 12's 0.1 s but is still 8x slower than pycpd (0.010 s), at 0.14x pycpd's RMSE. Its time: ~20 EM "
-    "steps, each two transport plans (onto the target, onto itself) and a Gauss-Newton M-step on a "
-    "linearisation reused for 4 steps.",
+    "The fish: EM is 4.1x faster than the Adam stages and 3x closer (medians: 0.169 s at 0.036 % against "
+    "0.694 s at 0.113 %), on all 8 deformations; it misses issue 12's 0.1 s in this run and is 8x slower than "
+    "pycpd (0.020 s), at 0.14x pycpd's RMSE. Its time: ~20 EM steps, each two transport plans (onto the "
+    "target, onto itself) and a Gauss-Newton M-step on a linearisation reused for 4 steps; at 91 points "
+    "every step is a few hundred small torch operations, so the per-operation overhead is the cost.",
     "Curves: with features (the star) EM ends 2-4x closer than Adam on every fit. Without (the bumpy ellipse) "
     "any distance between point sets can slide along the curve, and both end at 0.15-0.45 of the start on "
     "most fits; this is where EM looks worst (median 0.31 against Adam's 0.24 at 90 points).",
-    "Robustness at 120 and 250 points: clean pairs 20-25x closer and large deformations 9-30x closer; 5 % "
-    "outliers at 120 points about as close as Adam (1.58 and 1.70 against 1.50 and 1.68; isolated target "
-    "points within 6 source spacings of the fitted source rejoin the cooled plan; at 250 points the target has "
-    "263 points, 13 of them isolated and none in the source, so Adam fits both columns); a cropped target and "
-    "the ant bent by 2 rad end at Adam's result: the EM fit squeezes the source there (min det J < 0.5 at its "
-    "points) and gives way to the Adam stages, which costs the EM's time on top.",
+    "Robustness at 120 and 250 points: clean pairs 15-25x closer and large deformations 7-16x closer; 5 % "
+    "outliers at 120 points a little farther than Adam (1.58 and 1.70 against 1.54 and 1.55; isolated target "
+    "points within 6 source spacings of the "
+    "fitted source rejoin the cooled plan; at 250 points the target has 263 points, 13 of them isolated and "
+    "none in the source, so Adam fits both columns); a cropped target and the ant bent by 2 rad end at Adam's "
+    "result: the EM fit squeezes the source there (min det J < 0.5 at its points) and gives way to the Adam "
+    "stages, which costs the EM's time on top.",
     "Above 256 points (section 4) the default is EM when both shapes have about as many isolated points: on "
-    "the clean cortex and airplane pairs 1.4-3.3x closer and 3-3.3x faster than the Adam stages (1,000 cortex "
-    "vertices 0.049 % in 0.43 s against 0.160 % in 1.43 s), on the 486-point ant bent by 0.5 and 1 rad 0.043 "
-    "and 0.080 % against 0.123 and 0.116 % (its leg tips are isolated in both shapes). With 5 % outliers on the "
-    "airplane (isolated points in the target only) the default keeps the Adam stages: `em=True` ends 1.1-2.8x "
-    "farther there.",
-    "Timing: this run's machine was slow (the Adam stages on the fish 0.434 s, pycpd 0.013 s) against the "
-    "earlier runs of the day (0.269-0.285 s and 0.009-0.010 s), and the EM's 0.118 s missed the fish's 0.1 s; "
-    "the same code took 0.080 s at 0.036 % in the earlier run of the day on a quieter machine. The ratio to "
-    "pycpd (0.11-0.12x its speed) and to the Adam stages (3.6x) held in both.",
+    "the clean cortex and airplane pairs 2.5-3.1x closer and 3.3-5.9x faster than the Adam stages (1,000 "
+    "cortex vertices 0.049 % in 0.50 s against 0.151 % in 2.94 s), on the 486-point ant bent by 0.5 and 1 rad "
+    "0.044 and 0.083 % against 0.123 and 0.493 % (its leg tips are isolated in both shapes). With 5 % "
+    "outliers on the airplane (isolated points in the target only) the default keeps the Adam stages: "
+    "`em=True` ends 1.1-3.5x farther there.",
+    "Timing: this run (2026-12-03, late evening) had the slowest machine of the day: the Adam stages on the "
+    "fish 0.694 s against 0.269-0.434 s in the earlier runs, and 2.94 s at 1k against 1.43 s. The EM's code "
+    "is faster than in those runs (the transport plan's kernel in base 2, the coarse levels' M-step on 128 "
+    "points, the flow's output kernel 2.5x faster), but its fish took 0.169 s here against 0.080-0.118 s "
+    "then: the ratios within one run (EM / Adam, EM / pycpd) are the comparable numbers.",
 ]
 
 

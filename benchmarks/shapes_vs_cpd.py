@@ -121,6 +121,18 @@ NOTES = """\
   there took 3.3-3.5 s at 0.06-0.07 % against the stages' 2.6-2.8 s at 0.12 % (two dense
   4k x 4k plans a step). On shapes with isolated points (outliers, the ant's leg tips) the default
   stays with the Adam stages, which ended closer there (`flow_em.md`, section 4).
+* This table (2026-12-03 late evening, the slowest machine state of the day: pycpd 4.66 s at 1k
+  and 272 s at 4k, our fish 0.21 s against 0.07-0.14 s in the earlier runs): since the evening
+  run, the transport plan's kernel is computed in base 2 (`exp2`, 1.7x faster than `exp`) from a
+  plain product with the row added (torch's `addmm` with a broadcast bias was 2-4x slower), its
+  summaries as `B^T K^T` (torch's product with 5 columns on the right was 3-5x slower): 1k 6.7 ->
+  3.5 ms a plan; the coarse levels' M-step on their first 128 points; the flow's output kernel
+  accumulated in (a, i, b, j) order (2.5x faster). 1k: 0.47 s, **10.0x** pycpd at 0.92x its
+  RMSE: met, without margin (0.31-0.52 s in back-to-back runs of the afternoon, 7.7-10.8x).
+  4k: the Adam stages took 5.4 s here (2.6-2.8 s in the earlier runs); `em=True` 3.8-4.3 s at
+  0.066 % beside them, but on two samplings of 4,000 cortex points `em=True` took 11.1 s at 0.74 %
+  against the stages' 5.8 s at 0.52 % (2,000: 4.2 s at 0.78 % against 3.4 s at 1.01 %), so the
+  default stays with the stages above 2048 points.
 * 1k with the Adam stages (`em=False`) is 0.16-0.21 % of the diagonal: a floor of the losses and
   flow, not of the step count: Sinkhorn throughout (`refine=None`) gave 0.19 %, with 300 steps per
   stage 0.16 %, `model="lddmm"` 0.50 % (measured before the refine step changed from a third to

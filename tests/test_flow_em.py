@@ -143,6 +143,57 @@ def test_a_warm_start_ends_at_the_cold_plan():
     torch.testing.assert_close(warm.mass, cold.mass, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("reach", [None, 0.2])
+def test_a_plan_on_each_rows_nearest_candidates_matches_the_dense_plan(reach):
+    """On the support of each row's k nearest target points, where the kernel is negligible beyond
+    them, the plan (summaries, potentials) is the dense one to the last digits; with candidates too
+    few for the blur it is the dense plan itself (and says so)."""
+    from shapeflow.kernels.neighbors import PointIndex
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(400, 2, dtype=torch.float64, generator=g)
+    y = x + 0.01 * torch.randn(400, 2, dtype=torch.float64, generator=g)
+    blur = 0.01                          # points ~0.05 apart: a row's kernel spans a few neighbours
+    start = transport_plan(x, y, blur, reach, tol=1e-12, max_sweeps=5000).potentials
+    moved = x + 0.002 * torch.randn(400, 2, dtype=torch.float64, generator=g)
+    dense = transport_plan(moved, y, blur, reach, start=start, tol=1e-12, max_sweeps=5000)
+    support = PointIndex(y).query(moved, 32)[1]
+    sparse = transport_plan(moved, y, blur, reach, start=start, tol=1e-12, max_sweeps=5000, support=support)
+    assert sparse.sparse and not dense.sparse
+    for got, want in ((sparse.barycentres, dense.barycentres), (sparse.mass, dense.mass),
+                      (sparse.spread, dense.spread), (sparse.potentials[0], dense.potentials[0]),
+                      (sparse.potentials[1], dense.potentials[1])):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert sparse.cost == pytest.approx(dense.cost, rel=1e-8)
+    # four candidates at a blur of 0.1: the kernel is not negligible beyond them, so the plan is dense
+    wide = transport_plan(moved, y, 0.1, reach, start=(start[0], start[1], 0.1), support=support[:, :4])
+    assert not wide.sparse
+    torch.testing.assert_close(wide.barycentres, transport_plan(moved, y, 0.1, reach, start=(start[0], start[1], 0.1)).barycentres)
+    with pytest.raises(ShapeflowError, match="support"):
+        transport_plan(moved, y, blur, reach, start=start, support=support[:10])
+
+
+def test_the_em_fit_uses_the_candidates_once_cooled_with_the_same_result(monkeypatch):
+    """Above `EM_SUPPORT_FROM` points the cooled plans run on each point's nearest candidates: the
+    same fit as with dense plans throughout."""
+    source, target = _curve(300)
+    seen = []
+    original = shape_flow_gn.transport_plan
+
+    def spy(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        seen.append(plan.sparse)
+        return plan
+
+    monkeypatch.setattr(shape_flow_gn, "transport_plan", spy)
+    monkeypatch.setattr(shape_flow_gn, "EM_SUPPORT_FROM", 100)
+    sparse = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, em=True)
+    assert any(seen)
+    monkeypatch.setattr(shape_flow_gn, "EM_SUPPORT_FROM", 10**9)
+    dense = sf.register(source.numpy(), target.numpy(), progress=False, seed=0, em=True)
+    assert np.abs(sparse.warped - dense.warped).max() < 1e-4 * np.abs(dense.warped).max()
+
+
 # --- the EM fit ------------------------------------------------------------------------------
 
 def test_the_default_fits_a_small_curve_by_em_more_closely_than_adam():

@@ -168,12 +168,14 @@ def test_rigid_defaults_end_no_worse_than_the_start(damaged, case):
 
 def test_the_default_flow_ignores_five_percent_outliers(damaged):
     """Sinkhorn's default reach (0.15): unbalanced transport, then a capped Chamfer refine (measured
-    RMSE 26.4-27.9 from 54.6; balanced, 220)."""
+    RMSE 26.4-27.9 from 54.6; balanced, 51-56 (220 before the fold refit): which side of the start
+    the balanced fit ends on turned on the float32 summation order of the flow's output layer)."""
     source, truth, targets = damaged
     before = _rmse(source, truth)
-    assert _rmse(_register(source, targets["outliers"], model="resnet").warped, truth) < 0.6 * before
+    default = _rmse(_register(source, targets["outliers"], model="resnet").warped, truth)
+    assert default < 0.6 * before
     balanced = _register(source, targets["outliers"], model="resnet", reach=None)
-    assert _rmse(balanced.warped, truth) > before          # what the default avoids: outliers pull the flow
+    assert _rmse(balanced.warped, truth) > 1.5 * default     # what the default avoids: outliers pull the flow
 
 
 @pytest.mark.parametrize("draw", [2, 5, 12])

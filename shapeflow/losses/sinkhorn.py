@@ -215,7 +215,8 @@ class TransportPlan:
     balanced transport; below 1 where an unbalanced plan lets mass go), the transport `cost`
     `sum_ij P_ij |x_i - y_j|^2 / 2`, the `potentials` `f: (N,)`, `g: (M,)` (a warm start for the next
     call, with the blur: `(f, g, blur)`), the number of `sweeps` run, and each source point's
-    `spread: (N,)` `sum_j P_ij |y_j - barycentre_i|^2 / sum_j P_ij` (the plan's own variance)."""
+    `spread: (N,)` `sum_j P_ij |y_j - barycentre_i|^2 / sum_j P_ij` (the plan's own variance);
+    `sparse`: whether it was computed on the given `support` (False: the dense plan)."""
 
     barycentres: torch.Tensor
     mass: torch.Tensor
@@ -223,10 +224,15 @@ class TransportPlan:
     potentials: tuple[torch.Tensor, torch.Tensor, float]
     sweeps: int
     spread: torch.Tensor
+    sparse: bool = False
 
 
 #: log2(e): a kernel `exp(z)` computed as `exp2(z log2 e)`
 LOG2E = 1.0 / math.log(2.0)
+#: a plan on a `support` is used when, on every row, the kernel on the farthest quarter of its
+#: candidates is below this fraction of the row's largest entry (2^-30, about 1e-9): the entries
+#: left out, farther still, carry no mass that a float32 sum would keep
+SUPPORT_CUTOFF = 2.0 ** -30
 
 
 def _log_weights(weights: torch.Tensor | None, points: torch.Tensor, name: str) -> torch.Tensor:
@@ -254,7 +260,7 @@ def target_potential(x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, blur: fl
 def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float | None = None,
                    start: tuple[torch.Tensor, torch.Tensor, float] | None = None, tol: float = 1e-3,
                    max_sweeps: int = 200, scaling: float = 0.5, a: torch.Tensor | None = None,
-                   b: torch.Tensor | None = None) -> TransportPlan:
+                   b: torch.Tensor | None = None, support: torch.Tensor | None = None) -> TransportPlan:
     """The entropic transport plan `P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)` between the
     measures on `x: (N, d)` and `y: (M, d)` with weights `a: (N,)` and `b: (M,)` (each positive,
     summing to 1; None: uniform) (cost `|x - y|^2 / 2`, `eps = blur^2`;
@@ -265,7 +271,12 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
     schedule from the pair's diameter. Then Sinkhorn sweeps at `blur` until no potential moves by
     more than `tol * eps` (at most `max_sweeps`), as scalings of the kernel with the potentials
     absorbed (stabilised Sinkhorn: two matrix-vector products a sweep instead of two log-sum-exps;
-    the scalings' logarithms stay small, as the potentials are near their fixed point). No autograd."""
+    the scalings' logarithms stay small, as the potentials are near their fixed point).
+
+    `support: (N, k)` int64, each row's candidate target points, nearest first (a k-nearest-neighbour
+    query): with a warm `start` at this blur, the plan is computed on these N k entries only when
+    the kernel is negligible on the farthest quarter of every row's candidates (`SUPPORT_CUTOFF`),
+    else on the dense matrix as without it (`TransportPlan.sparse` says which). No autograd."""
     eps, rho = blur ** 2, None if reach is None else reach ** 2
     damping = _damping(eps, rho)
     with torch.no_grad():
@@ -284,44 +295,118 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
             c_xy = _cost(x, y)
             f, g = _annealed(schedule, rho, [c_xy, c_xy.T], [log_b, log_a], feeds=(1, 0))
         # the kernel with g and a row shift absorbed, times b: relative_ij = exp(z_ij - top_i) with
-        # z_ij = (g_j - C_ij) / eps + log b_j, C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j (one matrix
-        # product, then in place: six passes over the (N, M) matrix in all), in base 2 (torch's exp2 is
-        # 1.2-1.7x faster than exp); a plain product then adding the row (addmm's broadcast bias: 2-4x slower)
-        z = torch.mm(x * (LOG2E / eps), y.T).add_((((g - y.square().sum(1) / 2) / eps + log_b) * LOG2E)[None, :])
-        z.sub_((x.square().sum(1) * (LOG2E / (2 * eps)))[:, None])
-        top = z.amax(1)
-        relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
-        torch.nn.functional.threshold_(relative, 5 * torch.finfo(z.dtype).tiny, 0.0)   # no subnormals
-        f_abs, g_abs = -eps * top / LOG2E, g                         # the potentials absorbed in `relative`
+        # z_ij = (g_j - C_ij) / eps + log b_j, on every pair or on the support's
+        x2, y2 = x.square().sum(1), y.square().sum(1)
+        kernel = None
+        if support is not None and start is not None and not schedule and start[1].shape == log_b.shape:
+            kernel = _SupportKernel.make(x, y, y2, g, log_b, eps, support)
+        if kernel is None:
+            kernel = _DenseKernel(x, y, x2, y2, g, log_b, eps)
+        relative, top = kernel.relative, kernel.top
+        f_abs, g_abs = top * (-eps / LOG2E), g                       # the potentials absorbed in `relative`
         tiny = torch.finfo(x.dtype).tiny        # a row or column with no mass left: log(tiny), not -inf
         a = log_a.exp()
         log_v = torch.zeros_like(g)                                  # g = g_abs + eps log_v
         # f <- -lambda eps log sum_j b_j exp((g_j - C_ij) / eps), g likewise from the new f; in the
         # scalings: log u = -lambda log((relative v)_i) + (lambda - 1) f_abs / eps, and for log v
-        # the kernel's transpose weighted by a u (relative = K b, so K^T (a u) = relative^T (a u) / b).
+        # the kernel's transpose weighted by a u (relative = K b, so K^T (a u) = relative^T (a u) / b):
+        # log v = -lambda log((relative^T (a u))_j) + lambda log b_j + (lambda - 1) g_abs / eps, the
+        # shifts computed once (each small operation counts at 100 points).
         # The first update of u is the softmin of the warm g (f = f_abs + eps log_u).
-        log_u = -damping * torch.log((relative.sum(1)).clamp_min(tiny)) + (damping - 1) * f_abs / eps
+        shift_u = f_abs * ((damping - 1) / eps)
+        shift_v = g_abs * ((damping - 1) / eps) + damping * log_b
+        log_u = torch.log(relative.sum(1).clamp_min_(tiny)).mul_(-damping).add_(shift_u)
         sweeps = 0
         for sweeps in range(1, max_sweeps + 1):
-            new_u = -damping * torch.log((relative @ log_v.exp()).clamp_min(tiny)) + (damping - 1) * f_abs / eps
-            new_v = (-damping * (torch.log((relative.T @ (a * new_u.exp())).clamp_min(tiny)) - log_b)
-                     + (damping - 1) * g_abs / eps)
+            new_u = torch.log(kernel.rows(log_v.exp()).clamp_min_(tiny)).mul_(-damping).add_(shift_u)
+            new_v = torch.log(kernel.columns(a * new_u.exp()).clamp_min_(tiny)).mul_(-damping).add_(shift_v)
+            if sweeps == max_sweeps:        # the last one allowed: no test
+                log_u, log_v = new_u, new_v
+                break
             # a potential moves by eps times its log-scaling's change
-            change = max(float((new_u - log_u).abs().max()), float((new_v - log_v).abs().max()))
+            change = float(torch.maximum((new_u - log_u).abs().max(), (new_v - log_v).abs().max()))
             log_u, log_v = new_u, new_v
             if change < tol:
                 break
         f, g = f_abs + eps * log_u, g_abs + eps * log_v
         # per source point, sums over the plan's row of 1, y and |y|^2 (P_ij / a_i = u_i relative_ij v_j)
-        y2 = y.square().sum(1)
-        # (as B^T K^T: torch's product with a few columns on the right is 3-5x slower than on the left)
-        columns = log_v.exp()[:, None] * torch.cat([y, y2[:, None], torch.ones_like(y2)[:, None]], 1)
-        sums = (columns.T @ relative.T).T
-        u = log_u.exp()
-        mass = torch.nan_to_num(u * sums[:, -1], nan=0.0, posinf=0.0)            # a row with no mass: none
+        sums = kernel.row_sums(torch.cat([y, y2[:, None], torch.ones_like(y2)[:, None]], 1).mul_(log_v.exp()[:, None]))
+        mass = torch.nan_to_num(log_u.exp() * sums[:, -1], nan=0.0, posinf=0.0)   # a row with no mass: none
         total = sums[:, -1].clamp_min(tiny)
         barycentres = sums[:, :-2] / total[:, None]
-        spread = (sums[:, -2] / total - barycentres.square().sum(1)).clamp_min(0)  # sum_j P_ij |y_j - b_i|^2 / sum_j P_ij
+        spread = (sums[:, -2] / total - barycentres.square().sum(1)).clamp_min_(0)  # sum_j P_ij |y_j - b_i|^2 / sum_j P_ij
         # sum_ij P_ij C_ij with C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j, from the same sums
-        cost = float((a * mass * (x.square().sum(1) / 2 + sums[:, -2] / (2 * total) - (x * barycentres).sum(1))).sum())
-    return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread)
+        cost = float((a * mass * (x2 / 2 + sums[:, -2] / (2 * total) - (x * barycentres).sum(1))).sum())
+    return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread, kernel.sparse)
+
+
+class _DenseKernel:
+    """`transport_plan`'s kernel on every pair: `relative: (N, M)` = exp(z - top) with
+    z_ij = (g_j - C_ij) / eps + log b_j, `top: (N,)` its row maxima (in base 2, see below)."""
+
+    sparse = False
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor, g: torch.Tensor,
+                 log_b: torch.Tensor, eps: float):
+        # C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j: one matrix product, then in place (six passes
+        # over the (N, M) matrix in all), in base 2 (torch's exp2 is 1.2-1.7x faster than exp); a plain
+        # product then adding the row (addmm's broadcast bias: 2-4x slower)
+        z = torch.mm(x * (LOG2E / eps), y.T).add_((((g - y2 / 2) / eps + log_b) * LOG2E)[None, :])
+        z.sub_((x2 * (LOG2E / (2 * eps)))[:, None])
+        self.top = z.amax(1)
+        self.relative = z.sub_(self.top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
+        torch.nn.functional.threshold_(self.relative, 5 * torch.finfo(z.dtype).tiny, 0.0)   # no subnormals
+
+    def rows(self, v: torch.Tensor) -> torch.Tensor:
+        """`relative @ v`: `(M,)` -> `(N,)`."""
+        return self.relative @ v
+
+    def columns(self, w: torch.Tensor) -> torch.Tensor:
+        """`relative^T @ w`: `(N,)` -> `(M,)`."""
+        return self.relative.T @ w
+
+    def row_sums(self, columns: torch.Tensor) -> torch.Tensor:
+        """`relative @ columns`: `(M, c)` -> `(N, c)`, as `(columns^T relative^T)^T` (torch's product
+        with a few columns on the right is 3-5x slower than on the left)."""
+        return (columns.T @ self.relative.T).T
+
+
+class _SupportKernel:
+    """`transport_plan`'s kernel on each row's candidates `support: (N, k)` only: `relative: (N, k)`
+    and `top: (N,)` as `_DenseKernel`'s, the costs from the differences (exact)."""
+
+    sparse = True
+
+    def __init__(self, relative: torch.Tensor, top: torch.Tensor, flat: torch.Tensor, targets: int):
+        self.relative, self.top, self.flat, self.targets = relative, top, flat, targets
+
+    @classmethod
+    def make(cls, x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, g: torch.Tensor, log_b: torch.Tensor,
+             eps: float, support: torch.Tensor) -> "_SupportKernel | None":
+        """The kernel on `support`, or None when it is not negligible on the farthest quarter of some
+        row's candidates (`SUPPORT_CUTOFF`): the dense plan is needed there."""
+        n, k = support.shape
+        if n != x.shape[0] or support.dtype != torch.int64:
+            raise ShapeflowError(f"transport_plan(): support must be ({x.shape[0]}, k) int64, got "
+                                 f"{tuple(support.shape)} {support.dtype}")
+        flat = support.reshape(-1)
+        cost = (x[:, None, :] - y.index_select(0, flat).view(n, k, -1)).square().sum(2)       # 2 C, (N, k)
+        z = (g.index_select(0, flat) + eps * log_b.index_select(0, flat)).view(n, k).sub_(cost, alpha=0.5)
+        z.mul_(LOG2E / eps)
+        top = z.amax(1)
+        relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
+        torch.nn.functional.threshold_(relative, 5 * torch.finfo(z.dtype).tiny, 0.0)
+        if not bool((relative[:, -max(1, k // 4):].amax(1) <= SUPPORT_CUTOFF).all()):
+            return None
+        return cls(relative, top, flat, y.shape[0])
+
+    def rows(self, v: torch.Tensor) -> torch.Tensor:
+        return (self.relative * v.index_select(0, self.flat).view_as(self.relative)).sum(1)
+
+    def columns(self, w: torch.Tensor) -> torch.Tensor:
+        return w.new_zeros(self.targets).scatter_add_(0, self.flat, (self.relative * w[:, None]).view(-1))
+
+    def row_sums(self, columns: torch.Tensor) -> torch.Tensor:
+        n, k = self.relative.shape
+        gathered = columns.index_select(0, self.flat).view(n, k, -1)
+        return (self.relative[:, :, None] * gathered).sum(1)

@@ -128,7 +128,9 @@ NOTES = """\
   summaries as `B^T K^T` (torch's product with 5 columns on the right was 3-5x slower): 1k 6.7 ->
   3.5 ms a plan; the coarse levels' M-step on their first 128 points; the flow's output kernel
   accumulated in (a, i, b, j) order (2.5x faster). 1k: 0.47 s, **10.0x** pycpd at 0.92x its
-  RMSE: met, without margin (0.31-0.52 s in back-to-back runs of the afternoon, 7.7-10.8x).
+  RMSE: met, without margin (0.31-0.52 s in back-to-back runs of the afternoon, 7.7-10.8x), and
+  only with pycpd on one thread as every tool here: its NumPy on both cores takes 3.8-3.9 s at 1k
+  (4.9-5.2 s on one), where we are at 7.7-9.7x (the EM fit runs on one thread by design).
   4k: the Adam stages took 5.4 s here (2.6-2.8 s in the earlier runs); `em=True` 3.8-4.3 s at
   0.066 % beside them, but on two samplings of 4,000 cortex points `em=True` took 11.1 s at 0.74 %
   against the stages' 5.8 s at 0.52 % (2,000: 4.2 s at 0.78 % against 3.4 s at 1.01 %), so the

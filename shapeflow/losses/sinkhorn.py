@@ -340,6 +340,15 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
     return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread, kernel.sparse)
 
 
+def _shifted_exp2(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(2^(z - top), top)` with `top: (N,)` the row maxima of `z: (N, K)`, in place in `z`, entries
+    below 5 times the dtype's smallest normal number flushed to 0 (no subnormals: see `kernels.exp`)."""
+    top = z.amax(1)
+    relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
+    torch.nn.functional.threshold_(relative, 5 * torch.finfo(z.dtype).tiny, 0.0)
+    return relative, top
+
+
 class _DenseKernel:
     """`transport_plan`'s kernel on every pair: `relative: (N, M)` = exp(z - top) with
     z_ij = (g_j - C_ij) / eps + log b_j, `top: (N,)` its row maxima (in base 2, see below)."""
@@ -353,9 +362,7 @@ class _DenseKernel:
         # product then adding the row (addmm's broadcast bias: 2-4x slower)
         z = torch.mm(x * (LOG2E / eps), y.T).add_((((g - y2 / 2) / eps + log_b) * LOG2E)[None, :])
         z.sub_((x2 * (LOG2E / (2 * eps)))[:, None])
-        self.top = z.amax(1)
-        self.relative = z.sub_(self.top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
-        torch.nn.functional.threshold_(self.relative, 5 * torch.finfo(z.dtype).tiny, 0.0)   # no subnormals
+        self.relative, self.top = _shifted_exp2(z)
 
     def rows(self, v: torch.Tensor) -> torch.Tensor:
         """`relative @ v`: `(M,)` -> `(N,)`."""
@@ -392,10 +399,7 @@ class _SupportKernel:
         flat = support.reshape(-1)
         cost = (x[:, None, :] - y.index_select(0, flat).view(n, k, -1)).square().sum(2)       # 2 C, (N, k)
         z = (g.index_select(0, flat) + eps * log_b.index_select(0, flat)).view(n, k).sub_(cost, alpha=0.5)
-        z.mul_(LOG2E / eps)
-        top = z.amax(1)
-        relative = z.sub_(top[:, None]).clamp_min_(exp_floor(z.dtype) * LOG2E).exp2_()
-        torch.nn.functional.threshold_(relative, 5 * torch.finfo(z.dtype).tiny, 0.0)
+        relative, top = _shifted_exp2(z.mul_(LOG2E / eps))
         if not bool((relative[:, -max(1, k // 4):].amax(1) <= SUPPORT_CUTOFF).all()):
             return None
         return cls(relative, top, flat, y.shape[0])

@@ -10,6 +10,7 @@ import shapeflow as sf
 from shapeflow.deform import ResNetFlow
 from shapeflow.errors import ShapeflowError
 from shapeflow.losses import SinkhornLoss
+from shapeflow.losses import sinkhorn
 from shapeflow.losses.sinkhorn import target_potential, transport_plan
 from shapeflow.pipelines.shape_flow_gn import _cell_weights, _rejoining
 from shapeflow.pipelines import shape_flow_gn
@@ -51,11 +52,20 @@ def _numpy_plan(x, y, blur, reach=None, iterations=20000, a=None, b=None):
     return u[:, None] * kernel * v[None]
 
 
+def _numpy_or_torch(monkeypatch, in_numpy, x, y):
+    """Run small plans in NumPy (`losses._small_plan`) or as torch operations; check which."""
+    if not in_numpy:
+        monkeypatch.setattr(sinkhorn, "SMALL_PLAN_ENTRIES", 0)
+    assert sinkhorn._small(x, y) == in_numpy
+
+
+@pytest.mark.parametrize("in_numpy", [True, False])
 @pytest.mark.parametrize("reach", [None, 0.5])
-def test_the_transport_plan_matches_a_plain_sinkhorn(reach):
+def test_the_transport_plan_matches_a_plain_sinkhorn(reach, in_numpy, monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 2, dtype=torch.float64, generator=g)
     y = torch.randn(55, 2, dtype=torch.float64, generator=g) * 0.8 + 0.3
+    _numpy_or_torch(monkeypatch, in_numpy, x, y)
     blur = 0.5
     reference = _numpy_plan(x, y, blur, reach)
     plan = transport_plan(x, y, blur, reach, tol=1e-12, max_sweeps=5000)
@@ -73,13 +83,15 @@ def test_the_transport_plan_matches_a_plain_sinkhorn(reach):
         assert float(plan.mass.max()) < 1.0                              # unbalanced: some is let go
 
 
+@pytest.mark.parametrize("in_numpy", [True, False])
 @pytest.mark.parametrize("reach", [None, 0.5])
-def test_a_weighted_plan_matches_a_plain_sinkhorn(reach):
+def test_a_weighted_plan_matches_a_plain_sinkhorn(reach, in_numpy, monkeypatch):
     """Weights on both measures (the coarse levels' Voronoi shares): mass is still per unit of a_i,
     and the cost is the plan's."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(30, 2, dtype=torch.float64, generator=g)
     y = torch.randn(45, 2, dtype=torch.float64, generator=g) * 0.7 - 0.2
+    _numpy_or_torch(monkeypatch, in_numpy, x, y)
     a = torch.rand(30, dtype=torch.float64, generator=g) + 0.1
     b = torch.rand(45, dtype=torch.float64, generator=g) + 0.1
     a, b = a / a.sum(), b / b.sum()
@@ -128,6 +140,30 @@ def test_isolated_target_points_near_the_fitted_source_rejoin_once_cooled():
     lonely[11:] = True
     taken = _rejoining(y, lonely, x, x)                                     # spacing 0.1: 3 spacings = 0.3
     assert taken[:11].all() and bool(taken[11]) and not bool(taken[12])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reach", [None, 0.3])
+def test_a_small_warm_plan_in_numpy_is_the_torch_plan(reach, dtype, monkeypatch):
+    """The EM's case: a few sweeps from the last plan's potentials on moved points. NumPy and
+    torch run the same sweeps, so they agree to rounding (float32: to its precision), sweep count
+    included."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(91, 2, dtype=dtype, generator=g)
+    y = x + 0.05 * torch.randn(91, 2, dtype=dtype, generator=g)
+    start = transport_plan(x, y, 0.05, reach).potentials
+    moved = x + 0.002 * torch.randn(91, 2, dtype=dtype, generator=g)
+    assert sinkhorn._small(moved, y)
+    numpy = transport_plan(moved, y, 0.05, reach, start=start, max_sweeps=3)
+    monkeypatch.setattr(sinkhorn, "SMALL_PLAN_ENTRIES", 0)
+    ops = transport_plan(moved, y, 0.05, reach, start=start, max_sweeps=3)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert numpy.sweeps == ops.sweeps == 3 and numpy.barycentres.dtype == dtype
+    for got, want in ((numpy.barycentres, ops.barycentres), (numpy.mass, ops.mass),
+                      (numpy.spread, ops.spread), (numpy.potentials[0], ops.potentials[0]),
+                      (numpy.potentials[1], ops.potentials[1])):
+        torch.testing.assert_close(got, want, **tol)
+    assert numpy.cost == pytest.approx(ops.cost, rel=tol["rtol"])
 
 
 def test_a_warm_start_ends_at_the_cold_plan():

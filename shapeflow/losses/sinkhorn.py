@@ -34,6 +34,7 @@ import torch
 
 from ..errors import ShapeflowError
 from ..kernels.exp import exp_floor, fast_logsumexp
+from ._small_plan import plan_sweeps
 
 __all__ = ["SinkhornState", "sinkhorn_divergence", "epsilon_schedule", "with_unbalanced_gradient", "TransportPlan",
            "transport_plan", "target_potential"]
@@ -233,6 +234,9 @@ LOG2E = 1.0 / math.log(2.0)
 #: candidates is below this fraction of the row's largest entry (2^-30, about 1e-9): the entries
 #: left out, farther still, carry no mass that a float32 sum would keep
 SUPPORT_CUTOFF = 2.0 ** -30
+#: a plan of at most this many pairs (N M) sweeps in NumPy (`losses._small_plan`, where the
+#: measurements are): below it, torch's per-operation cost is most of a plan's
+SMALL_PLAN_ENTRIES = 180 * 180
 
 
 def _log_weights(weights: torch.Tensor | None, points: torch.Tensor, name: str) -> torch.Tensor:
@@ -294,6 +298,8 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
             schedule = epsilon_schedule(float((both.max(0).values - both.min(0).values).norm()), blur, scaling)[:-1]
             c_xy = _cost(x, y)
             f, g = _annealed(schedule, rho, [c_xy, c_xy.T], [log_b, log_a], feeds=(1, 0))
+        if support is None and _small(x, y):
+            return _small_plan(x, y, g, log_a, log_b, blur, damping, tol, max_sweeps, len(schedule))
         # the kernel with g and a row shift absorbed, times b: relative_ij = exp(z_ij - top_i) with
         # z_ij = (g_j - C_ij) / eps + log b_j, on every pair or on the support's
         x2, y2 = x.square().sum(1), y.square().sum(1)
@@ -338,6 +344,25 @@ def transport_plan(x: torch.Tensor, y: torch.Tensor, blur: float, reach: float |
         # sum_ij P_ij C_ij with C_ij = |x_i|^2 / 2 + |y_j|^2 / 2 - x_i . y_j, from the same sums
         cost = float((a * mass * (x2 / 2 + sums[:, -2] / (2 * total) - (x * barycentres).sum(1))).sum())
     return TransportPlan(barycentres, mass, cost, (f, g, blur), sweeps + len(schedule), spread, kernel.sparse)
+
+
+def _small(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether `transport_plan` sweeps in NumPy (`losses._small_plan`): on the CPU, in float32 or
+    float64, at most `SMALL_PLAN_ENTRIES` pairs."""
+    return (x.shape[0] * y.shape[0] <= SMALL_PLAN_ENTRIES and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64))
+
+
+def _small_plan(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                blur: float, damping: float, tol: float, max_sweeps: int, annealed: int) -> TransportPlan:
+    """`transport_plan`'s sweeps and summaries from the target potential `g: (M,)`, in NumPy
+    (`losses._small_plan`); `annealed`: the schedule's sweeps already run."""
+    arrays = [t.detach().numpy() for t in (x, y, g, log_b, log_a.exp())]
+    barycentres, mass, cost, f, g, sweeps, spread = plan_sweeps(*arrays, blur ** 2, damping, tol, max_sweeps,
+                                                                exp_floor(x.dtype))
+    tensor = torch.from_numpy
+    return TransportPlan(tensor(barycentres), tensor(mass), cost, (tensor(f), tensor(g), blur), sweeps + annealed,
+                         tensor(spread), False)
 
 
 def _shifted_exp2(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

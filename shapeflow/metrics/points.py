@@ -75,14 +75,19 @@ def bounding_box_grid(points: torch.Tensor, per_axis: int = 12, margin: float = 
 MAX_JACOBIAN_POINTS = 20000
 
 
-def min_jacobian_determinant(phi, points: torch.Tensor, per_axis: int = 12) -> float:
+def min_jacobian_determinant(phi, points: torch.Tensor, per_axis: int = 12, at_points: float | None = None) -> float:
     """The smallest `det D phi` over a grid of `per_axis` nodes per axis on the bounding box of
     `points: (N, d)` and the points themselves (a seeded random `MAX_JACOBIAN_POINTS` of them when
-    there are more); `per_axis=0`: the points only."""
+    there are more); `per_axis=0`: the points only. `at_points`: the smallest at the points when
+    the caller has it already (`register`'s fold check): only the grid is evaluated then."""
     points = points.detach()
     if len(points) > MAX_JACOBIAN_POINTS:
         keep = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:MAX_JACOBIAN_POINTS]
         points = points[keep.to(points.device)]
+    if at_points is not None:
+        if not per_axis:
+            return float(at_points)
+        return min(float(at_points), float(jacobian_determinants(phi, bounding_box_grid(points, per_axis)).min()))
     grid = torch.cat([bounding_box_grid(points, per_axis), points]) if per_axis else points
     return float(jacobian_determinants(phi, grid).min())
 

@@ -172,7 +172,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
     identity = copy.deepcopy(core.state_dict())     # a new model is the identity map
     if not interrupted:
         interrupted = fitter(core, problem, history, prefix="")
-    refit = None
+    refit, at_points = None, None       # at_points: the kept map's min det J at the source's points, if measured
     if not interrupted and not model_cls.linear and model_cls.ambient_jacobian:
         robust = loss_cls.more_robust(parts["loss"], set(options))
         # at the source's points, where a crushed part is; a fold in the empty space between sparse
@@ -182,12 +182,16 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
         reported = last.get("min_jacobian_det") if last.get("phase") == "em" and not last.get("declined") else None
         folds = (1.0 if robust is None else reported if reported is not None
                  else metrics.min_jacobian_determinant(core, problem.x, per_axis=0))
+        at_points = None if robust is None else folds
         if folds <= 0:      # see `_refit`
             core, problem, interrupted, refit = _refit(core, problem, robust, folds, identity, history, fitter, src, tgt,
                                                        iterations)
             guard = StartGuard.make(problem.stages, loss_cls, x_world, y_world, scale, opts.seed) if guard else None
+            at_points = refit["refit_min_jacobian_det" if refit["kept"] == "refit" else "first_min_jacobian_det"]
     fitted.append(core)
     kept = guard.keep_the_best(fitted, identity, x, y, landmarks) if guard else "fit"
+    if kept != "fit" or len(fitted) > 1:    # the map reported is not the one measured (det J at the same points:
+        at_points = None                    # the normalisation only scales and shifts them)
 
     deformation = _in_world_units(fitted, source_center, target_center, scale)     # float64 centres
     with torch.no_grad():   # the fitted map on the normalised source, back to world units in float64
@@ -196,7 +200,7 @@ def register_shapes(src: PointCloud, tgt: PointCloud, model: str = "resnet", los
         warped_points = warped64.to(dtype)
     warped = dataclasses.replace(src.with_points(warped64.cpu().to(src.points.dtype)), source=None)
     result_metrics = _metrics(deformation, src, tgt, x_world, y_world, warped_points, loss_cls.correspondence,
-                              model_cls.ambient_jacobian)
+                              model_cls.ambient_jacobian, at_points)
     if marks is not None:
         result_metrics["landmark_error"] = metrics.landmark_errors(deformation, marks[0].to(device, dtype),
                                                                    marks[1].to(device, dtype))
@@ -508,7 +512,7 @@ def _at_most(points: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bool,
-             ambient_jacobian: bool = True) -> dict[str, Any]:
+             ambient_jacobian: bool = True, at_points: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         **metrics.surface_distances(warped, y_world),
         "chamfer_before": metrics.chamfer_distance(_at_most(x_world, BEFORE_POINTS), _at_most(y_world, BEFORE_POINTS)),
@@ -520,7 +524,8 @@ def _metrics(deformation, src, tgt, x_world, y_world, warped, correspondence: bo
     known = correspondence or same_cells or (isinstance(src, Landmarks) and isinstance(tgt, Landmarks))
     out["rmse"] = metrics.rmse(warped, y_world) if known and len(src) == len(tgt) else None
     # a field known only at its points (model="displacement") has no Jacobian off them worth a number
-    out["min_jacobian_det"] = (metrics.min_jacobian_determinant(deformation, x_world) if ambient_jacobian else None)
+    out["min_jacobian_det"] = (metrics.min_jacobian_determinant(deformation, x_world, at_points=at_points)
+                               if ambient_jacobian else None)
     if isinstance(src, Mesh):
         out["flipped_triangles_percent"] = metrics.flipped_triangles_percent(
             deformation, x_world, src.faces.to(x_world.device), warped)

@@ -137,6 +137,17 @@ NOTES = """\
   but on two samplings of 4,000 cortex points `em=True` took 11.1 s at 0.74 % against the stages'
   5.8 s at 0.52 % (2,000: 4.2 s at 0.78 % against 3.4 s at 1.01 %), so the default stays with the
   stages above 2048 points.
+* This table (2026-12-03, a later session, on a slower state of the machine: pycpd's 1k 3.68 s on
+  both cores against 3.85 s before, but our many small operations slowed more than its few large
+  ones). Since the late-evening run: plans of up to 180 x 180 pairs sweep in NumPy
+  (`losses/_small_plan.py`: torch's 3-8 us an operation was most of a fish plan; 1.4 -> 0.7 ms a
+  plan in the fit), the dense kernel in four passes over the matrix instead of six (1k 5.9 -> 3.9 ms
+  a plan, 4k 153 -> 141 ms), the reported min det J measures the source's points once (1k 50 ->
+  30 ms), the flow's forward and linearisation in fewer operations. Back to back against the code
+  of the late-evening run (12 fits each, same minutes): fish median 0.129 -> 0.125 s, fastest
+  0.109 -> 0.099 s. In this table: the fish 0.164 s (0.19 s in a run an hour before): not met;
+  1k 0.45 s at 0.92x pycpd's RMSE, **8.2x** pycpd at its best (8.1x the run before): not met;
+  2k 24.5x; 4k 39x (met on this pair).
 * 1k with the Adam stages (`em=False`) is 0.16-0.21 % of the diagonal: a floor of the losses and
   flow, not of the step count: Sinkhorn throughout (`refine=None`) gave 0.19 %, with 300 steps per
   stage 0.16 %, `model="lddmm"` 0.50 % (measured before the refine step changed from a third to
